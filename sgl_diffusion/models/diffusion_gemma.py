@@ -1,0 +1,104 @@
+"""DiffusionGemma: one Gemma-4 MoE weight stack used in two modes within one forward.
+
+- encode (prefill / commit segments): causal, image runs bidirectional, writes KV, encoder layer scalars;
+- denoise (canvas segments): self-conditioned input, bidirectional over [cached KV ; canvas], decoder
+  layer scalars, final norm, tied LM head, fp32 softcap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from sglang.srt.layers.layernorm import Gemma4RMSNorm
+from torch import nn
+
+from sgl_diffusion.attention.base import BaseAttnBackend
+from sgl_diffusion.models.config import DiffusionGemmaConfig
+from sgl_diffusion.models.layers import DecoderLayer, SelfConditioning
+from sgl_diffusion.models.weights import load_checkpoint_weights
+from sgl_diffusion.runtime.canvas_batch import CanvasBatch
+
+
+class DiffusionGemmaForBlockDiffusion(nn.Module):
+    def __init__(self, config, quant_config=None, prefix: str = ""):
+        super().__init__()
+        if quant_config is not None:
+            raise ValueError("sgl-diffusion does not support quantized DiffusionGemma checkpoints yet")
+        from transformers.models.diffusion_gemma.modeling_diffusion_gemma import (
+            DiffusionGemmaMultimodalEmbedder,
+            DiffusionGemmaTextRotaryEmbedding,
+        )
+        from transformers import AutoModel
+
+        self.hf_config = config
+        self.cfg = cfg = DiffusionGemmaConfig.from_hf(config)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # NOTE: HF casts sqrt(H) to the weight dtype first: 53.066 becomes 53.0 in bf16.
+        self.register_buffer("embed_scale", torch.tensor(cfg.hidden_size**0.5), persistent=False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = Gemma4RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.self_conditioning = SelfConditioning(cfg)
+        # Parameter-free; computing inv_freq per layer type (incl. "proportional" RoPE) is HF's job.
+        self.rotary_emb = DiffusionGemmaTextRotaryEmbedding(config.text_config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.embed_vision = DiffusionGemmaMultimodalEmbedder(config.vision_config, config.text_config)
+
+    # ---- inputs -------------------------------------------------------------------------------
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids) * self.embed_scale.to(self.embed_tokens.weight.dtype)
+
+    def soft_embed(self, probs: torch.Tensor) -> torch.Tensor:
+        """Self-conditioning input from the previous step's probabilities: [..., V] -> [..., H]."""
+        weight = self.embed_tokens.weight
+        return (probs.to(weight.dtype) @ weight) * self.embed_scale.to(weight.dtype)
+
+    def image_embeds(self, pixel_values: torch.Tensor, image_position_ids: torch.Tensor) -> torch.Tensor:
+        """Soft tokens of a batch of images, flattened in order: [num_image_tokens, H]."""
+        hidden = self.vision_tower(pixel_values=pixel_values, pixel_position_ids=image_position_ids).last_hidden_state
+        return self.embed_vision(inputs_embeds=hidden).reshape(-1, self.cfg.hidden_size)
+
+    # ---- forward ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def forward(self, batch: CanvasBatch, attn: BaseAttnBackend) -> torch.Tensor | None:
+        """Run every segment of ``batch``; return fp32 softcapped logits [N_canvas, V] (None if no canvas)."""
+        x = self.embed(batch.input_ids)
+        if batch.image_embeds is not None:
+            x[self._image_token_mask(batch)] = batch.image_embeds.to(x.dtype)
+        canvas_mask = batch.canvas_mask
+        has_canvas = bool(batch.canvas_segments)
+        if has_canvas:
+            x[canvas_mask] = self.self_conditioning(x[canvas_mask], batch.canvas_soft_embeds)
+
+        positions = batch.positions[None]
+        rope = {t: self.rotary_emb(x, positions, t) for t in ("sliding_attention", "full_attention")}
+        attn.plan(batch)
+        for layer, spec in zip(self.layers, self.cfg.layers):
+            cos, sin = rope["sliding_attention" if spec.sliding else "full_attention"]
+            x = layer(x, cos[0], sin[0], canvas_mask, batch, attn)
+        if not has_canvas:
+            return None
+        return self.logits(x[canvas_mask])
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        cap = self.cfg.final_logit_softcapping
+        logits = (self.norm(hidden) @ self.embed_tokens.weight.T).float()
+        return torch.tanh(logits / cap) * cap
+
+    def _image_token_mask(self, batch: CanvasBatch) -> torch.Tensor:
+        # NOTE: only image runs of prefill segments: random canvas noise can hold the image token id too.
+        mask = torch.zeros(batch.num_tokens, dtype=torch.bool, device=batch.input_ids.device)
+        for seg in batch.segments:
+            for begin, end in seg.image_runs:
+                mask[seg.offset + begin : seg.offset + end] = True
+        return mask
+
+    # ---- loading ------------------------------------------------------------------------------
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        load_checkpoint_weights(self, weights)
+
+
+EntryClass = DiffusionGemmaForBlockDiffusion

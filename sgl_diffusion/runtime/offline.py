@@ -1,0 +1,46 @@
+"""A single-process engine on plain tensors: the scheduler policy without sglang.
+
+Used by the parity tests and ``bench/`` to run whole generations against transformers' ``generate``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sgl_diffusion.attention.kv import TorchKVStore
+from sgl_diffusion.attention.sdpa import SdpaBackend
+from sgl_diffusion.runtime.runner import DiffusionRunner
+from sgl_diffusion.runtime.scheduler_policy import CanvasScheduler, DiffusionRequest, SlotAllocator, eos_sink
+from sgl_diffusion.sampling.params import DiffusionParams
+
+
+class FreeListAllocator(SlotAllocator):
+    def __init__(self, num_slots: int, device):
+        self.free_slots = torch.arange(num_slots, device=device)
+
+    def alloc(self, n):
+        if n > self.free_slots.numel():
+            return None
+        slots, self.free_slots = self.free_slots[:n], self.free_slots[n:]
+        return slots
+
+    def free(self, slots):
+        self.free_slots = torch.cat([self.free_slots, slots])
+
+
+class OfflineEngine:
+    def __init__(self, model, eos_token_ids=(), num_slots: int = 4096):
+        cfg = model.cfg
+        device = model.embed_tokens.weight.device
+        dtype = model.embed_tokens.weight.dtype
+        kv = TorchKVStore(num_slots, [(s.num_kv_heads, s.head_dim) for s in cfg.layers], dtype, device)
+        self.allocator = FreeListAllocator(num_slots, device)
+        runner = DiffusionRunner(model, SdpaBackend(kv, cfg.sliding_window))
+        self.scheduler = CanvasScheduler(runner, self.allocator, eos_sink(eos_token_ids), device)
+
+    def generate(self, requests: list[DiffusionRequest]) -> list[list[int]]:
+        for req in requests:
+            self.scheduler.add(req)
+        while self.scheduler.running:
+            self.scheduler.step()
+        return [req.output_ids for req in requests]

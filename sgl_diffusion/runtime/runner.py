@@ -1,0 +1,94 @@
+"""The diffusion model runner: one mixed forward, then one Entropy-Bound step for every canvas in it.
+
+It owns nothing but the per-request canvas state it is handed; KV slots, radix handles and streaming
+belong to the scheduler policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from sgl_diffusion.attention.base import BaseAttnBackend
+from sgl_diffusion.runtime.canvas_batch import CanvasBatch
+from sgl_diffusion.sampling import entropy_bound as eb
+from sgl_diffusion.sampling.params import DiffusionParams
+
+
+@dataclass
+class CanvasState:
+    """One request's canvas being denoised."""
+
+    params: DiffusionParams
+    generator: torch.Generator | None
+    canvas: torch.Tensor  # [C] int64, the input of the next step
+    history: torch.Tensor  # [k, C] int64, previous argmax canvases
+    step_remaining: int  # N before the first step; 1 on the last
+    soft_embeds: torch.Tensor | None = None  # [C, H] self-conditioning input; None on the first step
+    argmax: torch.Tensor | None = field(default=None)  # [C] draft after the latest step
+    steps_taken: int = 0
+
+    @classmethod
+    def first(cls, params: DiffusionParams, generator, canvas_length: int, vocab_size: int, device) -> CanvasState:
+        """State of a request's first canvas (``init_canvas`` seeds only this one)."""
+        canvas = eb.init_canvas_noise(canvas_length, vocab_size, generator, init_canvas=params.init_canvas, device=device)
+        return cls(params, generator, canvas, eb.new_history(params.stability_threshold, canvas_length, device),
+                   params.max_denoising_steps)
+
+    def next_canvas(self, vocab_size: int) -> CanvasState:
+        """State of the following canvas: fresh noise from the same generator."""
+        c = self.canvas.numel()
+        canvas = eb.init_canvas_noise(c, vocab_size, self.generator, device=self.canvas.device)
+        return CanvasState(self.params, self.generator, canvas,
+                           eb.new_history(self.params.stability_threshold, c, canvas.device),
+                           self.params.max_denoising_steps)
+
+
+def make_generator(seed: int | None, device) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen
+
+
+class DiffusionRunner:
+    def __init__(self, model, attn: BaseAttnBackend):
+        self.model = model
+        self.attn = attn
+        self.vocab_size = model.cfg.vocab_size
+
+    def canvas_inputs(self, states: list[CanvasState]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Flat canvas ids [sum C] and self-conditioning input [sum C, H] (None when every row is on step 1)."""
+        ids = torch.cat([s.canvas for s in states])
+        if all(s.soft_embeds is None for s in states):
+            return ids, None
+        h = self.model.cfg.hidden_size
+        weight = self.model.embed_tokens.weight
+        soft = [s.soft_embeds if s.soft_embeds is not None else weight.new_zeros(s.canvas.numel(), h) for s in states]
+        return ids, torch.cat(soft)
+
+    def run(self, batch: CanvasBatch, states: list[CanvasState]) -> list[bool]:
+        """Forward ``batch``; advance ``states`` (one per canvas segment, in order) by one step.
+
+        Returns per-state ``done``; a done state's ``argmax`` is the canvas to commit.
+        """
+        logits = self.model(batch, self.attn)
+        if not states:
+            return []
+        c = states[0].canvas.numel()
+        logits = logits.view(len(states), c, -1)
+        rows = [eb.SamplerRow(s.params, s.step_remaining, s.history) for s in states]
+        result = eb.step(logits, eb.prepare(rows), [s.generator for s in states])
+        soft = self.model.soft_embed(result.probs)  # [B, C, H]; probs are dropped right after
+        done = result.done.tolist()
+        for i, s in enumerate(states):
+            s.history = eb.push_history(s.history, result.argmax[i])
+            s.argmax = result.argmax[i]
+            s.canvas = result.next_canvas[i]
+            s.soft_embeds = soft[i]
+            s.step_remaining -= 1
+            s.steps_taken += 1
+        return done

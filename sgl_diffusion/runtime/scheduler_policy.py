@@ -1,0 +1,179 @@
+"""Decides what goes into the next forward and applies its result.
+
+Every running request contributes at most two segments per forward: its pending encode (the prompt,
+or the canvas it just finished) followed by one denoise step of its current canvas. Encoding and
+denoising thus share forwards: a new prompt never stalls the requests that are denoising, and a
+finished canvas is committed in the same forward as the next canvas's first step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from sgl_diffusion.runtime.canvas_batch import CanvasBatch, Segment
+from sgl_diffusion.runtime.runner import CanvasState, DiffusionRunner, make_generator
+from sgl_diffusion.sampling.params import DiffusionParams
+
+
+class SlotAllocator:
+    """KV slot ownership; the server adapts sglang's token_to_kv_pool_allocator to this."""
+
+    def alloc(self, n: int) -> torch.Tensor | None:  # [n] int64, or None when out of memory
+        raise NotImplementedError
+
+    def free(self, slots: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class DiffusionRequest:
+    prompt_ids: list[int]
+    params: DiffusionParams
+    max_new_tokens: int
+    handle: object = None  # the caller's own request object (sglang's Req in the server)
+    image_runs: tuple[tuple[int, int], ...] = ()
+    image_embeds: torch.Tensor | None = None  # [num image tokens, H]
+    # set by the policy
+    slots: torch.Tensor | None = field(default=None, init=False)  # [committed context] KV slots
+    pending: list[int] = field(default_factory=list, init=False)  # tokens to encode next forward
+    state: CanvasState | None = field(default=None, init=False)
+    output_ids: list[int] = field(default_factory=list, init=False)
+    finished: bool = field(default=False, init=False)
+
+    @property
+    def context_len(self) -> int:
+        return 0 if self.slots is None else self.slots.numel()
+
+
+# Called with a request and its newly committed canvas; returns the tokens to keep and whether the
+# request is finished. The server routes this through sglang's stop checks.
+CanvasSink = Callable[[DiffusionRequest, list[int]], tuple[list[int], bool]]
+
+
+@dataclass
+class StepOutput:
+    """What one forward produced."""
+
+    committed: list[tuple[DiffusionRequest, list[int]]]  # requests that finished a canvas, with kept tokens
+    finished: list[DiffusionRequest]
+
+
+class CanvasScheduler:
+    def __init__(self, runner: DiffusionRunner, allocator: SlotAllocator, sink: CanvasSink, device):
+        self.runner = runner
+        self.allocator = allocator
+        self.sink = sink
+        self.device = device
+        cfg = runner.model.cfg
+        self.canvas_length, self.vocab_size = cfg.canvas_length, cfg.vocab_size
+        self.running: list[DiffusionRequest] = []
+
+    def add(self, req: DiffusionRequest) -> None:
+        req.pending = list(req.prompt_ids)
+        self.running.append(req)
+
+    def step(self) -> StepOutput:
+        """plan -> forward + sample -> commit -> free."""
+        reqs, segments, states = self._plan()
+        if not segments:
+            return StepOutput([], [])
+        batch = self._build_batch(reqs, segments, states)
+        done = self.runner.run(batch, states)
+        return self._apply(reqs, done)
+
+    def abort(self, req: DiffusionRequest) -> None:
+        self._free(req)
+
+    # ---- helpers ------------------------------------------------------------------------------
+
+    def _plan(self):
+        reqs, segments, states = [], [], []
+        for req in list(self.running):
+            if req.finished:
+                continue
+            if req.pending:
+                new_slots = self.allocator.alloc(len(req.pending))
+                if new_slots is None:
+                    continue  # out of KV: wait until someone frees
+                kind = "prefill" if req.slots is None else "commit"
+                prefix = req.slots if req.slots is not None else torch.empty(0, dtype=torch.long, device=self.device)
+                runs = req.image_runs if kind == "prefill" else ()
+                segments.append(Segment(kind, len(reqs), len(req.pending), prefix.numel(), prefix, new_slots, runs))
+                req.slots = torch.cat([prefix, new_slots])
+            if req.max_new_tokens <= 0:
+                reqs.append(req)  # prefill only (the DSL's prefix caching)
+                continue
+            if req.state is None:
+                gen = make_generator(req.params.seed, self.device)
+                req.state = CanvasState.first(req.params, gen, self.canvas_length, self.vocab_size, self.device)
+            segments.append(Segment("canvas", len(reqs), self.canvas_length, req.context_len, req.slots))
+            states.append(req.state)
+            reqs.append(req)
+        return reqs, segments, states
+
+    def _build_batch(self, reqs, segments, states) -> CanvasBatch:
+        ids, soft = self.runner.canvas_inputs(states) if states else (None, None)
+        pieces, cursor, images = [], 0, []
+        for seg in segments:
+            req = reqs[seg.req_index]
+            if seg.kind == "canvas":
+                pieces.append(ids[cursor : cursor + seg.num_tokens])
+                cursor += seg.num_tokens
+            else:
+                pieces.append(torch.tensor(req.pending, dtype=torch.long, device=self.device))
+                req.pending = []
+                if seg.image_runs and req.image_embeds is not None:
+                    images.append(req.image_embeds)
+        return CanvasBatch(segments, torch.cat(pieces), soft, torch.cat(images) if images else None)
+
+    def _apply(self, reqs, done) -> StepOutput:
+        committed, finished = [], []
+        canvas_reqs = [r for r in reqs if r.max_new_tokens > 0]
+        for req, is_done in zip(canvas_reqs, done):
+            if not is_done:
+                continue
+            canvas = req.state.argmax.tolist()
+            kept, is_finished = self.sink(req, canvas)
+            req.output_ids.extend(kept)
+            committed.append((req, kept))
+            if is_finished:
+                req.finished = True
+            else:
+                req.pending = canvas  # committed causally in the next forward
+                req.state = req.state.next_canvas(self.vocab_size)
+        for req in reqs:
+            if req.max_new_tokens <= 0:
+                req.finished = True
+        for req in reqs:
+            if req.finished:
+                self._free(req)
+                finished.append(req)
+        return StepOutput(committed, finished)
+
+    def _free(self, req: DiffusionRequest) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        if req.slots is not None:
+            self.allocator.free(req.slots)
+            req.slots = None
+        req.state = None
+
+
+def eos_sink(eos_token_ids) -> CanvasSink:
+    """Offline stop rule: cut after the first EOS (kept) and at max_new_tokens."""
+    eos = set(eos_token_ids)
+
+    def sink(req: DiffusionRequest, canvas: list[int]) -> tuple[list[int], bool]:
+        kept = canvas
+        for i, t in enumerate(canvas):
+            if t in eos:
+                kept = canvas[: i + 1]
+                break
+        room = req.max_new_tokens - len(req.output_ids)
+        finished = len(kept) < len(canvas) or len(kept) >= room
+        return kept[:room], finished
+
+    return sink

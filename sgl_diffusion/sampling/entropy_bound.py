@@ -1,0 +1,181 @@
+"""Entropy-Bound sampler (arxiv 2505.24857), batched over requests at different steps with different params.
+
+Reproduces transformers' DiffusionGemma loop op for op (LinearTemperatureScheduleLogitsProcessor,
+EntropyBoundSampler.accept_canvas/renoise_canvas, StableAndConfidentStoppingCriteria), so that one request with a
+seeded generator gives the same tokens as HF's `generate` after `torch.manual_seed(seed)`.
+
+Per request and step, the RNG calls are exactly HF's (batch size 1):
+  1. `torch.multinomial(probs [C, V], 1)`  - the candidate token at every position
+  2. `torch.randint(0, V, (1, C))`         - fresh noise for the positions not accepted
+and `torch.randint(0, V, (1, C))` once before a canvas's first step (`init_canvas_noise`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+from .params import DiffusionParams
+
+
+def temperature(step_remaining, max_steps, t_min, t_max) -> torch.Tensor:
+    """T = t_min + (t_max - t_min) * (s / N) as a float32 tensor, rounded exactly as HF computes it.
+
+    `step_remaining` s runs N..1, so the first step gets t_max and the last t_min + (t_max - t_min) / N.
+    Arguments may be scalars or equal-length sequences.
+    """
+    # NOTE: HF does `py_float + py_float_diff * (int32_tensor / py_int)`: the span is a float64 difference rounded
+    # once to float32, s / N is a float32 division, and every later op is float32.
+    t_min = torch.as_tensor(t_min, dtype=torch.float64)
+    span = (torch.as_tensor(t_max, dtype=torch.float64) - t_min).float()
+    ratio = torch.as_tensor(step_remaining, dtype=torch.int32) / torch.as_tensor(max_steps, dtype=torch.int32)
+    return t_min.float() + span * ratio
+
+
+def init_canvas_noise(
+    canvas_length: int,
+    vocab_size: int,
+    generator: torch.Generator | None,
+    *,
+    init_canvas: Sequence[int] | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """The first canvas of a denoise loop: [C] int64 uniform over [0, V), prefix optionally overwritten.
+
+    NOTE: the noise is drawn even when `init_canvas` covers the whole canvas, because HF draws it even when
+    `decoder_input_ids` is given (an eager `dict.pop` default); skipping it would shift every later draw.
+    """
+    canvas = torch.randint(0, vocab_size, (1, canvas_length), generator=generator, device=device)[0]
+    if init_canvas is not None:
+        canvas[: len(init_canvas)] = torch.tensor(init_canvas, dtype=torch.long, device=canvas.device)
+    return canvas
+
+
+def new_history(stability_threshold: int, canvas_length: int, device=None) -> torch.Tensor:
+    """A request's empty argmax history, [k, C] int64 of -1 (never equal to an argmax, as in HF)."""
+    return torch.full((stability_threshold, canvas_length), -1, dtype=torch.long, device=device)
+
+
+def push_history(history: torch.Tensor, argmax: torch.Tensor) -> torch.Tensor:
+    """HF's roll-and-set-last: drop the oldest of `history` [k, C], append `argmax` [C]; returns a new tensor."""
+    return torch.cat([history[1:], argmax[None]]) if history.shape[0] else history
+
+
+class SamplerRow(NamedTuple):
+    """What `prepare` needs from one request; the runner owns `history` and replaces it via `push_history`."""
+
+    params: DiffusionParams
+    step_remaining: int  # N on the first step of a canvas, 1 on the last
+    history: torch.Tensor  # [params.stability_threshold, C] int64, previous argmax canvases, oldest first
+
+
+class SamplingArgs(NamedTuple):
+    """Per-batch sampler inputs, all on the logits' device. Built by `prepare`, read-only for `step`."""
+
+    temperature: torch.Tensor  # [B] fp32
+    entropy_bound: torch.Tensor  # [B] fp32 (HF compares against the bound rounded to fp32)
+    confidence_threshold: torch.Tensor  # [B] fp32
+    stability_threshold: torch.Tensor  # [B] int64, k_b <= K
+    is_last_step: torch.Tensor  # [B] bool
+    history: torch.Tensor  # [B, K, C] int64, K = max k_b; row b's last k_b slots are its history, the rest -1
+
+
+class StepResult(NamedTuple):
+    next_canvas: torch.Tensor  # [B, C] int64: sampled token where accepted, fresh uniform noise elsewhere
+    argmax: torch.Tensor  # [B, C] int64, argmax of logits / T (the draft; committed when done)
+    probs: torch.Tensor  # [B, C, V] fp32 softmax(logits / T): next step's self-conditioning input, do not keep
+    accepted: torch.Tensor  # [B, C] bool
+    mean_entropy: torch.Tensor  # [B] fp32, nats
+    stable: torch.Tensor  # [B] bool
+    done: torch.Tensor  # [B] bool, (stable & confident) | is_last_step
+
+
+def prepare(rows: Sequence[SamplerRow]) -> SamplingArgs:
+    """Host-to-device work for one step of a batch: two small copies plus stacking the histories on device."""
+    device = rows[0].history.device
+    canvas_length = rows[0].history.shape[1]
+    p = [r.params for r in rows]
+    temp = temperature([r.step_remaining for r in rows], [x.max_denoising_steps for x in p],
+                       [x.t_min for x in p], [x.t_max for x in p])
+    # float64 -> fp32 rounding here is the same HF applies when it compares fp32 tensors with Python floats.
+    bounds = torch.tensor([[x.entropy_bound for x in p], [x.confidence_threshold for x in p]], dtype=torch.float32)
+    floats = torch.cat([temp[None], bounds]).to(device)  # [3, B] fp32
+    ints = torch.tensor([[x.stability_threshold for x in p], [r.step_remaining for r in rows]]).to(device)  # [2, B]
+
+    max_k = max(x.stability_threshold for x in p)
+    history = torch.full((len(rows), max_k, canvas_length), -1, dtype=torch.long, device=device)
+    for b, r in enumerate(rows):
+        k = r.history.shape[0]
+        assert k == r.params.stability_threshold, (k, r.params.stability_threshold)
+        if k:
+            history[b, max_k - k :] = r.history
+    return SamplingArgs(floats[0], floats[1], floats[2], ints[0], ints[1] == 1, history)
+
+
+def step(logits: torch.Tensor, args: SamplingArgs, generators: Sequence[torch.Generator | None]) -> StepResult:
+    """One Entropy-Bound step for a batch. `logits` [B, C, V] fp32, already softcapped; nothing passed in is modified.
+
+    `generators[b]` (None = the device's global RNG) must live on the logits' device. Besides the returned
+    `probs`, at most two [B, C, V] temporaries are alive at once (scaled logits, then p*log p or logsumexp's
+    scratch), plus multinomial's [C, V] scratch per request.
+    """
+    batch, canvas_length, vocab_size = logits.shape
+    assert len(generators) == batch, (len(generators), batch)
+
+    # NOTE: `temperature` is a device tensor, never a CPU scalar: CUDA turns division by a CPU scalar into a
+    # multiplication by its reciprocal, which rounds differently from HF's division.
+    scaled = logits / args.temperature[:, None, None]  # [B, C, V]
+    argmax = scaled.argmax(dim=-1)  # [B, C]
+    probs = torch.softmax(scaled, dim=-1, dtype=torch.float32)  # [B, C, V]
+
+    # RNG phase 1, one call per request so each request's stream matches a batch-size-1 HF run.
+    sampled = torch.stack([
+        torch.multinomial(probs[b], num_samples=1, generator=g).squeeze(-1) for b, g in enumerate(generators)
+    ])  # [B, C]
+
+    entropy = _categorical_entropy_(scaled)  # [B, C]; consumes `scaled`
+    del scaled
+    accepted = _accept(entropy, args.entropy_bound)
+
+    # RNG phase 2: HF renoises the full canvas every step, accepted positions included.
+    noise = torch.cat([
+        torch.randint(0, vocab_size, (1, canvas_length), generator=g, device=logits.device) for g in generators
+    ])  # [B, C]
+    next_canvas = torch.where(accepted, sampled, noise)
+
+    mean_entropy = entropy.mean(dim=-1)
+    stable = _stable(args.history, args.stability_threshold, argmax)
+    done = (stable & (mean_entropy < args.confidence_threshold)) | args.is_last_step
+    return StepResult(next_canvas, argmax, probs, accepted, mean_entropy, stable, done)
+
+
+def _categorical_entropy_(scaled: torch.Tensor) -> torch.Tensor:
+    """Categorical(logits=scaled).entropy() bit for bit, reusing `scaled` as scratch (it is overwritten).
+
+    NOTE: HF's entropy normalises with logsumexp and re-softmaxes the normalised logits; that differs in the last
+    bits from softmax(scaled), and the acceptance bound is inclusive, so the same ops are used here.
+    """
+    log_p = scaled.sub_(scaled.logsumexp(dim=-1, keepdim=True))  # [B, C, V]
+    p_log_p = torch.softmax(log_p, dim=-1)
+    p_log_p.mul_(log_p.clamp_(min=torch.finfo(log_p.dtype).min))
+    return p_log_p.sum(dim=-1).neg_()
+
+
+def _accept(entropy: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """Accept the lowest-entropy positions while sum(H) - max(H) <= bound; [B, C] bool.
+
+    The lowest-entropy position always passes (0 <= bound), so every step accepts at least one token.
+    """
+    sorted_entropy, order = torch.sort(entropy, dim=-1)  # ascending, so each prefix's max is its last element
+    keep = torch.cumsum(sorted_entropy, dim=-1) - sorted_entropy <= bound[:, None]
+    return torch.scatter(torch.zeros_like(keep), dim=-1, index=order, src=keep)
+
+
+def _stable(history: torch.Tensor, threshold: torch.Tensor, argmax: torch.Tensor) -> torch.Tensor:
+    """True where each of the row's last `threshold` argmax canvases equals `argmax`; threshold 0 is always stable."""
+    max_k = history.shape[1]
+    in_window = torch.arange(max_k, device=history.device) >= (max_k - threshold)[:, None]  # [B, K]
+    same = (history == argmax[:, None, :]).all(dim=-1)  # [B, K]
+    return (same | ~in_window).all(dim=-1)

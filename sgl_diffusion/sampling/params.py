@@ -1,0 +1,170 @@
+"""Per-request diffusion parameters: checkpoint defaults, the one validation point, and a JSON form.
+
+`DiffusionParams.from_request` runs once at admission; code downstream reads the frozen dataclass only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+
+MAX_DENOISING_STEPS = 1024
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+# transformers' DiffusionGemmaGenerationConfig._get_default_generation_params(), used for keys a checkpoint leaves unset.
+_HF_FALLBACKS = {
+    "max_denoising_steps": 48,
+    "entropy_bound": 0.1,
+    "t_min": 0.4,
+    "t_max": 0.8,
+    "stability_threshold": 1,
+    "confidence_threshold": 0.005,
+}
+_INT_FIELDS = ("max_denoising_steps", "stability_threshold")
+_FLOAT_FIELDS = ("entropy_bound", "t_min", "t_max", "confidence_threshold")
+
+
+class InvalidDiffusionParams(ValueError):
+    """A request's `diffusion` object (or a checkpoint's generation config) is malformed; the message names the field."""
+
+
+@dataclass(frozen=True)
+class DiffusionDefaults:
+    max_denoising_steps: int
+    entropy_bound: float
+    t_min: float
+    t_max: float
+    stability_threshold: int
+    confidence_threshold: float
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+
+    @classmethod
+    def from_generation_config(cls, d: dict) -> DiffusionDefaults:
+        """Read a checkpoint's generation_config.json dict; unset (missing or null) keys take HF's global fallbacks."""
+        values = {k: d.get(k) for k in _HF_FALLBACKS if k != "entropy_bound"}
+        sampler = d.get("sampler_config")
+        if sampler is not None:
+            if not isinstance(sampler, dict) or sampler.get("_cls_name", "EntropyBoundSamplerConfig") != (
+                "EntropyBoundSamplerConfig"
+            ):
+                raise InvalidDiffusionParams(f"generation_config.sampler_config is not an EntropyBoundSamplerConfig: {sampler!r}")
+            values["entropy_bound"] = sampler.get("entropy_bound")
+        values = {k: _HF_FALLBACKS[k] if values.get(k) is None else values[k] for k in _HF_FALLBACKS}
+        values = _check_numeric(values, "generation_config")
+
+        eos = d.get("eos_token_id")
+        eos = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+        return cls(**values, eos_token_ids=eos, pad_token_id=d.get("pad_token_id"))
+
+
+@dataclass(frozen=True)
+class DiffusionParams:
+    max_denoising_steps: int
+    entropy_bound: float
+    t_min: float
+    t_max: float
+    confidence_threshold: float
+    stability_threshold: int
+    seed: int | None = None  # None: the device's global RNG
+    init_canvas: tuple[int, ...] | None = None  # overwrites a prefix of the first canvas's noise
+    stream_drafts: bool = False  # reserved: send argmax drafts after each step
+
+    @classmethod
+    def from_request(
+        cls, raw: dict | None, defaults: DiffusionDefaults, *, vocab_size: int, canvas_length: int
+    ) -> DiffusionParams:
+        """Validate a request's `diffusion` object; missing keys take `defaults`. Raises InvalidDiffusionParams."""
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise InvalidDiffusionParams(f"diffusion must be a JSON object (got {type(raw).__name__})")
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(str(k) for k in raw if k not in allowed)
+        if unknown:
+            raise InvalidDiffusionParams(f"diffusion has unknown key(s) {unknown}; allowed: {allowed}")
+
+        values = {k: raw.get(k, getattr(defaults, k)) for k in _HF_FALLBACKS}
+        values = _check_numeric(values, "diffusion")
+
+        seed = raw.get("seed")
+        if seed is not None:
+            _check_type("diffusion.seed", seed, int)
+            if not _INT64_MIN <= seed <= _INT64_MAX:
+                raise InvalidDiffusionParams(f"diffusion.seed must fit in a signed 64-bit integer (got {seed})")
+
+        init_canvas = raw.get("init_canvas")
+        if init_canvas is not None:
+            init_canvas = _check_init_canvas(init_canvas, vocab_size, canvas_length)
+
+        stream_drafts = raw.get("stream_drafts", False)
+        _check_type("diffusion.stream_drafts", stream_drafts, bool)
+        return cls(**values, seed=seed, init_canvas=init_canvas, stream_drafts=stream_drafts)
+
+    def to_json(self) -> str:
+        """Compact JSON, so the params can ride in sglang's `custom_params` as one string."""
+        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, s: str) -> DiffusionParams:
+        """Inverse of `to_json`; trusts its input (it was validated before `to_json`)."""
+        d = json.loads(s)
+        if d["init_canvas"] is not None:
+            d["init_canvas"] = tuple(d["init_canvas"])
+        return cls(**d)
+
+
+def _check_type(name: str, value, kind: type) -> None:
+    # NOTE: bool is a subclass of int in Python, so it has to be rejected explicitly.
+    ok = isinstance(value, bool) if kind is bool else isinstance(value, kind) and not isinstance(value, bool)
+    if not ok:
+        raise InvalidDiffusionParams(f"{name} must be {kind.__name__} (got {type(value).__name__}: {value!r})")
+
+
+def _check_numeric(values: dict, prefix: str) -> dict:
+    """Type- and range-check the six sampler numbers; returns them with floats as float."""
+    out = {}
+    for k in _INT_FIELDS:
+        _check_type(f"{prefix}.{k}", values[k], int)
+        out[k] = values[k]
+    for k in _FLOAT_FIELDS:
+        v = values[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise InvalidDiffusionParams(f"{prefix}.{k} must be a number (got {type(v).__name__}: {v!r})")
+        if not math.isfinite(v):
+            raise InvalidDiffusionParams(f"{prefix}.{k} must be finite (got {v})")
+        out[k] = float(v)
+
+    def fail(msg: str):
+        raise InvalidDiffusionParams(msg.format(p=prefix, **out))
+
+    if not 1 <= out["max_denoising_steps"] <= MAX_DENOISING_STEPS:
+        fail("{p}.max_denoising_steps must be in [1, %d] (got {max_denoising_steps})" % MAX_DENOISING_STEPS)
+    if out["entropy_bound"] < 0:
+        fail("{p}.entropy_bound must be >= 0 (got {entropy_bound})")
+    if out["t_min"] <= 0:
+        fail("{p}.t_min must be > 0 (got {t_min})")
+    if out["t_max"] <= 0:
+        fail("{p}.t_max must be > 0 (got {t_max})")
+    if out["t_min"] > out["t_max"]:
+        fail("{p}.t_min must be <= {p}.t_max (got {t_min} > {t_max})")
+    if out["confidence_threshold"] < 0:
+        fail("{p}.confidence_threshold must be >= 0 (got {confidence_threshold})")
+    if not 0 <= out["stability_threshold"] <= out["max_denoising_steps"]:
+        fail("{p}.stability_threshold must be in [0, {p}.max_denoising_steps={max_denoising_steps}] "
+             "(got {stability_threshold})")
+    return out
+
+
+def _check_init_canvas(ids, vocab_size: int, canvas_length: int) -> tuple[int, ...]:
+    if not isinstance(ids, (list, tuple)):
+        raise InvalidDiffusionParams(f"diffusion.init_canvas must be a list of token ids (got {type(ids).__name__})")
+    if not 1 <= len(ids) <= canvas_length:
+        raise InvalidDiffusionParams(f"diffusion.init_canvas must hold 1..{canvas_length} ids (got {len(ids)})")
+    for i, t in enumerate(ids):
+        _check_type(f"diffusion.init_canvas[{i}]", t, int)
+        if not 0 <= t < vocab_size:
+            raise InvalidDiffusionParams(f"diffusion.init_canvas[{i}] must be in [0, {vocab_size}) (got {t})")
+    return tuple(ids)
