@@ -1,9 +1,17 @@
-"""Patches for the places where sglang 0.5.23 has no extension point.
+"""sgl-diffusion's hold on sglang 0.5.23.
 
 ``apply()`` is the package's ``sglang.srt.plugins`` entry point: sglang calls it once per process
-(launcher, scheduler, detokenizer) before it builds its server arguments.
+(launcher, scheduler, detokenizer) before it builds its server arguments. It registers our model
+through sglang's public registry, then installs the patches of this folder, one module per upstream
+area, for the places that have no extension point. A patch that fails to install stops the process:
+sglang would only log it and serve wrong output.
 """
 
+from __future__ import annotations
+
+from srt_patches import api_contract, openai_protocol, scheduler, tokenizer_manager
+
+PATCH_MODULES = (scheduler, tokenizer_manager, api_contract, openai_protocol)
 _applied = False
 
 
@@ -11,4 +19,28 @@ def apply() -> None:
     global _applied
     if _applied:
         return
+    from sglang.srt.models.registry import ModelRegistry
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    ModelRegistry.register("sgl_diffusion.models", overwrite=True, strict=True)
+    for module in PATCH_MODULES:
+        module.register()
+    HookRegistry.apply_hooks()
+    missing = [t for m in PATCH_MODULES for t in m.TARGETS if not is_installed(t)]
+    if missing:
+        # SystemExit, not an Exception: sglang's load_plugins() logs and swallows Exceptions.
+        raise SystemExit(f"sgl-diffusion: could not patch {missing}; is sglang 0.5.23 installed?")
     _applied = True
+
+
+def is_installed(target: str) -> bool:
+    """True when ``target`` (a dotted path) is wrapped by one of our hooks.
+
+    HookRegistry wraps with functools.wraps(original), so the hook itself sits in the wrapper's closure.
+    """
+    import pkgutil
+
+    owner, _, name = target.rpartition(".")
+    attr = getattr(pkgutil.resolve_name(owner), name)
+    cells = getattr(attr, "__closure__", None) or ()
+    return any(getattr(c.cell_contents, "__module__", "").startswith("srt_patches.") for c in cells)

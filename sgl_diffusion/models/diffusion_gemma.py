@@ -15,7 +15,7 @@ from torch import nn
 
 from sgl_diffusion.attention.base import BaseAttnBackend
 from sgl_diffusion.models.config import DiffusionGemmaConfig
-from sgl_diffusion.models.layers import DecoderLayer, SelfConditioning
+from sgl_diffusion.models.layers import DecoderLayer, SelfConditioning, rope_cos_sin, rope_inv_freq
 from sgl_diffusion.models.weights import load_checkpoint_weights
 from sgl_diffusion.runtime.canvas_batch import CanvasBatch
 
@@ -25,11 +25,8 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
         super().__init__()
         if quant_config is not None:
             raise ValueError("sgl-diffusion does not support quantized DiffusionGemma checkpoints yet")
-        from transformers.models.diffusion_gemma.modeling_diffusion_gemma import (
-            DiffusionGemmaMultimodalEmbedder,
-            DiffusionGemmaTextRotaryEmbedding,
-        )
         from transformers import AutoModel
+        from transformers.models.diffusion_gemma.modeling_diffusion_gemma import DiffusionGemmaMultimodalEmbedder
 
         self.hf_config = config
         self.cfg = cfg = DiffusionGemmaConfig.from_hf(config)
@@ -39,8 +36,8 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = Gemma4RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.self_conditioning = SelfConditioning(cfg)
-        # Parameter-free; computing inv_freq per layer type (incl. "proportional" RoPE) is HF's job.
-        self.rotary_emb = DiffusionGemmaTextRotaryEmbedding(config.text_config)
+        # NOTE: kept in fp32 and out of the state dict; a bf16 inv_freq would blur long positions.
+        self.inv_freq = {spec.sliding: rope_inv_freq(spec.rope, spec.head_dim) for spec in cfg.layers}
         self.vision_tower = AutoModel.from_config(config.vision_config)
         self.embed_vision = DiffusionGemmaMultimodalEmbedder(config.vision_config, config.text_config)
 
@@ -72,12 +69,11 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
         if has_canvas:
             x[canvas_mask] = self.self_conditioning(x[canvas_mask], batch.canvas_soft_embeds)
 
-        positions = batch.positions[None]
-        rope = {t: self.rotary_emb(x, positions, t) for t in ("sliding_attention", "full_attention")}
+        positions = batch.positions
+        rope = {sliding: rope_cos_sin(inv, positions, x.dtype) for sliding, inv in self.inv_freq.items()}
         attn.plan(batch)
         for layer, spec in zip(self.layers, self.cfg.layers):
-            cos, sin = rope["sliding_attention" if spec.sliding else "full_attention"]
-            x = layer(x, cos[0], sin[0], canvas_mask, batch, attn)
+            x = layer(x, *rope[spec.sliding], canvas_mask, batch, attn)
         if not has_canvas:
             return None
         return self.logits(x[canvas_mask])

@@ -11,12 +11,35 @@ from sglang.srt.layers.layernorm import Gemma4RMSNorm
 from torch import nn
 
 from sgl_diffusion.attention.base import AttnLayer, BaseAttnBackend
-from sgl_diffusion.models.config import DiffusionGemmaConfig
+from sgl_diffusion.models.config import DiffusionGemmaConfig, RopeSpec
 from sgl_diffusion.runtime.canvas_batch import CanvasBatch
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
+
+
+def rope_inv_freq(rope: RopeSpec, head_dim: int) -> torch.Tensor:
+    """[head_dim // 2] fp32 inverse frequencies, as transformers computes them for Gemma 4.
+
+    "proportional" (full layers) rotates only the first ``partial * head_dim / 2`` angles, with the
+    exponent over the whole head_dim; the rest get frequency 0. It is not standard partial rotary.
+    """
+    if rope.proportional:
+        angles = int(rope.partial_rotary_factor * head_dim // 2)
+        inv = 1.0 / rope.theta ** (torch.arange(0, 2 * angles, 2, dtype=torch.int64).float() / head_dim)
+        inv = torch.cat([inv, torch.zeros(head_dim // 2 - angles)])
+    else:
+        dim = int(head_dim * rope.partial_rotary_factor)
+        inv = 1.0 / rope.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    return inv / rope.factor
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [N, D] for positions [N] (rotate-half layout: the angles repeat twice)."""
+    freqs = positions[:, None].float() * inv_freq[None, :].to(positions.device)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

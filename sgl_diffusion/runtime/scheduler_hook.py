@@ -1,0 +1,165 @@
+"""The scheduler hook: sglang's Scheduler process runs our canvas engine instead of its token loop.
+
+sglang keeps everything around the forward: request intake and validation, the Req lifecycle,
+KV pools, aborts, the detokenizer stream. ``DiffusionEngine`` takes requests from the scheduler's
+waiting queue into the canvas policy, runs one mixed forward per round and hands committed
+canvases back to each Req, so sglang's own stop checks and output streamer apply.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from sgl_diffusion.attention.base import KVStore
+from sgl_diffusion.attention.sdpa import SdpaBackend
+from sgl_diffusion.runtime.runner import DiffusionRunner
+from sgl_diffusion.runtime.scheduler_policy import CanvasScheduler, DiffusionRequest, SlotAllocator
+from sgl_diffusion.sampling.params import DiffusionDefaults, DiffusionParams
+
+if TYPE_CHECKING:
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.managers.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+ARCHITECTURE = "DiffusionGemmaForBlockDiffusion"
+PARAMS_KEY = "sgl_diffusion"  # where validated `diffusion` params travel inside SamplingParams.custom_params
+
+
+def serves_diffusion_model(hf_config) -> bool:
+    return ARCHITECTURE in (getattr(hf_config, "architectures", None) or [])
+
+
+def load_defaults(model_path: str) -> DiffusionDefaults:
+    path = Path(model_path) / "generation_config.json"
+    return DiffusionDefaults.from_generation_config(json.loads(path.read_text()) if path.exists() else {})
+
+
+class SglangKVStore(KVStore):
+    """Our KV contract over sglang's pool (MHA, or hybrid SWA whose sliding layers use their own slots)."""
+
+    def __init__(self, pool):
+        self.pool = pool
+        self.mapping = getattr(pool, "layers_mapping", None)  # layer -> (pool layer, is_swa) in SWA pools
+
+    def _loc(self, layer_id: int, slots: torch.Tensor) -> torch.Tensor:
+        if self.mapping is not None and self.mapping[layer_id][1]:
+            return self.pool.translate_loc_from_full_to_swa(slots)
+        return slots
+
+    def store(self, layer_id, slots, k, v):
+        loc = self._loc(layer_id, slots)
+        k_buf, v_buf = self.pool.get_key_buffer(layer_id), self.pool.get_value_buffer(layer_id)
+        k_buf[loc] = k.to(k_buf.dtype)
+        v_buf[loc] = v.to(v_buf.dtype)
+
+    def gather(self, layer_id, slots):
+        loc = self._loc(layer_id, slots)
+        return self.pool.get_key_buffer(layer_id)[loc], self.pool.get_value_buffer(layer_id)[loc]
+
+
+class SglangSlotAllocator(SlotAllocator):
+    def __init__(self, allocator):
+        self.allocator = allocator
+
+    def alloc(self, n):
+        return self.allocator.alloc(n)
+
+    def free(self, slots):
+        self.allocator.free(slots)
+
+
+class DiffusionEngine:
+    def __init__(self, scheduler: Scheduler):
+        self.scheduler = scheduler
+        runner = scheduler.tp_worker.model_runner
+        model = runner.model
+        self.device = torch.device(scheduler.device)
+        kv = SglangKVStore(runner.token_to_kv_pool)
+        self.policy = CanvasScheduler(
+            DiffusionRunner(model, SdpaBackend(kv, model.cfg.sliding_window)),
+            SglangSlotAllocator(scheduler.token_to_kv_pool_allocator),
+            self._accept_canvas,
+            self.device,
+        )
+        self.defaults = load_defaults(scheduler.server_args.model_path)
+        self.cfg = model.cfg
+        self.by_rid: dict[str, DiffusionRequest] = {}
+
+    @property
+    def reqs(self) -> list[Req]:
+        return [r.handle for r in self.policy.running]
+
+    def has_work(self) -> bool:
+        return bool(self.policy.running)
+
+    def admit(self) -> None:
+        """Move every waiting Req into the canvas policy."""
+        for req in self.scheduler.waiting_queue:
+            dreq = DiffusionRequest(
+                prompt_ids=list(req.origin_input_ids),
+                params=self._params(req),
+                max_new_tokens=req.sampling_params.max_new_tokens,
+                handle=req,
+            )
+            self.policy.add(dreq)
+        self.scheduler.waiting_queue.clear()
+
+    def step(self) -> None:
+        """plan -> forward -> sample -> commit -> stream -> free."""
+        self._drop_aborted()
+        if not self.policy.running:
+            return
+        out = self.policy.step()
+        reqs = [r.handle for r, _ in out.committed]
+        reqs += [r.handle for r in out.finished if r.handle not in reqs]
+        if reqs:
+            self.scheduler.output_streamer.stream_output(reqs, False)
+
+    # ---- helpers ------------------------------------------------------------------------------
+
+    def _params(self, req: Req) -> DiffusionParams:
+        raw = (req.sampling_params.custom_params or {}).get(PARAMS_KEY)
+        if raw is not None:
+            return DiffusionParams.from_json(raw)
+        return DiffusionParams.from_request(None, self.defaults, vocab_size=self.cfg.vocab_size,
+                                            canvas_length=self.cfg.canvas_length)
+
+    def _accept_canvas(self, dreq: DiffusionRequest, canvas: list[int]) -> tuple[list[int], bool]:
+        """Hand a committed canvas to the Req: sglang's own EOS / stop / length checks decide what stays."""
+        req = dreq.handle
+        before = len(req.output_ids)
+        req.output_ids.extend(canvas)
+        req.update_finish_state(new_accepted_len=len(canvas))
+        end = req.finished_len if req.finished() and req.finished_len is not None else len(req.output_ids)
+        return req.output_ids[before:end], req.finished()
+
+    def _drop_aborted(self) -> None:
+        for dreq in list(self.policy.running):
+            req = dreq.handle
+            if req.to_finish is not None:
+                req.finished_reason, req.to_finish = req.to_finish, None
+                self.policy.abort(dreq)
+                self.scheduler.output_streamer.stream_output([req], False)
+
+
+def run_event_loop(scheduler: Scheduler) -> None:
+    """Replaces ``Scheduler.event_loop_normal`` / ``event_loop_overlap`` for DiffusionGemma."""
+    engine = DiffusionEngine(scheduler)
+    scheduler.diffusion_engine = engine
+    logger.info("sgl-diffusion: serving %s canvas by canvas", ARCHITECTURE)
+    while not scheduler.gracefully_exit:
+        scheduler.ingest_requests()
+        if scheduler._engine_paused:
+            continue
+        engine.admit()
+        if engine.has_work():
+            engine.step()
+        else:
+            scheduler._sched_idled = True
+            scheduler.on_idle()

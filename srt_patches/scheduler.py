@@ -1,0 +1,54 @@
+"""Run the canvas engine inside sglang's Scheduler process.
+
+Target: sglang.srt.managers.scheduler.Scheduler.{event_loop_normal, event_loop_overlap,
+        collect_inflight_reqs, is_fully_idle}
+Checked against: sglang 0.5.23
+Why: the scheduler has no hook for a model that generates canvases instead of tokens; its dLLM path
+     runs homogeneous rounds (see DESIGN.md). We keep its intake, Req lifecycle, pools and streamer
+     and replace the batch loop. Our in-flight requests must be visible to aborts and idle checks.
+Remove when: sglang grows a pluggable batch loop.
+"""
+
+from __future__ import annotations
+
+from sglang.srt.plugins.hook_registry import HookType, plugin_hook
+
+_SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
+TARGETS = (
+    f"{_SCHEDULER}.event_loop_normal",
+    f"{_SCHEDULER}.event_loop_overlap",
+    f"{_SCHEDULER}.collect_inflight_reqs",
+    f"{_SCHEDULER}.is_fully_idle",
+)
+
+
+def _serves_diffusion(scheduler) -> bool:
+    from sgl_diffusion.runtime.scheduler_hook import serves_diffusion_model
+
+    return serves_diffusion_model(scheduler.model_config.hf_config)
+
+
+def event_loop(original, scheduler, *args, **kwargs):
+    if not _serves_diffusion(scheduler):
+        return original(scheduler, *args, **kwargs)
+    from sgl_diffusion.runtime.scheduler_hook import run_event_loop
+
+    return run_event_loop(scheduler)
+
+
+def collect_inflight_reqs(original, scheduler, *args, **kwargs):
+    reqs = original(scheduler, *args, **kwargs)
+    engine = getattr(scheduler, "diffusion_engine", None)
+    return reqs | set(engine.reqs) if engine is not None else reqs
+
+
+def is_fully_idle(original, scheduler, *args, **kwargs):
+    engine = getattr(scheduler, "diffusion_engine", None)
+    return original(scheduler, *args, **kwargs) and (engine is None or not engine.has_work())
+
+
+def register() -> None:
+    plugin_hook(TARGETS[0], HookType.AROUND)(event_loop)
+    plugin_hook(TARGETS[1], HookType.AROUND)(event_loop)
+    plugin_hook(TARGETS[2], HookType.AROUND)(collect_inflight_reqs)
+    plugin_hook(TARGETS[3], HookType.AROUND)(is_fully_idle)

@@ -1,0 +1,54 @@
+"""Validate per-request ``diffusion`` parameters where sglang builds SamplingParams.
+
+Target: sglang.srt.managers.tokenizer_manager.TokenizerManager._create_tokenized_object
+Checked against: sglang 0.5.23
+Why: SamplingParams is a fixed msgspec struct, so ``sampling_params["diffusion"]`` would be rejected
+     as an unknown keyword. We pop it, validate it once (a ValueError here becomes HTTP 400 naming the
+     field), and let the result travel to the scheduler as a JSON string in ``custom_params``.
+Remove when: SamplingParams accepts model-specific parameters.
+"""
+
+from __future__ import annotations
+
+from sglang.srt.plugins.hook_registry import HookType, plugin_hook
+
+TARGETS = ("sglang.srt.managers.tokenizer_manager.TokenizerManager._create_tokenized_object",)
+
+
+def create_tokenized_object(original, manager, obj, *args, **kwargs):
+    from sgl_diffusion.runtime.scheduler_hook import PARAMS_KEY, serves_diffusion_model
+
+    sampling = getattr(obj, "sampling_params", None)
+    if not isinstance(sampling, dict):
+        return original(manager, obj, *args, **kwargs)
+    raw = sampling.get("diffusion")
+    if not serves_diffusion_model(manager.model_config.hf_config):
+        if raw is not None:
+            raise ValueError("diffusion parameters only apply to diffusion models")
+        return original(manager, obj, *args, **kwargs)
+
+    params = _validate(manager, raw)
+    custom = dict(sampling.get("custom_params") or {})
+    custom[PARAMS_KEY] = params.to_json()
+    obj.sampling_params = {k: v for k, v in sampling.items() if k != "diffusion"} | {"custom_params": custom}
+    try:
+        return original(manager, obj, *args, **kwargs)
+    finally:
+        obj.sampling_params = sampling
+
+
+def _validate(manager, raw):
+    from sgl_diffusion.runtime.scheduler_hook import load_defaults
+    from sgl_diffusion.sampling.params import DiffusionParams
+
+    defaults = getattr(manager, "diffusion_defaults", None)
+    if defaults is None:
+        defaults = manager.diffusion_defaults = load_defaults(manager.server_args.model_path)
+    hf = manager.model_config.hf_config
+    return DiffusionParams.from_request(
+        raw, defaults, vocab_size=hf.text_config.vocab_size, canvas_length=getattr(hf, "canvas_length", 256)
+    )
+
+
+def register() -> None:
+    plugin_hook(TARGETS[0], HookType.AROUND)(create_tokenized_object)
