@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from sglang.srt.constants import HEALTH_CHECK_RID_PREFIX
+from sglang.srt.managers.schedule_batch import FINISH_LENGTH
 
 from sgl_diffusion.attention.base import KVStore
 from sgl_diffusion.attention.sdpa import SdpaBackend
@@ -101,10 +103,13 @@ class DiffusionEngine:
     def admit(self) -> None:
         """Move every waiting Req into the canvas policy."""
         for req in self.scheduler.waiting_queue:
+            max_new_tokens = req.sampling_params.max_new_tokens
+            if str(req.rid).startswith(HEALTH_CHECK_RID_PREFIX):
+                max_new_tokens = 0  # a prefill proves the loop and the model are alive; a canvas costs 48 forwards
             dreq = DiffusionRequest(
                 prompt_ids=list(req.origin_input_ids),
                 params=self._params(req),
-                max_new_tokens=req.sampling_params.max_new_tokens,
+                max_new_tokens=max_new_tokens,
                 handle=req,
             )
             self.policy.add(dreq)
@@ -117,7 +122,11 @@ class DiffusionEngine:
             return
         out = self.policy.step()
         reqs = [r.handle for r, _ in out.committed]
-        reqs += [r.handle for r in out.finished if r.handle not in reqs]
+        for dreq in out.finished:
+            if not dreq.handle.finished():  # prefill-only requests (max_new_tokens=0) never saw a canvas
+                dreq.handle.finished_reason = FINISH_LENGTH(length=len(dreq.handle.output_ids))
+            if dreq.handle not in reqs:
+                reqs.append(dreq.handle)
         if reqs:
             self.scheduler.output_streamer.stream_output(reqs, False)
 

@@ -1,0 +1,119 @@
+"""End-to-end through a real sglang server: /generate, OpenAI routes, parity with transformers, bad input."""
+
+import concurrent.futures
+
+import openai
+import pytest
+import torch
+from transformers import DiffusionGemmaForBlockDiffusion
+from transformers.models.diffusion_gemma.generation_diffusion_gemma import DiffusionGemmaGenerationConfig
+
+pytestmark = pytest.mark.slow
+
+PROMPT_IDS = [2, 5, 381, 280, 300, 320, 340, 6, 280, 5, 385, 280]
+
+
+def generate(server, **body):
+    resp = server.post("/generate", body)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_one_canvas_equals_transformers_generate(server, tiny_checkpoint_dir, steps):
+    """With init_canvas and a near-zero temperature, one canvas from /generate is HF generate's, token for token."""
+    hf = DiffusionGemmaForBlockDiffusion.from_pretrained(tiny_checkpoint_dir, dtype=torch.float32).eval()
+    canvas_length = hf.config.canvas_length
+    init = [(7 * i + 3) % hf.config.text_config.vocab_size for i in range(canvas_length)]
+    gen = DiffusionGemmaGenerationConfig.from_pretrained(tiny_checkpoint_dir)
+    gen.t_min, gen.t_max, gen.max_denoising_steps, gen.max_new_tokens = 1e-4, 2e-4, steps, canvas_length
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([PROMPT_IDS]), decoder_input_ids=torch.tensor([init]), generation_config=gen)
+    ref = out.sequences[0, len(PROMPT_IDS) :].tolist()
+    eos = [i for i, t in enumerate(ref) if t in gen.eos_token_id]
+    ref = ref[: eos[0] + 1] if eos else ref
+
+    diffusion = {"init_canvas": init, "t_min": 1e-4, "t_max": 2e-4, "max_denoising_steps": steps}
+    got = generate(server, input_ids=PROMPT_IDS, sampling_params={"max_new_tokens": canvas_length, "diffusion": diffusion})
+    assert got["output_ids"] == ref
+
+
+def test_same_seed_same_output(server):
+    """A given seed reproduces its output; another seed gives another one."""
+    body = dict(text="Hello there", sampling_params={"max_new_tokens": 40, "ignore_eos": True,
+                                                     "diffusion": {"seed": 11, "max_denoising_steps": 3}})
+    first, second = generate(server, **body)["output_ids"], generate(server, **body)["output_ids"]
+    body["sampling_params"]["diffusion"]["seed"] = 12
+    assert first == second and len(first) == 40
+    assert generate(server, **body)["output_ids"] != first
+
+
+def test_max_new_tokens_spans_canvases_and_cuts(server):
+    """max_new_tokens beyond one canvas commits canvases one after another and cuts at the limit."""
+    out = generate(server, text="Hi", sampling_params={"max_new_tokens": 70, "ignore_eos": True,
+                                                       "diffusion": {"max_denoising_steps": 2, "seed": 1}})
+    assert len(out["output_ids"]) == 70
+    assert out["meta_info"]["finish_reason"]["type"] == "length"
+
+
+def test_eos_inside_a_canvas_ends_the_request(server):
+    """Tokens after the first EOS of a canvas are dropped and the request finishes with stop."""
+    for seed in range(20):
+        out = generate(server, text="Hi", sampling_params={"max_new_tokens": 200,
+                                                           "diffusion": {"max_denoising_steps": 1, "seed": seed}})
+        if out["meta_info"]["finish_reason"]["type"] == "stop":
+            assert out["output_ids"][-1] == out["meta_info"]["finish_reason"]["matched"]
+            assert out["output_ids"][-1] in (1, 6, 10)
+            return
+    pytest.fail("no EOS in 20 seeded generations")
+
+
+def test_concurrent_requests_all_complete(server):
+    """Several requests in flight at once are denoised together and all answer."""
+    def one(seed):
+        return generate(server, text=f"req {seed}", sampling_params={"max_new_tokens": 50, "ignore_eos": True,
+                                                                     "diffusion": {"seed": seed, "max_denoising_steps": 2}})
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(one, range(6)))
+    assert all(len(o["output_ids"]) == 50 for o in outs)
+    assert one(3)["output_ids"] == outs[3]["output_ids"]  # batching does not change a seeded result
+
+
+def test_openai_chat_and_completions(server):
+    """The OpenAI routes answer and pass "diffusion" through (a bad value there is a 400 too)."""
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
+    chat = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=20,
+        extra_body={"diffusion": {"max_denoising_steps": 2, "seed": 4}},
+    )
+    assert chat.choices[0].finish_reason in ("stop", "length") and chat.usage.completion_tokens > 0
+    comp = client.completions.create(model="tiny", prompt="Once", max_tokens=20,
+                                     extra_body={"diffusion": {"max_denoising_steps": 2, "seed": 4}})
+    assert comp.usage.completion_tokens > 0
+    with pytest.raises(openai.BadRequestError, match="max_denoising_steps"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                       extra_body={"diffusion": {"max_denoising_steps": 0}})
+
+
+@pytest.mark.parametrize(
+    "diffusion, field",
+    [
+        ({"bogus": 1}, "bogus"),
+        ({"t_min": 0.9, "t_max": 0.5}, "t_min"),
+        ({"max_denoising_steps": 0}, "max_denoising_steps"),
+        ({"max_denoising_steps": -3}, "max_denoising_steps"),
+        ({"entropy_bound": -0.1}, "entropy_bound"),
+        ({"confidence_threshold": -1}, "confidence_threshold"),
+        ({"init_canvas": [10**6]}, "init_canvas"),
+        ({"init_canvas": list(range(33))}, "init_canvas"),
+        ({"seed": "x"}, "seed"),
+        ("not a dict", "diffusion"),
+    ],
+)
+def test_bad_diffusion_params_are_400(server, diffusion, field):
+    """Each invalid diffusion value is rejected with HTTP 400 naming the field; the server stays healthy."""
+    resp = server.post("/generate", {"text": "Hi", "sampling_params": {"max_new_tokens": 8, "diffusion": diffusion}})
+    assert resp.status_code == 400, resp.text
+    assert field in resp.text
+    assert server.healthy()

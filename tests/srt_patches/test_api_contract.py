@@ -1,0 +1,94 @@
+import copy
+from inspect import Parameter
+
+import pytest
+
+from srt_patches import api_contract
+
+EMPTY = Parameter.empty
+# What the wrapper relies on: the body is the first positional argument.
+EXPECTED_PARAMETERS = {
+    "sglang.srt.entrypoints.api_contract.generate_contract_error": [("body", EMPTY)],
+}
+DIFFUSION = {"seed": 3, "max_denoising_steps": 8}
+
+
+def _check(body):
+    from sglang.srt.entrypoints import api_contract as upstream_module
+
+    return upstream_module.generate_contract_error(body)
+
+
+def test_every_target_has_an_expected_signature():
+    """Each target the module declares is covered by the signature table of this file."""
+    assert set(api_contract.TARGETS) == set(EXPECTED_PARAMETERS)
+
+
+@pytest.mark.parametrize("target", api_contract.TARGETS)
+def test_upstream_signature(target, upstream_parameters):
+    """The upstream function still takes exactly (body)."""
+    assert upstream_parameters(target) == EXPECTED_PARAMETERS[target]
+
+
+@pytest.mark.parametrize("target", api_contract.TARGETS)
+def test_installed(target, applied):
+    """apply() leaves our wrapper on the target."""
+    assert applied.is_installed(target)
+
+
+def test_http_server_binding_is_patched(applied, resolve):
+    """http_server's `from api_contract import generate_contract_error` binding is the wrapper too."""
+    from sglang.srt.entrypoints import http_server
+
+    assert http_server.generate_contract_error is resolve(api_contract.TARGETS[0])
+
+
+def test_diffusion_in_sampling_params_passes(applied):
+    """A /generate body whose sampling_params carry `diffusion` has no contract error."""
+    body = {"text": "hi", "sampling_params": {"max_new_tokens": 4, "diffusion": DIFFUSION}}
+    assert _check(body) is None
+
+
+def test_upstream_alone_rejects_diffusion(upstream):
+    """Without the wrapper the schema rejects `diffusion` (the patch is still needed; see Remove when)."""
+    body = {"text": "hi", "sampling_params": {"max_new_tokens": 4, "diffusion": DIFFUSION}}
+    error = upstream(api_contract.TARGETS[0])(body)
+    assert error is not None and "diffusion" in error
+
+
+def test_unknown_sampling_key_still_rejected(applied):
+    """An unknown sampling key is still a contract error, with or without `diffusion` beside it."""
+    for sampling in ({"bogus": 1}, {"bogus": 1, "diffusion": DIFFUSION}):
+        error = _check({"text": "hi", "sampling_params": sampling})
+        assert error is not None and "bogus" in error
+
+
+def test_list_form_sampling_params(applied):
+    """List-form sampling_params pass with `diffusion` in some entries and fail on an unknown key in any entry."""
+    ok = {"text": ["a", "b"], "sampling_params": [{"max_new_tokens": 4, "diffusion": DIFFUSION}, {"max_new_tokens": 2}]}
+    assert _check(ok) is None
+    bad = {"text": ["a", "b"], "sampling_params": [{"diffusion": DIFFUSION}, {"bogus": 1}]}
+    error = _check(bad)
+    assert error is not None and "bogus" in error
+
+
+def test_body_is_not_mutated(applied):
+    """The caller's body keeps its `diffusion` entries; the wrapper checks a stripped copy."""
+    body = {"text": ["a", "b"], "sampling_params": [{"diffusion": DIFFUSION}, {"max_new_tokens": 2, "diffusion": {}}]}
+    before = copy.deepcopy(body)
+    assert _check(body) is None
+    assert body == before
+
+
+def test_bodies_without_diffusion_are_judged_by_upstream():
+    """Bodies without `diffusion` (or not dicts) reach the original unchanged."""
+    seen = []
+
+    def original(body):
+        seen.append(body)
+        return "verdict"
+
+    bodies = [{"text": "hi"}, {"text": "hi", "sampling_params": None}, {"text": "hi", "sampling_params": {"n": 1}}, [1]]
+    for body in bodies:
+        assert api_contract.generate_contract_error(original, body) == "verdict"
+    assert seen == bodies

@@ -1,0 +1,115 @@
+from inspect import Parameter
+
+import pytest
+
+from srt_patches import openai_protocol
+
+EMPTY = Parameter.empty
+# What the wrappers rely on: the request is `self` (chat) or the argument after `self` (completions), and the
+# original returns the sampling-params dict the wrapper extends.
+EXPECTED_PARAMETERS = {
+    "sglang.srt.entrypoints.openai.protocol.ChatCompletionRequest.to_sampling_params": [
+        ("self", EMPTY), ("stop", EMPTY), ("model_generation_config", EMPTY),
+    ],
+    "sglang.srt.entrypoints.openai.serving_completions.OpenAIServingCompletion._build_sampling_params": [
+        ("self", EMPTY), ("request", EMPTY),
+    ],
+}  # fmt: skip
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def protocol(applied):
+    from sglang.srt.entrypoints.openai import protocol
+
+    return protocol
+
+
+@pytest.fixture(scope="module")
+def serving_completion(applied):
+    """An OpenAIServingCompletion without its (heavy) __init__: _build_sampling_params reads only the request."""
+    from sglang.srt.entrypoints.openai.serving_completions import OpenAIServingCompletion
+
+    return object.__new__(OpenAIServingCompletion)
+
+
+def test_every_target_has_an_expected_signature():
+    """Each target the module declares is covered by the signature table of this file."""
+    assert set(openai_protocol.TARGETS) == set(EXPECTED_PARAMETERS)
+
+
+@pytest.mark.parametrize("target", openai_protocol.TARGETS)
+def test_upstream_signature(target, upstream_parameters):
+    """The upstream function still starts with the parameters the wrapper relies on."""
+    expected = EXPECTED_PARAMETERS[target]
+    assert upstream_parameters(target)[: len(expected)] == expected
+
+
+@pytest.mark.parametrize("target", openai_protocol.TARGETS)
+def test_installed(target, applied):
+    """apply() leaves our wrapper on the target."""
+    assert applied.is_installed(target)
+
+
+@pytest.mark.parametrize("name", ["ChatCompletionRequest", "CompletionRequest"])
+def test_request_models_declare_diffusion(protocol, name):
+    """Both request models declare an optional `diffusion` field defaulting to None."""
+    field = getattr(protocol, name).model_fields["diffusion"]
+    assert field.default is None and not field.is_required()
+
+
+def test_chat_request_keeps_diffusion(protocol):
+    """ChatCompletionRequest keeps `diffusion`, whether constructed or validated from a JSON body."""
+    built = protocol.ChatCompletionRequest(model="m", messages=MESSAGES, diffusion={"seed": 3})
+    parsed = protocol.ChatCompletionRequest.model_validate_json(
+        '{"model": "m", "messages": [{"role": "user", "content": "hi"}], "diffusion": {"seed": 3}}'
+    )
+    assert built.diffusion == parsed.diffusion == {"seed": 3}
+
+
+def test_chat_sampling_params_carry_diffusion(protocol):
+    """to_sampling_params puts the request's `diffusion` object into the sampling params."""
+    request = protocol.ChatCompletionRequest(model="m", messages=MESSAGES, max_tokens=8, diffusion={"seed": 3})
+    params = request.to_sampling_params(stop=[], model_generation_config={})
+    assert params["diffusion"] == {"seed": 3}
+    assert params["max_new_tokens"] == 8
+
+
+def test_completion_request_keeps_diffusion(protocol):
+    """CompletionRequest keeps `diffusion`, whether constructed or validated from a JSON body."""
+    built = protocol.CompletionRequest(model="m", prompt="hi", diffusion={"seed": 3})
+    parsed = protocol.CompletionRequest.model_validate_json('{"model": "m", "prompt": "hi", "diffusion": {"seed": 3}}')
+    assert built.diffusion == parsed.diffusion == {"seed": 3}
+
+
+def test_completion_sampling_params_carry_diffusion(protocol, serving_completion):
+    """OpenAIServingCompletion._build_sampling_params puts `diffusion` into the sampling params."""
+    request = protocol.CompletionRequest(model="m", prompt="hi", max_tokens=8, diffusion={"seed": 3, "t_min": 0.5})
+    params = serving_completion._build_sampling_params(request)
+    assert params["diffusion"] == {"seed": 3, "t_min": 0.5}
+    assert params["max_new_tokens"] == 8
+
+
+def test_no_diffusion_key_without_diffusion(protocol, serving_completion):
+    """Requests without `diffusion` give exactly the upstream sampling params (no `diffusion` key)."""
+    chat = protocol.ChatCompletionRequest(model="m", messages=MESSAGES)
+    assert "diffusion" not in chat.to_sampling_params(stop=[], model_generation_config={})
+    completion = protocol.CompletionRequest(model="m", prompt="hi")
+    assert "diffusion" not in serving_completion._build_sampling_params(completion)
+
+
+@pytest.mark.parametrize("name", ["ChatCompletionRequest", "CompletionRequest"])
+def test_diffusion_must_be_an_object(protocol, name):
+    """A non-object `diffusion` is a request validation error (HTTP 400), not something passed on."""
+    from pydantic import ValidationError
+
+    extra = {"messages": MESSAGES} if name == "ChatCompletionRequest" else {"prompt": "hi"}
+    with pytest.raises(ValidationError, match="diffusion"):
+        getattr(protocol, name)(model="m", diffusion=[1, 2], **extra)
+
+
+def test_register_twice_keeps_the_field(protocol):
+    """Re-running the field registration leaves the models (and their `diffusion` field) working."""
+    openai_protocol._add_diffusion_field()
+    request = protocol.CompletionRequest(model="m", prompt="hi", diffusion={"seed": 1})
+    assert request.diffusion == {"seed": 1}
