@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
+from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from sglang.srt.constants import HEALTH_CHECK_RID_PREFIX
-from sglang.srt.managers.schedule_batch import FINISH_LENGTH
+from sglang.srt.managers.schedule_batch import FINISH_ABORT, FINISH_LENGTH
 
 from sgl_diffusion.attention.base import KVStore
 from sgl_diffusion.attention.sdpa import SdpaBackend
@@ -106,12 +107,15 @@ class DiffusionEngine:
             max_new_tokens = req.sampling_params.max_new_tokens
             if str(req.rid).startswith(HEALTH_CHECK_RID_PREFIX):
                 max_new_tokens = 0  # a prefill proves the loop and the model are alive; a canvas costs 48 forwards
-            dreq = DiffusionRequest(
-                prompt_ids=list(req.origin_input_ids),
-                params=self._params(req),
-                max_new_tokens=max_new_tokens,
-                handle=req,
-            )
+            prompt = list(req.origin_input_ids)
+            try:
+                runs, embeds = self._images(req, prompt)
+                dreq = DiffusionRequest(prompt, self._params(req), max_new_tokens, req, runs, embeds)
+            except Exception as e:  # one bad request must not take the scheduler down
+                logger.exception("sgl-diffusion: rejecting request %s", req.rid)
+                req.finished_reason = FINISH_ABORT(f"invalid request: {e}", HTTPStatus.BAD_REQUEST)
+                self.scheduler.output_streamer.stream_output([req], False)
+                continue
             self.policy.add(dreq)
         self.scheduler.waiting_queue.clear()
 
@@ -138,6 +142,29 @@ class DiffusionEngine:
             return DiffusionParams.from_json(raw)
         return DiffusionParams.from_request(None, self.defaults, vocab_size=self.cfg.vocab_size,
                                             canvas_length=self.cfg.canvas_length)
+
+    def _images(self, req: Req, prompt: list[int]):
+        """Bidirectional image runs of the prompt and their soft tokens, in prompt order."""
+        mm = req.multimodal_inputs
+        if mm is None or not mm.mm_items:
+            return (), None
+        image_id = self.cfg.image_token_id
+        runs, start = [], None
+        for i, t in enumerate(prompt + [-1]):
+            if t == image_id and start is None:
+                start = i
+            elif t != image_id and start is not None:
+                runs.append((start, i))
+                start = None
+        model = self.policy.runner.model
+        dtype = model.embed_tokens.weight.dtype
+        embeds = torch.cat([
+            model.image_embeds(item.feature.to(self.device, dtype), item.image_position_ids.to(self.device))
+            for item in mm.mm_items
+        ])
+        if embeds.shape[0] != sum(e - b for b, e in runs):
+            raise ValueError(f"{embeds.shape[0]} image soft tokens for {sum(e - b for b, e in runs)} image positions")
+        return tuple(runs), embeds
 
     def _accept_canvas(self, dreq: DiffusionRequest, canvas: list[int]) -> tuple[list[int], bool]:
         """Hand a committed canvas to the Req: sglang's own EOS / stop / length checks decide what stays."""

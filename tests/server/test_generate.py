@@ -117,3 +117,43 @@ def test_bad_diffusion_params_are_400(server, diffusion, field):
     assert resp.status_code == 400, resp.text
     assert field in resp.text
     assert server.healthy()
+
+
+def _png_data_url(color, size=(48, 32)):
+    import base64
+    import io
+
+    from PIL import Image
+
+    img = Image.new("RGB", size)
+    img.putdata([((x * color[0]) % 256, (y * color[1]) % 256, (x * y) % 256) for y in range(size[1]) for x in range(size[0])])
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return img, "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_image_prompt_canvas_equals_transformers_generate(server, tiny_checkpoint_dir):
+    """An image prompt through /generate (sglang's processor, our vision path) gives HF generate's canvas."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint_dir)
+    image, url = _png_data_url((5, 7))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is this?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=text, images=[image], return_tensors="pt", return_mm_token_type_ids=True)
+
+    hf = DiffusionGemmaForBlockDiffusion.from_pretrained(tiny_checkpoint_dir, dtype=torch.float32).eval()
+    canvas_length = hf.config.canvas_length
+    init = [(5 * i + 1) % hf.config.text_config.vocab_size for i in range(canvas_length)]
+    gen = DiffusionGemmaGenerationConfig.from_pretrained(tiny_checkpoint_dir)
+    gen.t_min, gen.t_max, gen.max_denoising_steps, gen.max_new_tokens = 1e-4, 2e-4, 2, canvas_length
+    with torch.no_grad():
+        out = hf.generate(**inputs, decoder_input_ids=torch.tensor([init]), generation_config=gen)
+    ref = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+    eos = [i for i, t in enumerate(ref) if t in gen.eos_token_id]
+    ref = ref[: eos[0] + 1] if eos else ref
+
+    diffusion = {"init_canvas": init, "t_min": 1e-4, "t_max": 2e-4, "max_denoising_steps": 2}
+    got = generate(server, text=text, image_data=[url], sampling_params={"max_new_tokens": canvas_length, "diffusion": diffusion})
+    assert got["meta_info"]["prompt_tokens"] == inputs["input_ids"].shape[1]
+    assert got["output_ids"] == ref

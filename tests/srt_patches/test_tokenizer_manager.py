@@ -1,5 +1,4 @@
 import json
-import shutil
 from inspect import Parameter
 from types import SimpleNamespace
 
@@ -101,12 +100,14 @@ def test_defaults_come_from_the_served_checkpoint(hf_config, tiny_checkpoint_dir
     gen = json.loads((tiny_checkpoint_dir / "generation_config.json").read_text())
     (tmp_path / "generation_config.json").write_text(json.dumps(gen | {"max_denoising_steps": 7, "t_min": 0.25}))
     manager = _manager(hf_config, tmp_path)
-    for _ in range(2):
-        original = Recorder()
-        tokenizer_manager.create_tokenized_object(original, manager, SimpleNamespace(sampling_params={"diffusion": {}}))
-        params = _params_from(original.calls[0][0])
+    original = Recorder()
+    obj = SimpleNamespace(sampling_params={"diffusion": {}})
+    tokenizer_manager.create_tokenized_object(original, manager, obj)
+    (tmp_path / "generation_config.json").unlink()  # the second request must use the cached defaults
+    tokenizer_manager.create_tokenized_object(original, manager, obj)
+    for seen, _, _ in original.calls:
+        params = _params_from(seen)
         assert (params.max_denoising_steps, params.t_min, params.seed) == (7, 0.25, None)
-        (tmp_path / "generation_config.json").unlink(missing_ok=True)  # cached: the second call must not re-read
 
 
 def test_no_diffusion_key_still_gets_checkpoint_defaults(hf_config, tiny_checkpoint_dir):
@@ -211,6 +212,3 @@ def test_sglang_sampling_params_rejects_diffusion():
     with pytest.raises(TypeError, match="diffusion"):
         SamplingParams(max_new_tokens=8, diffusion={"seed": 5})
 
-
-# Unused import guard: shutil is kept out; tmp_path copies use json directly.
-del shutil

@@ -1,0 +1,148 @@
+from inspect import Parameter
+from types import SimpleNamespace
+
+import pytest
+
+from srt_patches import scheduler
+
+EMPTY = Parameter.empty
+_S = "sglang.srt.managers.scheduler.Scheduler"
+# The loops must take only `self` (run_event_loop gets the scheduler alone); the idle/in-flight queries keep
+# their exact parameters because the wrappers forward them and combine the results.
+EXPECTED_PARAMETERS = {
+    f"{_S}.event_loop_normal": [("self", EMPTY)],
+    f"{_S}.event_loop_overlap": [("self", EMPTY)],
+    f"{_S}.collect_inflight_reqs": [("self", EMPTY)],
+    f"{_S}.is_fully_idle": [("self", EMPTY), ("for_health_check", False), ("ignore_waiting", False)],
+}
+DIFFUSION_HF = SimpleNamespace(architectures=["DiffusionGemmaForBlockDiffusion"])
+OTHER_HF = SimpleNamespace(architectures=["LlamaForCausalLM"])
+
+
+class FakeEngine:
+    def __init__(self, reqs=()):
+        self.reqs = list(reqs)
+
+    def has_work(self) -> bool:
+        return bool(self.reqs)
+
+
+class Original:
+    """A fake original: records its arguments, returns a fixed value."""
+
+    def __init__(self, value=None):
+        self.value = value
+        self.calls = []
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        return self.value
+
+
+@pytest.fixture
+def run_event_loop(monkeypatch):
+    """Replaces sgl_diffusion's event loop with a recorder of the schedulers it is given."""
+    from sgl_diffusion.runtime import scheduler_hook
+
+    calls = []
+    monkeypatch.setattr(scheduler_hook, "run_event_loop", lambda s, *a, **k: calls.append((s, a, k)) or "ran")
+    return calls
+
+
+def _scheduler(hf_config=DIFFUSION_HF, **attrs):
+    return SimpleNamespace(model_config=SimpleNamespace(hf_config=hf_config), **attrs)
+
+
+def test_every_target_has_an_expected_signature():
+    """Each target the module declares is covered by the signature table of this file."""
+    assert set(scheduler.TARGETS) == set(EXPECTED_PARAMETERS)
+
+
+@pytest.mark.parametrize("target", scheduler.TARGETS)
+def test_upstream_signature(target, upstream_parameters):
+    """The upstream method still has exactly the parameters the wrapper relies on."""
+    assert upstream_parameters(target) == EXPECTED_PARAMETERS[target]
+
+
+@pytest.mark.parametrize("target", scheduler.TARGETS)
+def test_installed(target, applied):
+    """apply() leaves our wrapper on the target."""
+    assert applied.is_installed(target)
+
+
+def test_event_loop_keeps_sglang_loop_for_other_models(run_event_loop):
+    """For a non-diffusion model the wrapper runs the original loop and never ours."""
+    original = Original("upstream")
+    fake = _scheduler(OTHER_HF)
+    assert scheduler.event_loop(original, fake) == "upstream"
+    assert original.calls == [((fake,), {})] and run_event_loop == []
+
+
+def test_event_loop_runs_canvas_loop_for_diffusion_gemma(run_event_loop):
+    """For DiffusionGemma the wrapper runs sgl_diffusion's loop on the scheduler and not the original."""
+    original = Original("upstream")
+    fake = _scheduler(DIFFUSION_HF)
+    assert scheduler.event_loop(original, fake) == "ran"
+    assert original.calls == [] and run_event_loop == [(fake, (), {})]
+
+
+@pytest.mark.parametrize("name", ["event_loop_normal", "event_loop_overlap"])
+def test_installed_loops_dispatch_to_canvas_loop(applied, run_event_loop, name):
+    """Scheduler.event_loop_normal / _overlap, as installed, hand a DiffusionGemma scheduler to our loop."""
+    from sglang.srt.managers.scheduler import Scheduler
+
+    fake = _scheduler(DIFFUSION_HF)
+    getattr(Scheduler, name)(fake)
+    assert run_event_loop == [(fake, (), {})]
+
+
+def test_collect_inflight_reqs_adds_engine_reqs():
+    """In-flight requests are sglang's plus the canvas engine's; without an engine, sglang's alone."""
+    original = Original({"a", "b"})
+    with_engine = _scheduler(diffusion_engine=FakeEngine(["b", "c"]))
+    assert scheduler.collect_inflight_reqs(original, with_engine) == {"a", "b", "c"}
+    assert scheduler.collect_inflight_reqs(original, _scheduler()) == {"a", "b"}
+    assert scheduler.collect_inflight_reqs(original, _scheduler(diffusion_engine=FakeEngine())) == {"a", "b"}
+
+
+def test_installed_collect_inflight_reqs(applied):
+    """Scheduler.collect_inflight_reqs, as installed, returns sglang's batch reqs plus the engine's."""
+    from sglang.srt.managers.scheduler import Scheduler
+
+    fake = _scheduler(
+        diffusion_engine=FakeEngine(["canvas-req"]),
+        _collect_inflight_batches=lambda: [SimpleNamespace(reqs=["batch-req"]), None],
+    )
+    assert Scheduler.collect_inflight_reqs(fake) == {"batch-req", "canvas-req"}
+
+
+@pytest.mark.parametrize(
+    "upstream_idle, engine, idle",
+    [(True, None, True), (False, None, False), (True, FakeEngine(), True), (True, FakeEngine(["r"]), False),
+     (False, FakeEngine(), False), (False, FakeEngine(["r"]), False)],
+)  # fmt: skip
+def test_is_fully_idle_requires_idle_engine(upstream_idle, engine, idle):
+    """Fully idle means sglang is idle and the canvas engine (if any) has no work."""
+    original = Original(upstream_idle)
+    fake = _scheduler(**({} if engine is None else {"diffusion_engine": engine}))
+    assert scheduler.is_fully_idle(original, fake) is idle
+
+
+def test_is_fully_idle_forwards_arguments():
+    """for_health_check / ignore_waiting reach the original unchanged."""
+    original = Original(True)
+    fake = _scheduler(diffusion_engine=FakeEngine())
+    scheduler.is_fully_idle(original, fake, for_health_check=True)
+    scheduler.is_fully_idle(original, fake, False, ignore_waiting=True)
+    assert original.calls == [((fake,), {"for_health_check": True}), ((fake, False), {"ignore_waiting": True})]
+
+
+@pytest.mark.parametrize(
+    "target, hook",
+    [(f"{_S}.event_loop_normal", scheduler.event_loop), (f"{_S}.event_loop_overlap", scheduler.event_loop),
+     (f"{_S}.collect_inflight_reqs", scheduler.collect_inflight_reqs), (f"{_S}.is_fully_idle", scheduler.is_fully_idle)],
+)  # fmt: skip
+def test_each_target_wears_its_own_hook(applied, resolve, target, hook):
+    """The wrapper installed on each target calls the hook meant for it (not another target's)."""
+    cells = [c.cell_contents for c in resolve(target).__closure__]
+    assert hook in cells
