@@ -125,6 +125,9 @@ class DiffusionEngine:
         if not self.policy.running:
             return
         out = self.policy.step()
+        if out.starved and not out.committed and not out.finished and len(out.starved) == len(self.policy.running):
+            # Everyone waits for KV that only they could free: end the newest instead of hanging all.
+            self._abort(out.starved[-1], FINISH_ABORT("KV cache exhausted", HTTPStatus.SERVICE_UNAVAILABLE))
         reqs = [r.handle for r, _ in out.committed]
         for dreq in out.finished:
             if not dreq.handle.finished():  # prefill-only requests (max_new_tokens=0) never saw a canvas
@@ -172,16 +175,21 @@ class DiffusionEngine:
         before = len(req.output_ids)
         req.output_ids.extend(canvas)
         req.update_finish_state(new_accepted_len=len(canvas))
+        if not req.finished() and req.seqlen + self.cfg.canvas_length > self.scheduler.model_config.context_len:
+            req.finished_reason = FINISH_LENGTH(length=len(req.output_ids))  # the next canvas would not fit
         end = req.finished_len if req.finished() and req.finished_len is not None else len(req.output_ids)
         return req.output_ids[before:end], req.finished()
 
     def _drop_aborted(self) -> None:
         for dreq in list(self.policy.running):
-            req = dreq.handle
-            if req.to_finish is not None:
-                req.finished_reason, req.to_finish = req.to_finish, None
-                self.policy.abort(dreq)
-                self.scheduler.output_streamer.stream_output([req], False)
+            if dreq.handle.to_finish is not None:
+                self._abort(dreq, dreq.handle.to_finish)
+
+    def _abort(self, dreq: DiffusionRequest, reason) -> None:
+        req = dreq.handle
+        req.finished_reason, req.to_finish = reason, None
+        self.policy.abort(dreq)
+        self.scheduler.output_streamer.stream_output([req], False)
 
 
 def run_event_loop(scheduler: Scheduler) -> None:

@@ -59,6 +59,7 @@ class StepOutput:
 
     committed: list[tuple[DiffusionRequest, list[int]]]  # requests that finished a canvas, with kept tokens
     finished: list[DiffusionRequest]
+    starved: list[DiffusionRequest] = field(default_factory=list)  # denied KV slots this round
 
 
 class CanvasScheduler:
@@ -77,12 +78,14 @@ class CanvasScheduler:
 
     def step(self) -> StepOutput:
         """plan -> forward + sample -> commit -> free."""
-        reqs, segments, states = self._plan()
+        reqs, segments, states, starved = self._plan()
         if not segments:
-            return StepOutput([], [])
+            return StepOutput([], [], starved)
         batch = self._build_batch(reqs, segments, states)
         done = self.runner.run(batch, states)
-        return self._apply(reqs, done)
+        out = self._apply(reqs, done)
+        out.starved = starved
+        return out
 
     def abort(self, req: DiffusionRequest) -> None:
         self._free(req)
@@ -90,14 +93,15 @@ class CanvasScheduler:
     # ---- helpers ------------------------------------------------------------------------------
 
     def _plan(self):
-        reqs, segments, states = [], [], []
+        reqs, segments, states, starved = [], [], [], []
         for req in list(self.running):
             if req.finished:
                 continue
             if req.pending:
                 new_slots = self.allocator.alloc(len(req.pending))
                 if new_slots is None:
-                    continue  # out of KV: wait until someone frees
+                    starved.append(req)  # out of KV: wait until someone frees
+                    continue
                 kind = "prefill" if req.slots is None else "commit"
                 prefix = req.slots if req.slots is not None else torch.empty(0, dtype=torch.long, device=self.device)
                 runs = req.image_runs if kind == "prefill" else ()
@@ -112,7 +116,7 @@ class CanvasScheduler:
             segments.append(Segment("canvas", len(reqs), self.canvas_length, req.context_len, req.slots))
             states.append(req.state)
             reqs.append(req)
-        return reqs, segments, states
+        return reqs, segments, states, starved
 
     def _build_batch(self, reqs, segments, states) -> CanvasBatch:
         ids, soft = self.runner.canvas_inputs(states) if states else (None, None)
