@@ -1,30 +1,35 @@
 """CPU micro-bench of the offline engine on a tiny random DiffusionGemma (no checkpoint, no server).
 
-    .venv/bin/python bench/bench_offline.py --preset deep --steps 8 --canvases 4 --batch 8 --repeats 3 [--wide]
+    .venv/bin/python bench/bench_offline.py --preset deep --steps 8 --canvases 4 --batch 8 --repeats 3 --threads 1
 
-Three comparisons, each printed as one summary line; both sides of a ratio are timed in the same run,
-alternating side by side after a warm-up, and each figure is the median of --repeats runs:
+(bench/RESULTS.md also runs it with --wide, with --preset default --steps 4 --assert-parity, and with
+--canvas-length 256.) Three comparisons, one summary line each; both sides of a ratio are timed in the same run,
+alternating after one warm-up of each, and each figure is the median of --repeats runs:
 
 1. ours vs HF: `OfflineEngine.generate` vs transformers' `DiffusionGemmaForBlockDiffusion.generate` on the same
    weights, prompt and seed, batch 1, --canvases canvases of exactly --steps denoise steps. Adaptive stopping is
-   off: HF's config rejects confidence_threshold=0, so both sides get the smallest normal float32 (1.2e-38 nats of
-   mean entropy), and the decoder forwards are counted on both sides and asserted to be canvases * steps. EOS is
-   an id outside the vocabulary, so every canvas is kept.
-   HF always generates whole canvases (ceil(max_new_tokens / C) of them, overshooting max_new_tokens) while we cut
-   at max_new_tokens; max_new_tokens = canvases * C here, so both return the same number of tokens. The token
-   lists are compared: bit-identical is expected on the "default" preset; on deeper or wider models float rounding
-   (SDPA vs eager) can flip a multinomial draw after a few self-conditioned steps (see tests/models/test_parity.py),
-   so the line reports the first divergence, and --assert-parity turns a mismatch into a failure.
-2. batch --batch vs batch 1, ours: aggregate generated tokens/s of --batch concurrent requests (distinct prompts and
-   seeds) in one engine vs one request alone.
+   off: HF's config rejects confidence_threshold=0, so both sides get the smallest normal float32 (a canvas would
+   stop early only below 1.2e-38 nats of mean entropy), and the denoise forwards are counted on both sides and
+   asserted to be canvases * steps. EOS is an id outside the vocabulary, so every canvas is kept.
+   HF always generates whole canvases (ceil(max_new_tokens / C) of them, overshooting max_new_tokens up to C - 1
+   tokens) while we cut at max_new_tokens; here max_new_tokens = canvases * C, so both return the same tokens count.
+   The token lists are compared: bit-identical is expected on the "default" preset; on the deeper or wider models
+   float rounding (different kernels: SDPA vs eager attention, per-expert matmuls vs grouped_mm) flips a
+   multinomial draw after a few self-conditioned steps (see tests/models/test_parity.py), so the line reports the
+   first divergence, and --assert-parity turns a mismatch into a failure.
+2. batch --batch vs batch 1, ours: aggregate generated tokens/s of --batch concurrent requests (distinct prompts
+   and seeds) in one engine vs one request alone. Request 0's tokens are compared with its solo run (reported, not
+   asserted: batching changes GEMM shapes and so rounding, which the same chaos amplifies).
 3. canvas vs token by token: one denoise forward over a C-position canvas vs C causal 1-token "commit" forwards
    (an autoregressive-style pass over the same C tokens through the same model and SDPA backend), after the same
-   prompt. The 1-token forwards compute no LM head, so this ratio is, if anything, flattering to token by token.
+   cached prompt. The 1-token forwards compute no LM head, so this ratio is, if anything, flattering to token by
+   token.
 
-Model: build_tiny_model(seed 0, --preset) with --wide (WIDE below) and --override KEY=VALUE text-config overrides;
-canvas length C = --canvas-length (the tiny presets use 32; the real checkpoint 256). Float32, torch's default
-CPU threads. These are CPU figures on a tiny random model: they show Python/dispatch overhead and per-forward
-parallelism, not GPU throughput of the real 26B checkpoint.
+Model: build_tiny_model(seed 0, --preset) plus --wide (WIDE below) and --override KEY=VALUE text-config overrides;
+canvas length C = --canvas-length (the tiny presets use 32, the real checkpoint 256). Float32 on CPU, --threads
+intra-op threads (default torch's; 1 is steadier when other processes share the cores). These are CPU figures on a
+tiny random model: they show Python/dispatch overhead and per-forward parallelism, not GPU throughput of the real
+26B checkpoint.
 """
 
 from __future__ import annotations
@@ -53,6 +58,8 @@ WIDE = dict(hidden_size=512, intermediate_size=1024, num_attention_heads=8, num_
 
 def main() -> None:
     args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     hf, ours = make_pair(args)
     cfg = ours.cfg
@@ -61,7 +68,7 @@ def main() -> None:
     print(f"config: preset={args.preset} overrides={args.overrides} layers={cfg.num_layers} hidden={cfg.hidden_size} "
           f"vocab={cfg.vocab_size} C={c} text params={n_params / 1e6:.1f}M | steps={args.steps} canvases={args.canvases} "
           f"prompt={args.prompt_len} batch={args.batch} repeats={args.repeats} | torch {torch.__version__} "
-          f"threads={torch.get_num_threads()} transformers {transformers.__version__}")
+          f"threads={torch.get_num_threads()} transformers {transformers.__version__} | {load_average()}")
 
     gen = hf.generation_config
     gen.max_denoising_steps, gen.confidence_threshold = args.steps, NO_EARLY_STOP
@@ -104,11 +111,12 @@ def main() -> None:
 
     # 2. batch N vs batch 1, ours
     (t_b, out_b), (t_1, out_1) = timed_pair(lambda: run_ours(args.batch), lambda: run_ours(1), args.repeats)
-    assert out_b[0] == out_1[0], "a request's tokens must not depend on its batch-mates"
     tok_b, tok_1 = count(out_b) / t_b, count(out_1) / t_1
+    # NOTE: not asserted: a bigger batch changes GEMM shapes, hence float rounding, and a flipped draw then spreads.
+    alone = parity(out_b[0], out_1[0]).replace("tokens", "request 0 tokens vs alone:", 1)
     print(f"[2] ours batch {args.batch} vs batch 1: {tok_b:.1f} vs {tok_1:.1f} tok/s aggregate "
           f"({t_b * 1e3:.0f} vs {t_1 * 1e3:.0f} ms per generate), ratio = {tok_b / tok_1:.2f}x "
-          f"(ideal {args.batch}x)")
+          f"(ideal {args.batch}x) | {alone}")
 
     # 3. one canvas forward vs C single-token forwards
     t_canvas, t_tokens = canvas_vs_tokens(ours, prompts[0], args.repeats)
@@ -117,6 +125,7 @@ def main() -> None:
           f"{t_tokens * 1e3:.1f} ms ({t_tokens / c * 1e3:.1f} ms each): ratio = {ratio:.1f}x "
           f"(a canvas costs less forward time than token-by-token while steps per canvas < {ratio:.1f}, "
           f"plus one commit forward; here steps={args.steps})")
+    print(f"done | {load_average()}")
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------------
@@ -135,6 +144,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per side (median), after one warm-up")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--assert-parity", action="store_true", help="fail unless ours == HF token for token (batch 1)")
     args = p.parse_args()
     args.overrides = (WIDE if args.wide else {}) | {k: int(v) for k, v in (o.split("=", 1) for o in args.override)}
@@ -162,6 +172,12 @@ def count_denoise_steps(engine: OfflineEngine) -> list[int]:
 
     runner.run = counting_run
     return counter
+
+
+def load_average() -> str:
+    """Other processes on the machine skew CPU timings; the load average makes that visible."""
+    with open("/proc/loadavg") as f:
+        return "loadavg " + " ".join(f.read().split()[:3])
 
 
 def prompt_ids(length: int, vocab: int, seed: int) -> list[int]:

@@ -1,7 +1,7 @@
 """Run the canvas engine inside sglang's Scheduler process.
 
-Target: sglang.srt.managers.scheduler.Scheduler.{event_loop_normal, event_loop_overlap,
-        collect_inflight_reqs, is_fully_idle}
+Target: sglang.srt.managers.scheduler._dispatch_event_loop_once,
+        sglang.srt.managers.scheduler.Scheduler.{collect_inflight_reqs, is_fully_idle}
 Checked against: sglang 0.5.23
 Why: the scheduler has no hook for a model that generates canvases instead of tokens; its dLLM path
      runs homogeneous rounds (see DESIGN.md). We keep its intake, Req lifecycle, pools and streamer
@@ -15,8 +15,7 @@ from sglang.srt.plugins.hook_registry import HookType, plugin_hook
 
 _SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
 TARGETS = (
-    f"{_SCHEDULER}.event_loop_normal",
-    f"{_SCHEDULER}.event_loop_overlap",
+    "sglang.srt.managers.scheduler._dispatch_event_loop_once",
     f"{_SCHEDULER}.collect_inflight_reqs",
     f"{_SCHEDULER}.is_fully_idle",
 )
@@ -29,10 +28,13 @@ def _serves_diffusion(scheduler) -> bool:
 
 
 def event_loop(original, scheduler, *args, **kwargs):
+    """Picks sglang's loop for other models; for DiffusionGemma, ours (every variant of sglang's
+    loop, overlap included, is replaced: the canvas loop has its own overlap knob)."""
     if not _serves_diffusion(scheduler):
         return original(scheduler, *args, **kwargs)
-    from sgl_diffusion.runtime.scheduler_hook import run_event_loop
+    from sgl_diffusion.runtime.scheduler_hook import check_supported, run_event_loop
 
+    check_supported(scheduler)
     return run_event_loop(scheduler)
 
 
@@ -49,6 +51,5 @@ def is_fully_idle(original, scheduler, *args, **kwargs):
 
 def register() -> None:
     plugin_hook(TARGETS[0], HookType.AROUND)(event_loop)
-    plugin_hook(TARGETS[1], HookType.AROUND)(event_loop)
-    plugin_hook(TARGETS[2], HookType.AROUND)(collect_inflight_reqs)
-    plugin_hook(TARGETS[3], HookType.AROUND)(is_fully_idle)
+    plugin_hook(TARGETS[1], HookType.AROUND)(collect_inflight_reqs)
+    plugin_hook(TARGETS[2], HookType.AROUND)(is_fully_idle)

@@ -23,12 +23,14 @@ def create_tokenized_object(original, manager, obj, *args, **kwargs):
         return original(manager, obj, *args, **kwargs)
     raw = sampling.get("diffusion")
     if not serves_diffusion_model(manager.model_config.hf_config):
-        if raw is not None:
+        if "diffusion" in sampling:
             raise ValueError("diffusion parameters only apply to diffusion models")
         return original(manager, obj, *args, **kwargs)
 
     params = _validate(manager, raw)
-    custom = dict(sampling.get("custom_params") or {})
+    # NOTE: the request's dict replaces a --preferred-sampling-params custom_params whole; keep those keys
+    preferred = (manager.preferred_sampling_params or {}).get("custom_params") or {}
+    custom = dict(preferred) | dict(sampling.get("custom_params") or {})
     custom[PARAMS_KEY] = params.to_json()
     obj.sampling_params = {k: v for k, v in sampling.items() if k != "diffusion"} | {"custom_params": custom}
     try:

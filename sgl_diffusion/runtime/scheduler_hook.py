@@ -192,18 +192,34 @@ class DiffusionEngine:
         self.scheduler.output_streamer.stream_output([req], False)
 
 
+def check_supported(scheduler: Scheduler) -> None:
+    """Refuse, at startup, the sglang modes the canvas loop does not implement."""
+    from sglang.srt.disaggregation.utils import DisaggregationMode
+
+    unsupported = {
+        "PD disaggregation": scheduler.disaggregation_mode != DisaggregationMode.NULL,
+        "pipeline parallelism": scheduler.server_args.pp_size > 1,
+        "PD multiplexing": scheduler.enable_pdmux,
+    }
+    if on := [name for name, enabled in unsupported.items() if enabled]:
+        raise RuntimeError(f"sgl-diffusion does not support {', '.join(on)} for {ARCHITECTURE} yet")
+
+
 def run_event_loop(scheduler: Scheduler) -> None:
-    """Replaces ``Scheduler.event_loop_normal`` / ``event_loop_overlap`` for DiffusionGemma."""
+    """Replaces sglang's scheduler event loop for DiffusionGemma."""
     engine = DiffusionEngine(scheduler)
     scheduler.diffusion_engine = engine
     logger.info("sgl-diffusion: serving %s canvas by canvas", ARCHITECTURE)
-    while not scheduler.gracefully_exit:
-        scheduler.ingest_requests()
-        if scheduler._engine_paused:
-            continue
-        engine.admit()
-        if engine.has_work():
-            engine.step()
-        else:
-            scheduler._sched_idled = True
-            scheduler.on_idle()
+    with torch.inference_mode():
+        while not scheduler.gracefully_exit:
+            scheduler.ingest_requests()
+            if scheduler._engine_paused:
+                continue
+            engine.admit()
+            if engine.has_work():
+                engine.step()
+                # sglang answers queued /health_generate probes after each batch; a long canvas must not starve them
+                scheduler.maybe_send_health_check_signal()
+            else:
+                scheduler._sched_idled = True
+                scheduler.on_idle()

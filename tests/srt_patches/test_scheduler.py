@@ -7,11 +7,11 @@ from srt_patches import scheduler
 
 EMPTY = Parameter.empty
 _S = "sglang.srt.managers.scheduler.Scheduler"
-# The loops must take only `self` (run_event_loop gets the scheduler alone); the idle/in-flight queries keep
-# their exact parameters because the wrappers forward them and combine the results.
+# The loop dispatcher must take only the scheduler (run_event_loop gets it alone); the idle/in-flight queries
+# keep their exact parameters because the wrappers forward them and combine the results.
+_DISPATCH = "sglang.srt.managers.scheduler._dispatch_event_loop_once"
 EXPECTED_PARAMETERS = {
-    f"{_S}.event_loop_normal": [("self", EMPTY)],
-    f"{_S}.event_loop_overlap": [("self", EMPTY)],
+    _DISPATCH: [("scheduler", EMPTY)],
     f"{_S}.collect_inflight_reqs": [("self", EMPTY)],
     f"{_S}.is_fully_idle": [("self", EMPTY), ("for_health_check", False), ("ignore_waiting", False)],
 }
@@ -46,6 +46,7 @@ def run_event_loop(monkeypatch):
 
     calls = []
     monkeypatch.setattr(scheduler_hook, "run_event_loop", lambda s, *a, **k: calls.append((s, a, k)) or "ran")
+    monkeypatch.setattr(scheduler_hook, "check_supported", lambda s: None)
     return calls
 
 
@@ -86,14 +87,28 @@ def test_event_loop_runs_canvas_loop_for_diffusion_gemma(run_event_loop):
     assert original.calls == [] and run_event_loop == [(fake, (), {})]
 
 
-@pytest.mark.parametrize("name", ["event_loop_normal", "event_loop_overlap"])
-def test_installed_loops_dispatch_to_canvas_loop(applied, run_event_loop, name):
-    """Scheduler.event_loop_normal / _overlap, as installed, hand a DiffusionGemma scheduler to our loop."""
-    from sglang.srt.managers.scheduler import Scheduler
+def test_installed_dispatch_runs_canvas_loop(applied, run_event_loop):
+    """sglang's dispatch_event_loop, as installed, hands a DiffusionGemma scheduler to our loop."""
+    from sglang.srt.managers import scheduler as upstream
 
-    fake = _scheduler(DIFFUSION_HF)
-    getattr(Scheduler, name)(fake)
+    fake = _scheduler(DIFFUSION_HF, server_args=SimpleNamespace(enable_pd_role_switch=False))
+    upstream.dispatch_event_loop(fake)
     assert run_event_loop == [(fake, (), {})]
+
+
+def test_unsupported_modes_refused_at_startup():
+    """PD disaggregation, pipeline parallelism and PD multiplexing stop the scheduler with a clear error."""
+    from sglang.srt.disaggregation.utils import DisaggregationMode
+    from sgl_diffusion.runtime.scheduler_hook import check_supported
+
+    with pytest.raises(RuntimeError, match="PD disaggregation"):
+        check_supported(SimpleNamespace(disaggregation_mode=DisaggregationMode.PREFILL, enable_pdmux=False,
+                                        server_args=SimpleNamespace(pp_size=1)))
+    with pytest.raises(RuntimeError, match="pipeline parallelism"):
+        check_supported(SimpleNamespace(disaggregation_mode=DisaggregationMode.NULL, enable_pdmux=False,
+                                        server_args=SimpleNamespace(pp_size=2)))
+    check_supported(SimpleNamespace(disaggregation_mode=DisaggregationMode.NULL, enable_pdmux=False,
+                                    server_args=SimpleNamespace(pp_size=1)))
 
 
 def test_collect_inflight_reqs_adds_engine_reqs():
@@ -139,8 +154,9 @@ def test_is_fully_idle_forwards_arguments():
 
 @pytest.mark.parametrize(
     "target, hook",
-    [(f"{_S}.event_loop_normal", scheduler.event_loop), (f"{_S}.event_loop_overlap", scheduler.event_loop),
-     (f"{_S}.collect_inflight_reqs", scheduler.collect_inflight_reqs), (f"{_S}.is_fully_idle", scheduler.is_fully_idle)],
+    [(_DISPATCH, scheduler.event_loop),
+     (f"{_S}.collect_inflight_reqs", scheduler.collect_inflight_reqs),
+     (f"{_S}.is_fully_idle", scheduler.is_fully_idle)],
 )  # fmt: skip
 def test_each_target_wears_its_own_hook(applied, resolve, target, hook):
     """The wrapper installed on each target calls the hook meant for it (not another target's)."""

@@ -39,8 +39,12 @@ def hf_config(tiny_checkpoint_dir):
     return get_config(str(tiny_checkpoint_dir), trust_remote_code=False)
 
 
-def _manager(hf_config, model_path):
-    return SimpleNamespace(model_config=SimpleNamespace(hf_config=hf_config), server_args=SimpleNamespace(model_path=str(model_path)))
+def _manager(hf_config, model_path, preferred=None):
+    return SimpleNamespace(
+        model_config=SimpleNamespace(hf_config=hf_config),
+        server_args=SimpleNamespace(model_path=str(model_path)),
+        preferred_sampling_params=preferred,
+    )
 
 
 def _params_from(sampling: dict):
@@ -164,8 +168,10 @@ def test_other_models_reject_diffusion():
     hf = SimpleNamespace(architectures=["LlamaForCausalLM"])
     manager = _manager(hf, "/nonexistent")
     original = Recorder()
-    with pytest.raises(ValueError, match="diffusion"):
-        tokenizer_manager.create_tokenized_object(original, manager, SimpleNamespace(sampling_params={"diffusion": {}}))
+    for value in ({}, None):
+        with pytest.raises(ValueError, match="diffusion"):
+            obj = SimpleNamespace(sampling_params={"diffusion": value})
+            tokenizer_manager.create_tokenized_object(original, manager, obj)
     assert original.calls == []
     sampling = {"max_new_tokens": 8}
     tokenizer_manager.create_tokenized_object(original, manager, SimpleNamespace(sampling_params=sampling))
@@ -212,3 +218,13 @@ def test_sglang_sampling_params_rejects_diffusion():
     with pytest.raises(TypeError, match="diffusion"):
         SamplingParams(max_new_tokens=8, diffusion={"seed": 5})
 
+
+
+def test_preferred_custom_params_survive(hf_config, tiny_checkpoint_dir):
+    """--preferred-sampling-params custom_params are kept under the request's own and our transport key."""
+    manager = _manager(hf_config, tiny_checkpoint_dir, preferred={"custom_params": {"a": 1, "b": 2}})
+    original = Recorder()
+    obj = SimpleNamespace(sampling_params={"custom_params": {"b": 3}, "diffusion": {"seed": 1}})
+    tokenizer_manager.create_tokenized_object(original, manager, obj)
+    custom = original.calls[0][0]["custom_params"]
+    assert custom["a"] == 1 and custom["b"] == 3 and _params_from(original.calls[0][0]).seed == 1
