@@ -4,7 +4,8 @@
 
 (bench/RESULTS.md also runs it with --wide, with --preset default --steps 4 --assert-parity, and with
 --canvas-length 256.) Three comparisons, one summary line each; both sides of a ratio are timed in the same run,
-alternating after one warm-up of each, and each figure is the median of --repeats runs:
+alternating after one warm-up of each, and each figure is the median of --repeats runs (at least 5 for the
+cheap comparison 3):
 
 1. ours vs HF: `OfflineEngine.generate` vs transformers' `DiffusionGemmaForBlockDiffusion.generate` on the same
    weights, prompt and seed, batch 1, --canvases canvases of exactly --steps denoise steps. Adaptive stopping is
@@ -42,6 +43,8 @@ import time
 import torch
 import transformers
 
+from sgl_diffusion.attention.kv import TorchKVStore
+from sgl_diffusion.attention.sdpa import SdpaBackend
 from sgl_diffusion.entrypoints.tiny_checkpoint import build_tiny_model
 from sgl_diffusion.models.diffusion_gemma import DiffusionGemmaForBlockDiffusion
 from sgl_diffusion.runtime.canvas_batch import CanvasBatch, Segment
@@ -64,10 +67,12 @@ def main() -> None:
     hf, ours = make_pair(args)
     cfg = ours.cfg
     c = cfg.canvas_length
-    n_params = sum(t.numel() for n, t in ours.named_parameters() if not n.startswith(("vision_tower", "embed_vision")))
-    print(f"config: preset={args.preset} overrides={args.overrides} layers={cfg.num_layers} hidden={cfg.hidden_size} "
-          f"vocab={cfg.vocab_size} C={c} text params={n_params / 1e6:.1f}M | steps={args.steps} canvases={args.canvases} "
-          f"prompt={args.prompt_len} batch={args.batch} repeats={args.repeats} | torch {torch.__version__} "
+    vision = ("vision_tower", "embed_vision")
+    n_params = sum(t.numel() for n, t in ours.named_parameters() if not n.startswith(vision))
+    print(f"config: preset={args.preset} overrides={args.overrides} layers={cfg.num_layers} "
+          f"hidden={cfg.hidden_size} vocab={cfg.vocab_size} C={c} text params={n_params / 1e6:.1f}M | "
+          f"steps={args.steps} canvases={args.canvases} prompt={args.prompt_len} batch={args.batch} "
+          f"repeats={args.repeats} | torch {torch.__version__} "
           f"threads={torch.get_num_threads()} transformers {transformers.__version__} | {load_average()}")
 
     gen = hf.generation_config
@@ -95,7 +100,8 @@ def main() -> None:
         with torch.no_grad():
             out = hf.generate(torch.tensor([prompts[0]]), generation_config=gen, return_dict_in_generate=True)
         tokens = out.sequences[0, args.prompt_len :].tolist()
-        passes = round(len(tokens) / out.tokens_per_forward[0].item())
+        # tokens_per_forward = non-pad tokens / denoise forwards (pad can be sampled like any other id)
+        passes = round(sum(t != gen.pad_token_id for t in tokens) / out.tokens_per_forward[0].item())
         assert passes == args.canvases * args.steps, ("HF stopped early", passes)
         return [tokens]
 
@@ -138,7 +144,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--override", action="append", default=[], metavar="KEY=INT",
                    help="text-config override passed to build_tiny_model, e.g. num_hidden_layers=6 (repeatable)")
     p.add_argument("--canvas-length", type=int, default=None, help="canvas length C (default: the preset's, 32)")
-    p.add_argument("--steps", type=int, default=8, help="denoise steps per canvas (fixed: confidence_threshold=0)")
+    p.add_argument("--steps", type=int, default=8, help="denoise steps per canvas (adaptive stopping off)")
     p.add_argument("--canvases", type=int, default=4, help="canvases per request")
     p.add_argument("--prompt-len", type=int, default=40)
     p.add_argument("--batch", type=int, default=8)
@@ -213,9 +219,6 @@ def parity(got: list[int], ref: list[int]) -> str:
 
 def canvas_vs_tokens(model, prompt: list[int], repeats: int) -> tuple[float, float]:
     """Median seconds of one canvas denoise forward and of C 1-token commit forwards, after a cached prompt."""
-    from sgl_diffusion.attention.kv import TorchKVStore
-    from sgl_diffusion.attention.sdpa import SdpaBackend
-
     cfg = model.cfg
     c, p = cfg.canvas_length, len(prompt)
     kv = TorchKVStore(p + c, [(s.num_kv_heads, s.head_dim) for s in cfg.layers], torch.float32)

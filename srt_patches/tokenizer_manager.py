@@ -3,8 +3,9 @@
 Target: sglang.srt.managers.tokenizer_manager.TokenizerManager._create_tokenized_object
 Checked against: sglang 0.5.23
 Why: SamplingParams is a fixed msgspec struct, so ``sampling_params["diffusion"]`` would be rejected
-     as an unknown keyword. We pop it, validate it once (a ValueError here becomes HTTP 400 naming the
-     field), and let the result travel to the scheduler as a JSON string in ``custom_params``.
+     as an unknown keyword. We pop it, validate the request once (sgl_diffusion.runtime.admission; a
+     ValueError here becomes HTTP 400 naming the field), and let the result travel to the scheduler
+     as a JSON string in ``custom_params``.
 Remove when: SamplingParams accepts model-specific parameters.
 """
 
@@ -27,7 +28,7 @@ def create_tokenized_object(original, manager, obj, *args, **kwargs):
             raise ValueError("diffusion parameters only apply to diffusion models")
         return original(manager, obj, *args, **kwargs)
 
-    params = _validate(manager, raw)
+    params = _validate(manager, obj, sampling, raw)
     # NOTE: the request's dict replaces a --preferred-sampling-params custom_params whole; keep those keys
     preferred = (manager.preferred_sampling_params or {}).get("custom_params") or {}
     custom = dict(preferred) | dict(sampling.get("custom_params") or {})
@@ -39,16 +40,17 @@ def create_tokenized_object(original, manager, obj, *args, **kwargs):
         obj.sampling_params = sampling
 
 
-def _validate(manager, raw):
+def _validate(manager, obj, sampling, raw):
+    from sgl_diffusion.runtime.admission import check_request
     from sgl_diffusion.runtime.scheduler_hook import load_defaults
-    from sgl_diffusion.sampling.params import DiffusionParams
 
     defaults = getattr(manager, "diffusion_defaults", None)
     if defaults is None:
         defaults = manager.diffusion_defaults = load_defaults(manager.server_args.model_path)
     hf = manager.model_config.hf_config
-    return DiffusionParams.from_request(
-        raw, defaults, vocab_size=hf.text_config.vocab_size, canvas_length=getattr(hf, "canvas_length", 256)
+    return check_request(
+        sampling, bool(getattr(obj, "return_logprob", False)), raw, defaults,
+        vocab_size=hf.text_config.vocab_size, canvas_length=getattr(hf, "canvas_length", 256),
     )
 
 

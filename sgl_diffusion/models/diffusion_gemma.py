@@ -91,6 +91,10 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
                 mask[seg.offset + begin : seg.offset + end] = True
         return mask
 
+    def get_attention_sliding_window_size(self) -> int:
+        """sglang sizes its sliding-window KV pool from this (exclusive window, like its in-tree Gemma 4)."""
+        return self.cfg.sliding_window - 1
+
     # ---- loading ------------------------------------------------------------------------------
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -157,3 +157,22 @@ def test_image_prompt_canvas_equals_transformers_generate(server, tiny_checkpoin
     got = generate(server, text=text, image_data=[url], sampling_params={"max_new_tokens": canvas_length, "diffusion": diffusion})
     assert got["meta_info"]["prompt_tokens"] == inputs["input_ids"].shape[1]
     assert got["output_ids"] == ref
+
+
+@pytest.mark.parametrize(
+    "extra, word",
+    [({"regex": "[ab]+"}, "regex"), ({"frequency_penalty": 0.5}, "frequency_penalty"), ({"top_p": 0.5}, "top_p")],
+)
+def test_unsupported_sampling_features_are_400(server, extra, word):
+    """Grammars, penalties and token filters are refused with 400 (a grammar would otherwise never be scheduled)."""
+    resp = server.post("/generate", {"text": "Hi", "sampling_params": {"max_new_tokens": 8, **extra}})
+    assert resp.status_code == 400 and word in resp.text, resp.text
+    resp = server.post("/generate", {"text": "Hi", "return_logprob": True, "sampling_params": {"max_new_tokens": 8}})
+    assert resp.status_code == 400 and "logprob" in resp.text, resp.text
+
+
+def test_temperature_zero_is_greedy_and_deterministic(server):
+    """temperature=0 maps to a near-zero schedule: unseeded requests agree."""
+    body = {"text": "Hello", "sampling_params": {"max_new_tokens": 32, "temperature": 0, "ignore_eos": True,
+                                                 "diffusion": {"max_denoising_steps": 2}}}
+    assert generate(server, **body)["output_ids"] == generate(server, **body)["output_ids"]
