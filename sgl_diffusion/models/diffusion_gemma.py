@@ -91,6 +91,13 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
                 mask[seg.offset + begin : seg.offset + end] = True
         return mask
 
+    def pad_input_ids(self, input_ids, mm_inputs):
+        """sglang's radix key for image prompts: image tokens become per-image hash values, so equal
+        images share cached KV and different ones never do. The engine restores the ids to embed."""
+        from sglang.srt.managers.mm_utils import pad_mm_tokens
+
+        return pad_mm_tokens(input_ids, mm_inputs)
+
     def get_attention_sliding_window_size(self) -> int:
         """sglang sizes its sliding-window KV pool from this (exclusive window, like its in-tree Gemma 4)."""
         return self.cfg.sliding_window - 1

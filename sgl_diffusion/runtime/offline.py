@@ -10,22 +10,26 @@ import torch
 from sgl_diffusion.attention.kv import TorchKVStore
 from sgl_diffusion.attention.sdpa import SdpaBackend
 from sgl_diffusion.runtime.runner import DiffusionRunner
-from sgl_diffusion.runtime.scheduler_policy import CanvasScheduler, DiffusionRequest, SlotAllocator, eos_sink
+from sgl_diffusion.runtime.scheduler_policy import CanvasScheduler, DiffusionRequest, KVSlots, Reservation, eos_sink
 from sgl_diffusion.sampling.params import DiffusionParams
 
 
-class FreeListAllocator(SlotAllocator):
+class FreeListSlots(KVSlots):
+    """Slots from a free list; no prefix cache."""
+
     def __init__(self, num_slots: int, device):
         self.free_slots = torch.arange(num_slots, device=device)
+        self.empty = torch.empty(0, dtype=torch.long, device=device)
 
-    def alloc(self, n):
+    def reserve(self, req, tokens):
+        n = len(tokens)
         if n > self.free_slots.numel():
             return None
         slots, self.free_slots = self.free_slots[:n], self.free_slots[n:]
-        return slots
+        return Reservation(self.empty, slots)
 
-    def free(self, slots):
-        self.free_slots = torch.cat([self.free_slots, slots])
+    def release(self, req):
+        self.free_slots = torch.cat([self.free_slots, req.slots])
 
 
 class OfflineEngine:
@@ -34,9 +38,9 @@ class OfflineEngine:
         device = model.embed_tokens.weight.device
         dtype = model.embed_tokens.weight.dtype
         kv = TorchKVStore(num_slots, [(s.num_kv_heads, s.head_dim) for s in cfg.layers], dtype, device)
-        self.allocator = FreeListAllocator(num_slots, device)
+        self.slots = FreeListSlots(num_slots, device)
         runner = DiffusionRunner(model, SdpaBackend(kv, cfg.sliding_window))
-        self.scheduler = CanvasScheduler(runner, self.allocator, eos_sink(eos_token_ids), device)
+        self.scheduler = CanvasScheduler(runner, self.slots, eos_sink(eos_token_ids), device)
 
     def generate(self, requests: list[DiffusionRequest]) -> list[list[int]]:
         for req in requests:

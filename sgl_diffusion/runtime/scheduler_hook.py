@@ -21,7 +21,8 @@ from sglang.srt.managers.schedule_batch import FINISH_ABORT, FINISH_LENGTH
 from sgl_diffusion.attention.base import KVStore
 from sgl_diffusion.attention.sdpa import SdpaBackend
 from sgl_diffusion.runtime.runner import DiffusionRunner
-from sgl_diffusion.runtime.scheduler_policy import CanvasScheduler, DiffusionRequest, SlotAllocator
+from sgl_diffusion.runtime.radix_slots import RadixKVSlots
+from sgl_diffusion.runtime.scheduler_policy import CanvasScheduler, DiffusionRequest
 from sgl_diffusion.sampling.params import DiffusionDefaults, DiffusionParams
 
 if TYPE_CHECKING:
@@ -66,17 +67,6 @@ class SglangKVStore(KVStore):
         return self.pool.get_key_buffer(layer_id)[loc], self.pool.get_value_buffer(layer_id)[loc]
 
 
-class SglangSlotAllocator(SlotAllocator):
-    def __init__(self, allocator):
-        self.allocator = allocator
-
-    def alloc(self, n):
-        return self.allocator.alloc(n)
-
-    def free(self, slots):
-        self.allocator.free(slots)
-
-
 class DiffusionEngine:
     def __init__(self, scheduler: Scheduler):
         self.scheduler = scheduler
@@ -86,7 +76,7 @@ class DiffusionEngine:
         kv = SglangKVStore(runner.token_to_kv_pool)
         self.policy = CanvasScheduler(
             DiffusionRunner(model, SdpaBackend(kv, model.cfg.sliding_window)),
-            SglangSlotAllocator(scheduler.token_to_kv_pool_allocator),
+            RadixKVSlots(scheduler.tree_cache, scheduler.req_to_token_pool, self.device),
             self._accept_canvas,
             self.device,
         )
@@ -147,18 +137,17 @@ class DiffusionEngine:
                                             canvas_length=self.cfg.canvas_length)
 
     def _images(self, req: Req, prompt: list[int]):
-        """Bidirectional image runs of the prompt and their soft tokens, in prompt order."""
+        """Bidirectional image runs of the prompt and their soft tokens, in prompt order.
+
+        NOTE: sglang replaced the image tokens of ``origin_input_ids`` with per-image hash values (the
+        radix key, see ``pad_input_ids``); ``prompt`` gets the image token id back for the embedding.
+        """
         mm = req.multimodal_inputs
         if mm is None or not mm.mm_items:
             return (), None
-        image_id = self.cfg.image_token_id
-        runs, start = [], None
-        for i, t in enumerate(prompt + [-1]):
-            if t == image_id and start is None:
-                start = i
-            elif t != image_id and start is not None:
-                runs.append((start, i))
-                start = None
+        runs = sorted((b, e + 1) for item in mm.mm_items for b, e in item.offsets)  # offsets are inclusive
+        for b, e in runs:
+            prompt[b:e] = [self.cfg.image_token_id] * (e - b)
         model = self.policy.runner.model
         dtype = model.embed_tokens.weight.dtype
         embeds = torch.cat([

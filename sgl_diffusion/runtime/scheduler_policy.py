@@ -8,6 +8,7 @@ finished canvas is committed in the same forward as the next canvas's first step
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -18,14 +19,28 @@ from sgl_diffusion.runtime.runner import CanvasState, DiffusionRunner, make_gene
 from sgl_diffusion.sampling.params import DiffusionParams
 
 
-class SlotAllocator:
-    """KV slot ownership; the server adapts sglang's token_to_kv_pool_allocator to this."""
+@dataclass
+class Reservation:
+    reused: torch.Tensor  # [P] int64 slots of a cached prefix of the tokens (their KV is already there)
+    new: torch.Tensor  # [n - P] int64 slots the encode segment writes
 
-    def alloc(self, n: int) -> torch.Tensor | None:  # [n] int64, or None when out of memory
-        raise NotImplementedError
 
-    def free(self, slots: torch.Tensor) -> None:
-        raise NotImplementedError
+class KVSlots(ABC):
+    """Owns the KV slots of running requests (sglang's pools and radix tree in the server)."""
+
+    @abstractmethod
+    def reserve(self, req: DiffusionRequest, tokens: list[int]) -> Reservation | None:
+        """KV for ``tokens`` appended to the request's committed context; None when memory is short.
+
+        Only a request's first reservation (its prompt) may reuse a cached prefix.
+        """
+
+    def encoded(self, req: DiffusionRequest) -> None:
+        """Called after a forward wrote the request's reserved KV (a prefix cache may publish it)."""
+
+    @abstractmethod
+    def release(self, req: DiffusionRequest) -> None:
+        """Give back everything the request holds; keep its committed context cached if possible."""
 
 
 @dataclass
@@ -47,6 +62,22 @@ class DiffusionRequest:
     def context_len(self) -> int:
         return 0 if self.slots is None else self.slots.numel()
 
+    def images_after(self, start: int):
+        """Image runs of the prompt from ``start`` on (offsets relative to it) and their soft tokens.
+
+        A cached prefix may end inside an image: its first soft tokens are already in the KV.
+        """
+        runs, rows, cursor = [], [], 0
+        for begin, end in self.image_runs:
+            if end > start:
+                skip = max(start - begin, 0)
+                runs.append((begin + skip - start, end - start))
+                rows.append(torch.arange(cursor + skip, cursor + end - begin))
+            cursor += end - begin
+        if not runs:
+            return (), None
+        return tuple(runs), self.image_embeds[torch.cat(rows).to(self.image_embeds.device)]
+
 
 # Called with a request and its newly committed canvas; returns the tokens to keep and whether the
 # request is finished. The server routes this through sglang's stop checks.
@@ -63,9 +94,9 @@ class StepOutput:
 
 
 class CanvasScheduler:
-    def __init__(self, runner: DiffusionRunner, allocator: SlotAllocator, sink: CanvasSink, device):
+    def __init__(self, runner: DiffusionRunner, kv: KVSlots, sink: CanvasSink, device):
         self.runner = runner
-        self.allocator = allocator
+        self.kv = kv
         self.sink = sink
         self.device = device
         cfg = runner.model.cfg
@@ -83,6 +114,9 @@ class CanvasScheduler:
             return StepOutput([], [], starved)
         batch = self._build_batch(reqs, segments, states)
         done = self.runner.run(batch, states)
+        for seg in segments:
+            if seg.writes_kv:
+                self.kv.encoded(reqs[seg.req_index])
         out = self._apply(reqs, done)
         out.starved = starved
         return out
@@ -98,15 +132,17 @@ class CanvasScheduler:
             if req.finished:
                 continue
             if req.pending:
-                new_slots = self.allocator.alloc(len(req.pending))
-                if new_slots is None:
+                kind = "prefill" if req.slots is None else "commit"
+                got = self.kv.reserve(req, req.pending)
+                if got is None:
                     starved.append(req)  # out of KV: wait until someone frees
                     continue
-                kind = "prefill" if req.slots is None else "commit"
-                prefix = req.slots if req.slots is not None else torch.empty(0, dtype=torch.long, device=self.device)
-                runs = req.image_runs if kind == "prefill" else ()
-                segments.append(Segment(kind, len(reqs), len(req.pending), prefix.numel(), prefix, new_slots, runs))
-                req.slots = torch.cat([prefix, new_slots])
+                prefix = got.reused if req.slots is None else req.slots
+                req.slots = torch.cat([prefix, got.new])
+                req.pending = req.pending[got.reused.numel() :]
+                if req.pending:
+                    runs = req.images_after(prefix.numel())[0] if kind == "prefill" else ()
+                    segments.append(Segment(kind, len(reqs), len(req.pending), prefix.numel(), prefix, got.new, runs))
             if req.max_new_tokens <= 0:
                 reqs.append(req)  # prefill only (the DSL's prefix caching)
                 continue
@@ -129,8 +165,8 @@ class CanvasScheduler:
             else:
                 pieces.append(torch.tensor(req.pending, dtype=torch.long, device=self.device))
                 req.pending = []
-                if seg.image_runs and req.image_embeds is not None:
-                    images.append(req.image_embeds)
+                if seg.image_runs:
+                    images.append(req.images_after(seg.start_pos)[1])
         return CanvasBatch(segments, torch.cat(pieces), soft, torch.cat(images) if images else None)
 
     def _apply(self, reqs, done) -> StepOutput:
@@ -161,7 +197,7 @@ class CanvasScheduler:
         if req in self.running:
             self.running.remove(req)
         if req.slots is not None:
-            self.allocator.free(req.slots)
+            self.kv.release(req)
             req.slots = None
         req.state = None
 

@@ -1,0 +1,80 @@
+"""KV slots from sglang's pools with its radix tree: prompts reuse cached prefixes, and a request's
+committed context (prompt + committed canvases: ordinary causal KV) is inserted as soon as it is
+encoded, so concurrent requests and the next turn of a conversation reuse it.
+
+Each request owns one req_to_token row; the row holds the matched prefix (locked in the tree) and
+the slots of every encode segment, so sglang's release/eviction/leak checks apply unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from sglang.srt.mem_cache.common import checkpoint_kv_cache, evict_from_tree_cache, release_kv_cache
+
+from sgl_diffusion.runtime.scheduler_policy import DiffusionRequest, KVSlots, Reservation
+
+
+class RadixKVSlots(KVSlots):
+    def __init__(self, tree_cache, req_to_token_pool, device):
+        self.tree = tree_cache
+        self.rows = req_to_token_pool
+        self.allocator = tree_cache.token_to_kv_pool_allocator
+        self.empty = torch.empty(0, dtype=torch.long, device=device)
+
+    def reserve(self, dreq: DiffusionRequest, tokens: list[int]) -> Reservation | None:
+        req = dreq.handle
+        if req.kv.holds_kv:
+            return self._extend(req, len(tokens))
+        if self.rows.available_size() < 1:
+            return None
+        req.init_next_round_input(self.tree)  # match the prompt against the tree: req.prefix_len, req.last_node
+        reused = self.tree.prefix_device_indices(req).long() if req.prefix_len else self.empty
+        new = self._alloc(len(tokens) - req.prefix_len)
+        if new is None:
+            return None
+        req.lock = self.tree.lock(req.last_node)  # NOTE: pins the matched prefix until release
+        self.rows.alloc([req])
+        end = req.prefix_len + new.numel()
+        self.rows.write((req.kv.req_pool_idx, slice(0, end)), torch.cat([reused, new]).to(torch.int32))
+        req.kv.kv_allocated_len = req.kv.kv_committed_len = end
+        req.cached_tokens += req.prefix_len
+        req.already_computed = end
+        return Reservation(reused, new)
+
+    def encoded(self, dreq: DiffusionRequest) -> None:
+        """Insert what the request has encoded so far (its prompt, then each committed canvas).
+
+        NOTE: done right after the encode, while its sliding-window KV is still there: the tree can
+        only hand a prefix out again if the window before its end is intact.
+        """
+        req = dreq.handle
+        if req.finished():
+            return
+        req.refresh_fill_ids()
+        req.extend_end = req.kv.kv_committed_len
+        checkpoint_kv_cache(req, self.tree)
+        # NOTE: when the tree already held these tokens it points the row at its own slots and frees ours
+        dreq.slots = self.rows.req_to_token[req.kv.req_pool_idx, : req.kv.kv_committed_len].long()
+
+    def release(self, dreq: DiffusionRequest) -> None:
+        req = dreq.handle
+        if req.kv.holds_kv:
+            release_kv_cache(req, self.tree, checkpoint=True)
+        elif req.lock is not None:
+            self.tree.unlock(req.lock)
+            req.lock = None
+
+    def _extend(self, req, n: int) -> Reservation | None:
+        start = req.kv.kv_committed_len
+        new = self._alloc(n)
+        if new is None:
+            return None
+        self.rows.write((req.kv.req_pool_idx, slice(start, start + n)), new.to(torch.int32))
+        req.kv.kv_allocated_len = req.kv.kv_committed_len = start + n
+        # the canvas reads only the last window of sliding layers: give the rest of the SWA side back
+        self.tree.evict_sliding_windows(req, start)
+        return Reservation(self.empty, new)
+
+    def _alloc(self, n: int) -> torch.Tensor | None:
+        evict_from_tree_cache(self.tree, n)
+        return self.allocator.alloc(n)
