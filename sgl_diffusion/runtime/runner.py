@@ -6,6 +6,7 @@ belong to the scheduler policy.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -70,25 +71,42 @@ class DiffusionRunner:
         soft = [s.soft_embeds if s.soft_embeds is not None else weight.new_zeros(s.canvas.numel(), h) for s in states]
         return ids, torch.cat(soft)
 
-    def run(self, batch: CanvasBatch, states: list[CanvasState]) -> list[bool]:
-        """Forward ``batch``; advance ``states`` (one per canvas segment, in order) by one step.
+    def run(self, batch: CanvasBatch, states: list[CanvasState], extra_steps: int = 0) -> list[bool]:
+        """Forward ``batch``, advancing ``states`` (one per canvas segment, in order) by one step; then
+        run up to ``extra_steps`` more canvas-only steps before the host looks at ``done``.
 
-        Returns per-state ``done``; a done state's ``argmax`` is the canvas to commit.
+        NOTE: the extra steps never sync the host: a canvas that finishes early keeps being computed
+        but its state is frozen (as HF does for finished rows of a batch). Returns per-state ``done``;
+        a done state's ``argmax`` is the canvas to commit.
         """
-        logits = self.model(batch, self.attn)
+        done = self._step(self.model(batch, self.attn), states, None)
+        canvas_segments = batch.canvas_segments
+        for _ in range(extra_steps if states else 0):
+            ids, soft = self.canvas_inputs(states)
+            segments = [dataclasses.replace(seg) for seg in canvas_segments]
+            done = self._step(self.model(CanvasBatch(segments, ids, soft), self.attn), states, done)
+        return done.tolist() if states else []
+
+    def _step(self, logits, states: list[CanvasState], frozen: torch.Tensor | None) -> torch.Tensor:
+        """One sampler step on ``logits`` [B*C, V]; rows in ``frozen`` [B] bool keep their state."""
         if not states:
-            return []
+            return torch.zeros(0, dtype=torch.bool)
         c = states[0].canvas.numel()
         logits = logits.view(len(states), c, -1)
-        rows = [eb.SamplerRow(s.params, s.step_remaining, s.history) for s in states]
+        rows = [eb.SamplerRow(s.params, max(s.step_remaining, 1), s.history) for s in states]
         result = eb.step(logits, eb.prepare(rows), [s.generator for s in states])
         soft = self.model.soft_embed(result.probs)  # [B, C, H]; probs are dropped right after
-        done = result.done.tolist()
         for i, s in enumerate(states):
-            s.history = eb.push_history(s.history, result.argmax[i])
-            s.argmax = result.argmax[i]
-            s.canvas = result.next_canvas[i]
-            s.soft_embeds = soft[i]
+            keep = None if frozen is None else frozen[i]
+            s.history = _unless(keep, s.history, eb.push_history(s.history, result.argmax[i]))
+            s.argmax = _unless(keep, s.argmax, result.argmax[i])
+            s.canvas = _unless(keep, s.canvas, result.next_canvas[i])
+            s.soft_embeds = _unless(keep, s.soft_embeds, soft[i])
             s.step_remaining -= 1
             s.steps_taken += 1
-        return done
+        return result.done if frozen is None else result.done | frozen
+
+
+def _unless(frozen: torch.Tensor | None, old, new):
+    """``old`` where the row is frozen, else ``new``, without a host sync."""
+    return new if frozen is None else torch.where(frozen, old, new)

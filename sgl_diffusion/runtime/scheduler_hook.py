@@ -79,6 +79,8 @@ class DiffusionEngine:
             RadixKVSlots(scheduler.tree_cache, scheduler.req_to_token_pool, self.device),
             self._accept_canvas,
             self.device,
+            # sglang's knob for "decode steps per scheduling round", read as denoise steps per round
+            steps_per_round=max(1, scheduler.server_args.num_continuous_decode_steps),
         )
         self.defaults = load_defaults(scheduler.server_args.model_path)
         self.cfg = model.cfg

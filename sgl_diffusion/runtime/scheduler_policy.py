@@ -94,8 +94,9 @@ class StepOutput:
 
 
 class CanvasScheduler:
-    def __init__(self, runner: DiffusionRunner, kv: KVSlots, sink: CanvasSink, device):
+    def __init__(self, runner: DiffusionRunner, kv: KVSlots, sink: CanvasSink, device, steps_per_round: int = 1):
         self.runner = runner
+        self.steps_per_round = steps_per_round  # denoise steps per forward round before the host checks ``done``
         self.kv = kv
         self.sink = sink
         self.device = device
@@ -113,7 +114,7 @@ class CanvasScheduler:
         if not segments:
             return StepOutput([], [], starved)
         batch = self._build_batch(reqs, segments, states)
-        done = self.runner.run(batch, states)
+        done = self.runner.run(batch, states, extra_steps=self.steps_per_round - 1)
         for seg in segments:
             if seg.writes_kv:
                 self.kv.encoded(reqs[seg.req_index])

@@ -1,0 +1,129 @@
+"""The canvas policy: what goes into each forward (segments, positions, KV slots), and what it returns."""
+
+import json
+
+import pytest
+import torch
+
+from sgl_diffusion.entrypoints.tiny_checkpoint import build_tiny_model, tiny_generation_config
+from sgl_diffusion.models.diffusion_gemma import DiffusionGemmaForBlockDiffusion
+from sgl_diffusion.runtime.offline import OfflineEngine
+from sgl_diffusion.runtime.scheduler_policy import DiffusionRequest
+from sgl_diffusion.sampling.params import DiffusionDefaults, DiffusionParams
+
+
+@pytest.fixture(scope="module")
+def model():
+    hf = build_tiny_model(0, "default")
+    ours = DiffusionGemmaForBlockDiffusion(hf.config).eval()
+    ours.load_weights(hf.state_dict().items())
+    return ours
+
+
+def params(model, **kw):
+    defaults = DiffusionDefaults.from_generation_config(json.loads(tiny_generation_config().to_json_string()))
+    return DiffusionParams.from_request(kw, defaults, vocab_size=model.cfg.vocab_size,
+                                        canvas_length=model.cfg.canvas_length)
+
+
+def request(model, n_prompt, max_new, seed, steps=2):
+    return DiffusionRequest(list(range(10, 10 + n_prompt)), params(model, seed=seed, max_denoising_steps=steps), max_new)
+
+
+class Recorder:
+    """Wraps the runner to keep every batch the policy builds."""
+
+    def __init__(self, engine):
+        self.batches = []
+        runner = engine.scheduler.runner
+        original = runner.run
+
+        def run(batch, states, extra_steps=0):
+            self.batches.append(batch)
+            return original(batch, states, extra_steps)
+
+        runner.run = run
+
+
+def test_mixed_batch_layout(model):
+    """A new prompt's prefill shares a forward with another request's denoise step; positions and slots line up."""
+    engine = OfflineEngine(model)
+    rec = Recorder(engine)
+    a = request(model, 20, 32, seed=1, steps=3)
+    engine.scheduler.add(a)
+    engine.scheduler.step()  # a: prefill + first canvas step
+    b = request(model, 7, 32, seed=2, steps=3)
+    engine.scheduler.add(b)
+    engine.scheduler.step()  # a: canvas step 2; b: prefill + canvas step 1
+    batch = rec.batches[-1]
+    kinds = [(s.kind, s.req_index) for s in batch.segments]
+    assert kinds == [("canvas", 0), ("prefill", 1), ("canvas", 1)]
+    c = model.cfg.canvas_length
+    canvas_a, prefill_b, canvas_b = batch.segments
+    assert batch.positions.tolist() == (list(range(20, 20 + c)) + list(range(7)) + list(range(7, 7 + c)))
+    assert torch.equal(canvas_a.prefix_slots, a.slots) and canvas_a.new_slots is None
+    assert torch.equal(canvas_b.prefix_slots, prefill_b.new_slots)  # b's canvas reads what its prefill writes
+    assert set(prefill_b.new_slots.tolist()).isdisjoint(a.slots.tolist())
+    assert batch.canvas_mask.tolist() == [True] * c + [False] * 7 + [True] * c
+
+
+def test_commit_and_next_canvas_share_a_forward(model):
+    """When a canvas finishes, its commit and the next canvas's first step run in one forward."""
+    engine = OfflineEngine(model)
+    rec = Recorder(engine)
+    a = request(model, 5, 64, seed=3, steps=1)
+    engine.generate([a])
+    c = model.cfg.canvas_length
+    second = rec.batches[1]
+    assert [s.kind for s in second.segments] == ["commit", "canvas"]
+    commit, canvas = second.segments
+    assert commit.start_pos == 5 and commit.num_tokens == c
+    assert canvas.start_pos == 5 + c and torch.equal(canvas.prefix_slots[5:], commit.new_slots)
+    assert second.input_ids[:c].tolist() == a.output_ids[:c]  # the committed canvas is what was emitted
+
+
+def test_window_limits_in_attention_plan(model):
+    """Sliding layers see at most window-1 cached tokens; full layers see the whole context."""
+    engine = OfflineEngine(model)
+    rec = Recorder(engine)
+    w = model.cfg.sliding_window
+    engine.generate([request(model, 3 * w, 8, seed=4, steps=1)])
+    plan = rec.batches[-1].attn_metadata.segments[-1]  # the canvas segment of the last forward
+    assert plan.prefix_full.numel() == 3 * w and plan.prefix_sliding.numel() == w - 1
+    assert torch.equal(plan.prefix_sliding, plan.prefix_full[-(w - 1):])
+    assert plan.mask_full is None and plan.mask_sliding is None  # a canvas attends to everything it sees
+
+
+def test_prefill_only_request(model):
+    """max_new_tokens=0 runs the prefill and no canvas at all."""
+    engine = OfflineEngine(model)
+    rec = Recorder(engine)
+    assert engine.generate([request(model, 9, 0, seed=5)]) == [[]]
+    assert len(rec.batches) == 1 and [s.kind for s in rec.batches[0].segments] == ["prefill"]
+    assert engine.slots.free_slots.numel() == 4096  # everything returned
+
+
+def test_steps_per_round_keeps_results(model):
+    """Several denoise steps per round (no host sync between them) give the same canvases when rounds
+    end where canvases end, and fewer host round trips."""
+    def run(k):
+        engine = OfflineEngine(model, steps_per_round=k)
+        rec = Recorder(engine)
+        reqs = [request(model, 6 + i, 70, seed=i, steps=4) for i in range(3)]
+        return engine.generate(reqs), len(rec.batches)
+
+    (one, rounds_one), (two, rounds_two) = run(1), run(2)
+    assert one == two and rounds_two < rounds_one
+    three, _ = run(3)  # a canvas ends mid-round: its first canvas is the same, later ones may differ
+    assert [o[:32] for o in three] == [o[:32] for o in one]
+
+
+def test_kv_exhaustion_waits_instead_of_failing(model):
+    """With KV for one committed canvas at a time, the second request's commit waits for the first to finish."""
+    engine = OfflineEngine(model, num_slots=80)  # each request needs 10 + 32 slots to commit its first canvas
+    starved = []
+    step = engine.scheduler.step
+    engine.scheduler.step = lambda: (out := step(), starved.extend(out.starved))[0]
+    outs = engine.generate([request(model, 10, 64, seed=6, steps=1), request(model, 10, 64, seed=7, steps=1)])
+    assert [len(o) for o in outs] == [64, 64] and starved
+    assert engine.slots.free_slots.numel() == 80
