@@ -28,7 +28,9 @@ class CanvasState:
     step_remaining: int  # N before the first step; 1 on the last
     soft_embeds: torch.Tensor | None = None  # [C, H] self-conditioning input; None on the first step
     argmax: torch.Tensor | None = field(default=None)  # [C] draft after the latest step
-    steps_taken: int = 0
+    # kept on device, read once the canvas is done: steps it took and positions accepted over them
+    steps_taken: torch.Tensor | int = 0
+    accepted: torch.Tensor | int = 0
 
     @classmethod
     def first(cls, params: DiffusionParams, generator, canvas_length: int, vocab_size: int, device) -> CanvasState:
@@ -102,8 +104,9 @@ class DiffusionRunner:
             s.argmax = _unless(keep, s.argmax, result.argmax[i])
             s.canvas = _unless(keep, s.canvas, result.next_canvas[i])
             s.soft_embeds = _unless(keep, s.soft_embeds, soft[i])
+            s.accepted = s.accepted + _unless(keep, 0, result.accepted[i].sum())
+            s.steps_taken = s.steps_taken + _unless(keep, 0, 1)
             s.step_remaining -= 1
-            s.steps_taken += 1
         return result.done if frozen is None else result.done | frozen
 
 

@@ -21,6 +21,7 @@ from sglang.srt.managers.schedule_batch import FINISH_ABORT, FINISH_LENGTH
 from sgl_diffusion.attention.base import KVStore
 from sgl_diffusion.attention.sdpa import SdpaBackend
 from sgl_diffusion.runtime.runner import DiffusionRunner
+from sgl_diffusion.runtime.metrics import DiffusionMetrics
 from sgl_diffusion.runtime.radix_slots import RadixKVSlots
 from sgl_diffusion.runtime.scheduler_policy import CanvasScheduler, DiffusionRequest
 from sgl_diffusion.sampling.params import DiffusionDefaults, DiffusionParams
@@ -83,6 +84,8 @@ class DiffusionEngine:
             steps_per_round=max(1, scheduler.server_args.num_continuous_decode_steps),
         )
         self.defaults = load_defaults(scheduler.server_args.model_path)
+        collector = getattr(scheduler.metrics_reporter, "metrics_collector", None)
+        self.metrics = DiffusionMetrics(collector.labels) if collector is not None else None
         self.cfg = model.cfg
         self.by_rid: dict[str, DiffusionRequest] = {}
 
@@ -117,6 +120,8 @@ class DiffusionEngine:
         if not self.policy.running:
             return
         out = self.policy.step()
+        if self.metrics is not None:
+            self.metrics.in_flight(sum(r.state is not None for r in self.policy.running))
         if out.starved and not out.committed and not out.finished and len(out.starved) == len(self.policy.running):
             # Everyone waits for KV that only they could free: end the newest instead of hanging all.
             self._abort(out.starved[-1], FINISH_ABORT("KV cache exhausted", HTTPStatus.SERVICE_UNAVAILABLE))
@@ -164,11 +169,15 @@ class DiffusionEngine:
         """Hand a committed canvas to the Req: sglang's own EOS / stop / length checks decide what stays."""
         req = dreq.handle
         before = len(req.output_ids)
+        state = dreq.state
         req.output_ids.extend(canvas)
         req.update_finish_state(new_accepted_len=len(canvas))
         if not req.finished() and req.seqlen + self.cfg.canvas_length > self.scheduler.model_config.context_len:
             req.finished_reason = FINISH_LENGTH(length=len(req.output_ids))  # the next canvas would not fit
         end = req.finished_len if req.finished() and req.finished_len is not None else len(req.output_ids)
+        if self.metrics is not None:
+            steps = int(state.steps_taken)
+            self.metrics.canvas_done(steps, end - before, int(state.accepted) / max(steps, 1))
         return req.output_ids[before:end], req.finished()
 
     def _drop_aborted(self) -> None:

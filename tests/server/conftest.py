@@ -25,7 +25,8 @@ class Server:
         args = [
             sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_dir), "--device", "cpu",
             "--dtype", "float32", "--host", "127.0.0.1", "--port", str(self.port), "--max-total-tokens", "8192",
-            "--skip-server-warmup", "--sleep-on-idle", "--disable-overlap-schedule", *extra_args,
+            "--skip-server-warmup", "--sleep-on-idle", "--disable-overlap-schedule", "--enable-metrics",
+            "--enable-cache-report", *extra_args,
         ]  # fmt: skip
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)

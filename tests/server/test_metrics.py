@@ -1,0 +1,40 @@
+"""/metrics carries the canvas engine's figures."""
+
+import re
+
+import pytest
+import requests
+
+pytestmark = pytest.mark.slow
+
+
+def metric(text: str, name: str) -> float:
+    values = [float(v) for v in re.findall(rf"^{re.escape(name)}\{{[^}}]*\}} ([0-9.e+-]+)$", text, re.M)]
+    return sum(values)
+
+
+def test_diffusion_metrics_count_canvases_and_steps(server):
+    """A request of two 3-step canvases adds 2 canvases and 6 steps to the diffusion histograms."""
+    before = requests.get(f"{server.url}/metrics", timeout=30).text
+    resp = server.post("/generate", {"text": "metrics", "sampling_params": {
+        "max_new_tokens": 64, "ignore_eos": True, "diffusion": {"max_denoising_steps": 3, "seed": 2}}})
+    assert resp.status_code == 200
+    after = requests.get(f"{server.url}/metrics", timeout=30).text
+    delta = lambda name: metric(after, name) - metric(before, name)  # noqa: E731
+    assert delta("sglang:diffusion_canvases_total") == 2
+    assert delta("sglang:diffusion_steps_per_canvas_count") == 2
+    assert delta("sglang:diffusion_steps_per_canvas_sum") == 6  # a random model never stops early
+    assert delta("sglang:diffusion_tokens_per_forward_sum") == pytest.approx(2 * 32 / 3)
+    assert "sglang:diffusion_canvases_in_flight" in after
+
+
+def test_openai_usage_reports_cached_tokens(server):
+    """With --enable-cache-report, a repeated chat prompt reports cached prompt tokens in usage."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
+    kwargs = dict(model="tiny", messages=[{"role": "user", "content": "cache me please, twice"}], max_tokens=4,
+                  extra_body={"diffusion": {"max_denoising_steps": 1}})
+    client.chat.completions.create(**kwargs)
+    usage = client.chat.completions.create(**kwargs).usage
+    assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1
