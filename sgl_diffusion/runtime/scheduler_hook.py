@@ -87,7 +87,6 @@ class DiffusionEngine:
         collector = getattr(scheduler.metrics_reporter, "metrics_collector", None)
         self.metrics = DiffusionMetrics(collector.labels) if collector is not None else None
         self.cfg = model.cfg
-        self.by_rid: dict[str, DiffusionRequest] = {}
 
     @property
     def reqs(self) -> list[Req]:
