@@ -232,7 +232,7 @@ def canvas_vs_tokens(model, prompt: list[int], repeats: int) -> tuple[float, flo
     soft = torch.randn(c, cfg.hidden_size, generator=gen)  # a later step's self-conditioning input
 
     def canvas_step():
-        model(CanvasBatch([Segment("canvas", 0, c, p, prompt_slots)], tokens, soft), attn)
+        model.logits(model(CanvasBatch([Segment("canvas", 0, c, p, prompt_slots)], tokens, soft), attn))
 
     def token_by_token():
         # NOTE: each forward writes one slot after the prompt; a repeat overwrites the same slots with the same KV.

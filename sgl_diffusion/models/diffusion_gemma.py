@@ -60,7 +60,8 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
 
     @torch.no_grad()
     def forward(self, batch: CanvasBatch, attn: BaseAttnBackend) -> torch.Tensor | None:
-        """Run every segment of ``batch``; return fp32 softcapped logits [N_canvas, V] (None if no canvas)."""
+        """Run every segment of ``batch``; return the canvas tokens' last hidden states [N_canvas, H]
+        (None if no canvas). ``logits()`` turns them into logits; the runner does it in tiles."""
         x = self.embed(batch.input_ids)
         if batch.image_embeds is not None:
             x[self._image_token_mask(batch)] = batch.image_embeds.to(x.dtype)
@@ -76,9 +77,10 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
             x = layer(x, *rope[spec.sliding], canvas_mask, batch, attn)
         if not has_canvas:
             return None
-        return self.logits(x[canvas_mask])
+        return x[canvas_mask]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm, tied LM head, fp32 softcap: [n, H] -> [n, V] float32."""
         cap = self.cfg.final_logit_softcapping
         logits = (self.norm(hidden) @ self.embed_tokens.weight.T).float()
         return torch.tanh(logits / cap) * cap

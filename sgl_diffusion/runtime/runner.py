@@ -16,6 +16,8 @@ from sgl_diffusion.runtime.canvas_batch import CanvasBatch
 from sgl_diffusion.sampling import entropy_bound as eb
 from sgl_diffusion.sampling.params import DiffusionParams
 
+SAMPLER_TILE_BYTES = 1 << 30  # budget for the vocab-sized float32 transients of one sampler tile
+
 
 @dataclass
 class CanvasState:
@@ -89,15 +91,28 @@ class DiffusionRunner:
             done = self._step(self.model(CanvasBatch(segments, ids, soft), self.attn), states, done)
         return done.tolist() if states else []
 
-    def _step(self, logits, states: list[CanvasState], frozen: torch.Tensor | None) -> torch.Tensor:
-        """One sampler step on ``logits`` [B*C, V]; rows in ``frozen`` [B] bool keep their state."""
+    def _step(self, hidden, states: list[CanvasState], frozen: torch.Tensor | None) -> torch.Tensor:
+        """One sampler step from the canvases' hidden states [B*C, H]; rows in ``frozen`` [B] keep their state.
+
+        NOTE: logits, probabilities and their temporaries are [rows, C, V] float32 (268 MB per 256-token
+        canvas at V=262144), so the LM head, the sampler and the self-conditioning input run in tiles
+        of rows sized by SAMPLER_TILE_BYTES; nothing vocab-sized outlives its tile.
+        """
         if not states:
             return torch.zeros(0, dtype=torch.bool)
         c = states[0].canvas.numel()
-        logits = logits.view(len(states), c, -1)
+        hidden = hidden.view(len(states), c, -1)
+        tile = max(1, SAMPLER_TILE_BYTES // (c * self.vocab_size * 4 * 3))
+        done = [self._sample_tile(hidden[i : i + tile], states[i : i + tile], None if frozen is None else frozen[i : i + tile])
+                for i in range(0, len(states), tile)]
+        return torch.cat(done)
+
+    def _sample_tile(self, hidden, states, frozen) -> torch.Tensor:
         rows = [eb.SamplerRow(s.params, max(s.step_remaining, 1), s.history) for s in states]
+        logits = self.model.logits(hidden.flatten(0, 1)).view(*hidden.shape[:2], -1)
         result = eb.step(logits, eb.prepare(rows), [s.generator for s in states])
-        soft = self.model.soft_embed(result.probs)  # [B, C, H]; probs are dropped right after
+        del logits
+        soft = self.model.soft_embed(result.probs)  # [rows, C, H]; probs are dropped with the tile
         for i, s in enumerate(states):
             keep = None if frozen is None else frozen[i]
             s.history = _unless(keep, s.history, eb.push_history(s.history, result.argmax[i]))

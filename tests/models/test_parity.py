@@ -92,7 +92,7 @@ def test_decoder_logits_match_over_three_self_conditioned_steps(preset, length):
         with torch.no_grad():
             ref = hf(decoder_input_ids=canvas[None], past_key_values=cache, self_conditioning_logits=sc_logits).logits[0]
         seg = Segment("canvas", 0, cfg.canvas_length, n, slots)
-        got = ours(CanvasBatch([seg], canvas, canvas_soft_embeds=soft), attn)
+        got = ours.logits(ours(CanvasBatch([seg], canvas, canvas_soft_embeds=soft), attn))
         assert rel_err(got, ref) <= 1e-4
         assert torch.equal(got.argmax(-1), ref.argmax(-1))
         # both sides condition on HF's logits, so each step compares the model alone, not drift
@@ -135,7 +135,7 @@ def test_prompt_with_image_matches_generate():
     canvas = torch.arange(hf.config.canvas_length)
     with torch.no_grad():
         ref = hf(decoder_input_ids=canvas[None], past_key_values=out.past_key_values).logits[0]
-    got = ours(CanvasBatch([Segment("canvas", 0, canvas.numel(), ids.numel(), slots)], canvas), attn)
+    got = ours.logits(ours(CanvasBatch([Segment("canvas", 0, canvas.numel(), ids.numel(), slots)], canvas), attn))
     assert rel_err(got, ref) <= 1e-4
 
 
