@@ -1,10 +1,14 @@
 """Accept ``"diffusion"`` in OpenAI request bodies and pass it on as ``sampling_params["diffusion"]``.
 
+Also report diffusion figures in ``usage.diffusion`` (canvases, denoise steps, tokens per forward).
+
 Target: sglang.srt.entrypoints.openai.protocol.{ChatCompletionRequest.to_sampling_params,
-        CompletionRequest}, sglang.srt.entrypoints.openai.serving_completions.
-        OpenAIServingCompletion._build_sampling_params
+        CompletionRequest, UsageInfo}, sglang.srt.entrypoints.openai.serving_completions.
+        OpenAIServingCompletion._build_sampling_params,
+        sglang.srt.entrypoints.openai.usage_processor.UsageProcessor.calculate_response_usage
 Checked against: sglang 0.5.23
-Why: the pydantic request models drop unknown fields, and neither builder forwards them.
+Why: the pydantic request models drop unknown fields, neither builder forwards them, and usage has
+     no place for model-specific figures.
 Remove when: sglang lets models declare extra request fields.
 """
 
@@ -18,6 +22,7 @@ _PROTOCOL = "sglang.srt.entrypoints.openai.protocol"
 TARGETS = (
     f"{_PROTOCOL}.ChatCompletionRequest.to_sampling_params",
     "sglang.srt.entrypoints.openai.serving_completions.OpenAIServingCompletion._build_sampling_params",
+    "sglang.srt.entrypoints.openai.usage_processor.UsageProcessor.calculate_response_usage",
 )
 
 
@@ -25,10 +30,13 @@ def _add_diffusion_field() -> None:
     from pydantic.fields import FieldInfo
     from sglang.srt.entrypoints.openai import protocol
 
-    for cls in (protocol.ChatCompletionRequest, protocol.CompletionRequest):
+    for cls in (protocol.ChatCompletionRequest, protocol.CompletionRequest, protocol.UsageInfo):
         if "diffusion" not in cls.model_fields:
             cls.model_fields["diffusion"] = FieldInfo(annotation=dict[str, Any] | None, default=None)
             cls.model_rebuild(force=True)
+    # NOTE: models that nest UsageInfo captured its old schema; rebuild them so usage.diffusion serializes
+    for cls in (protocol.ChatCompletionResponse, protocol.CompletionResponse):
+        cls.model_rebuild(force=True)
 
 
 def chat_to_sampling_params(original, request, *args, **kwargs):
@@ -45,7 +53,23 @@ def completion_sampling_params(original, serving, request, *args, **kwargs):
     return params
 
 
+def response_usage(original, responses, *args, **kwargs):
+    from sgl_diffusion.runtime.scheduler_hook import STEPS_KEY
+
+    usage = original(responses, *args, **kwargs)
+    steps = [s for r in responses for s in (r.get("meta_info", {}).get(STEPS_KEY) or [])]
+    if steps:
+        forwards = sum(steps)
+        usage.diffusion = {
+            "canvases": sum(1 for s in steps if s),
+            "denoise_steps": forwards,
+            "tokens_per_forward": round(len(steps) / max(forwards, 1), 4),
+        }
+    return usage
+
+
 def register() -> None:
     _add_diffusion_field()
     plugin_hook(TARGETS[0], HookType.AROUND)(chat_to_sampling_params)
     plugin_hook(TARGETS[1], HookType.AROUND)(completion_sampling_params)
+    plugin_hook(TARGETS[2], HookType.AROUND)(response_usage)

@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 ARCHITECTURE = "DiffusionGemmaForBlockDiffusion"
 PARAMS_KEY = "sgl_diffusion"  # where validated `diffusion` params travel inside SamplingParams.custom_params
+STEPS_KEY = "diffusion_steps"  # per-token meta_info: a canvas's denoise steps, on its first token
 
 
 def serves_diffusion_model(hf_config) -> bool:
@@ -174,8 +175,13 @@ class DiffusionEngine:
         if not req.finished() and req.seqlen + self.cfg.canvas_length > self.scheduler.model_config.context_len:
             req.finished_reason = FINISH_LENGTH(length=len(req.output_ids))  # the next canvas would not fit
         end = req.finished_len if req.finished() and req.finished_len is not None else len(req.output_ids)
+        steps = int(state.steps_taken)
+        # meta_info["diffusion_steps"], one value per output token: the denoise steps of the token's canvas
+        # on the canvas's first token, 0 on the others (so the sum is the forwards spent, the nonzeros the canvases)
+        info = req.customized_info if req.customized_info is not None else {}
+        info.setdefault(STEPS_KEY, []).extend([steps] + [0] * (len(req.output_ids) - before - 1))
+        req.customized_info = info
         if self.metrics is not None:
-            steps = int(state.steps_taken)
             self.metrics.canvas_done(steps, end - before, int(state.accepted) / max(steps, 1))
         return req.output_ids[before:end], req.finished()
 

@@ -38,3 +38,16 @@ def test_openai_usage_reports_cached_tokens(server):
     client.chat.completions.create(**kwargs)
     usage = client.chat.completions.create(**kwargs).usage
     assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1
+
+
+def test_diffusion_figures_in_meta_info_and_usage(server):
+    """meta_info.diffusion_steps marks each canvas's steps on its first token; OpenAI usage sums them."""
+    out = server.post("/generate", {"text": "figures", "sampling_params": {
+        "max_new_tokens": 40, "ignore_eos": True, "diffusion": {"max_denoising_steps": 3, "seed": 1}}}).json()
+    assert out["meta_info"]["diffusion_steps"] == [3] + [0] * 31 + [3] + [0] * 7
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=40,
+                                          extra_body={"ignore_eos": True, "diffusion": {"max_denoising_steps": 2}})
+    assert chat.usage.model_extra["diffusion"] == {"canvases": 2, "denoise_steps": 4, "tokens_per_forward": 10.0}

@@ -14,6 +14,9 @@ EXPECTED_PARAMETERS = {
     "sglang.srt.entrypoints.openai.serving_completions.OpenAIServingCompletion._build_sampling_params": [
         ("self", EMPTY), ("request", EMPTY),
     ],
+    "sglang.srt.entrypoints.openai.usage_processor.UsageProcessor.calculate_response_usage": [
+        ("responses", EMPTY), ("n_choices", 1),
+    ],
 }  # fmt: skip
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -113,3 +116,18 @@ def test_register_twice_keeps_the_field(protocol):
     openai_protocol._add_diffusion_field()
     request = protocol.CompletionRequest(model="m", prompt="hi", diffusion={"seed": 1})
     assert request.diffusion == {"seed": 1}
+
+
+def test_usage_reports_diffusion_figures(applied):
+    """usage.diffusion sums canvases and denoise steps from meta_info["diffusion_steps"] of every choice."""
+    from sglang.srt.entrypoints.openai.usage_processor import UsageProcessor
+
+    responses = [
+        {"meta_info": {"prompt_tokens": 5, "completion_tokens": 40, "diffusion_steps": [3] + [0] * 31 + [4] + [0] * 7}},
+        {"meta_info": {"prompt_tokens": 5, "completion_tokens": 2, "diffusion_steps": [2, 0]}},
+    ]
+    usage = UsageProcessor.calculate_response_usage(responses, n_choices=2)
+    assert usage.diffusion == {"canvases": 3, "denoise_steps": 9, "tokens_per_forward": round(42 / 9, 4)}
+    assert usage.completion_tokens == 42 and "diffusion" in usage.model_dump()
+    plain = UsageProcessor.calculate_response_usage([{"meta_info": {"prompt_tokens": 1, "completion_tokens": 1}}])
+    assert plain.diffusion is None
