@@ -97,8 +97,18 @@ class DiffusionEngine:
         return bool(self.policy.running)
 
     def admit(self) -> None:
-        """Move every waiting Req into the canvas policy."""
+        """Move waiting Reqs into the canvas policy, FIFO, within sglang's request and prefill budgets.
+
+        The rest stay in sglang's waiting queue (reported as waiting, aborted by sglang as usual).
+        """
+        room = self.scheduler.max_running_requests - len(self.policy.running)
+        budget = self.scheduler.max_prefill_tokens
+        taken = 0
         for req in self.scheduler.waiting_queue:
+            if taken >= room or (taken and len(req.origin_input_ids) > budget):
+                break
+            taken += 1
+            budget -= len(req.origin_input_ids)
             max_new_tokens = req.sampling_params.max_new_tokens
             if str(req.rid).startswith(HEALTH_CHECK_RID_PREFIX):
                 max_new_tokens = 0  # a prefill proves the loop and the model are alive; a canvas costs 48 forwards
@@ -112,7 +122,7 @@ class DiffusionEngine:
                 self.scheduler.output_streamer.stream_output([req], False)
                 continue
             self.policy.add(dreq)
-        self.scheduler.waiting_queue.clear()
+        del self.scheduler.waiting_queue[:taken]
 
     def step(self) -> None:
         """plan -> forward -> sample -> commit -> stream -> free."""

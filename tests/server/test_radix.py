@@ -50,7 +50,8 @@ def test_kv_returned_after_requests(server):
 
 @pytest.fixture(scope="module")
 def small_server(tiny_checkpoint_dir):
-    srv = Server(tiny_checkpoint_dir, "--max-total-tokens", "400", "--swa-full-tokens-ratio", "0.9")
+    srv = Server(tiny_checkpoint_dir, "--max-total-tokens", "400", "--swa-full-tokens-ratio", "0.9",
+                 "--max-running-requests", "2")
     yield srv
     srv.stop()
 
@@ -62,4 +63,18 @@ def test_eviction_under_memory_pressure(small_server):
         out = generate(small_server, input_ids=ids, sampling_params={"max_new_tokens": 64, "ignore_eos": True,
                                                                     "diffusion": {"max_denoising_steps": 1}})
         assert len(out["output_ids"]) == 64
+    assert used_tokens(small_server) == 0
+
+
+def test_requests_beyond_max_running_wait_their_turn(small_server):
+    """With --max-running-requests 2, eight concurrent requests queue in sglang's waiting queue and all finish."""
+    import concurrent.futures
+
+    def one(i):
+        return generate(small_server, text=f"queued {i}", sampling_params={
+            "max_new_tokens": 40, "ignore_eos": True, "diffusion": {"max_denoising_steps": 2, "seed": i}})
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        outs = list(pool.map(one, range(8)))
+    assert all(len(o["output_ids"]) == 40 for o in outs)
     assert used_tokens(small_server) == 0
