@@ -28,7 +28,7 @@ class FreeListSlots(KVSlots):
         slots, self.free_slots = self.free_slots[:n], self.free_slots[n:]
         return Reservation(self.empty, slots)
 
-    def release(self, req):
+    def release(self, req, cache=True):
         self.free_slots = torch.cat([self.free_slots, req.slots])
 
 

@@ -56,10 +56,10 @@ class RadixKVSlots(KVSlots):
         # NOTE: when the tree already held these tokens it points the row at its own slots and frees ours
         dreq.slots = self.rows.req_to_token[req.kv.req_pool_idx, : req.kv.kv_committed_len].long()
 
-    def release(self, dreq: DiffusionRequest) -> None:
+    def release(self, dreq: DiffusionRequest, cache: bool = True) -> None:
         req = dreq.handle
         if req.kv.holds_kv:
-            release_kv_cache(req, self.tree, checkpoint=True)
+            release_kv_cache(req, self.tree, checkpoint=cache)
         elif req.lock is not None:
             self.tree.unlock(req.lock)
             req.lock = None

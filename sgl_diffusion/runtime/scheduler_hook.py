@@ -129,7 +129,14 @@ class DiffusionEngine:
         self._drop_aborted()
         if not self.policy.running:
             return
-        out = self.policy.step()
+        try:
+            out = self.policy.step()
+        except Exception as e:  # a bug must cost the requests of this round, not the whole server
+            logger.exception("sgl-diffusion: forward round failed; aborting its requests")
+            for dreq in list(self.policy.running):
+                reason = FINISH_ABORT(f"internal error: {e}", HTTPStatus.INTERNAL_SERVER_ERROR)
+                self._abort(dreq, reason, cache=False)  # its KV may be half written: keep it out of the tree
+            return
         if self.metrics is not None:
             self.metrics.in_flight(sum(r.state is not None for r in self.policy.running))
         if out.starved and not out.committed and not out.finished and len(out.starved) == len(self.policy.running):
@@ -200,10 +207,10 @@ class DiffusionEngine:
             if dreq.handle.to_finish is not None:
                 self._abort(dreq, dreq.handle.to_finish)
 
-    def _abort(self, dreq: DiffusionRequest, reason) -> None:
+    def _abort(self, dreq: DiffusionRequest, reason, cache: bool = True) -> None:
         req = dreq.handle
         req.finished_reason, req.to_finish = reason, None
-        self.policy.abort(dreq)
+        self.policy.abort(dreq, cache)
         self.scheduler.output_streamer.stream_output([req], False)
 
 

@@ -39,8 +39,8 @@ class KVSlots(ABC):
         """Called after a forward wrote the request's reserved KV (a prefix cache may publish it)."""
 
     @abstractmethod
-    def release(self, req: DiffusionRequest) -> None:
-        """Give back everything the request holds; keep its committed context cached if possible."""
+    def release(self, req: DiffusionRequest, cache: bool = True) -> None:
+        """Give back everything the request holds; with ``cache``, keep its committed context cached."""
 
 
 @dataclass
@@ -122,8 +122,9 @@ class CanvasScheduler:
         out.starved = starved
         return out
 
-    def abort(self, req: DiffusionRequest) -> None:
-        self._free(req)
+    def abort(self, req: DiffusionRequest, cache: bool = True) -> None:
+        """Drop a request; ``cache=False`` when its KV may be incomplete (a failed forward)."""
+        self._free(req, cache)
 
     # ---- helpers ------------------------------------------------------------------------------
 
@@ -144,6 +145,8 @@ class CanvasScheduler:
                 if req.pending:
                     runs = req.images_after(prefix.numel())[0] if kind == "prefill" else ()
                     segments.append(Segment(kind, len(reqs), len(req.pending), prefix.numel(), prefix, got.new, runs))
+            if req.slots is None:  # an empty prompt: the canvas attends to itself only
+                req.slots = torch.empty(0, dtype=torch.long, device=self.device)
             if req.max_new_tokens <= 0:
                 reqs.append(req)  # prefill only (the DSL's prefix caching)
                 continue
@@ -194,11 +197,11 @@ class CanvasScheduler:
                 finished.append(req)
         return StepOutput(committed, finished)
 
-    def _free(self, req: DiffusionRequest) -> None:
+    def _free(self, req: DiffusionRequest, cache: bool = True) -> None:
         if req in self.running:
             self.running.remove(req)
         if req.slots is not None:
-            self.kv.release(req)
+            self.kv.release(req, cache)
             req.slots = None
         req.state = None
 

@@ -139,3 +139,10 @@ def test_sampler_tiles_give_the_same_tokens(model, monkeypatch):
     whole = run()
     monkeypatch.setattr(runner, "SAMPLER_TILE_BYTES", 1)  # one row per tile
     assert run() == whole
+
+
+def test_empty_prompt_generates_from_nothing(model):
+    """A prompt with no tokens denoises a canvas that attends to itself only."""
+    engine = OfflineEngine(model)
+    out = engine.generate([DiffusionRequest([], params(model, seed=1, max_denoising_steps=1), 20)])
+    assert len(out[0]) == 20 and engine.slots.free_slots.numel() == 4096
