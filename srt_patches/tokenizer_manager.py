@@ -28,6 +28,8 @@ def create_tokenized_object(original, manager, obj, *args, **kwargs):
             raise ValueError("diffusion parameters only apply to diffusion models")
         return original(manager, obj, *args, **kwargs)
 
+    input_ids = kwargs["input_ids"] if "input_ids" in kwargs else (args[1] if len(args) > 1 else None)
+    _check_prompt(manager, input_ids)
     params = _validate(manager, obj, sampling, raw)
     # NOTE: the request's dict replaces a --preferred-sampling-params custom_params whole; keep those keys
     preferred = (manager.preferred_sampling_params or {}).get("custom_params") or {}
@@ -38,6 +40,17 @@ def create_tokenized_object(original, manager, obj, *args, **kwargs):
         return original(manager, obj, *args, **kwargs)
     finally:
         obj.sampling_params = sampling
+
+
+def _check_prompt(manager, input_ids) -> None:
+    # sglang range-checks no prompt id; an id outside the embedding table would fail the whole forward round
+    if input_ids is None:
+        return
+    if len(input_ids) == 0:
+        raise ValueError("the prompt is empty")
+    vocab = manager.model_config.hf_config.text_config.vocab_size
+    if min(input_ids) < 0 or max(input_ids) >= vocab:
+        raise ValueError(f"input_ids must be in [0, {vocab})")
 
 
 def _validate(manager, obj, sampling, raw):

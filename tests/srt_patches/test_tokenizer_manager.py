@@ -228,3 +228,15 @@ def test_preferred_custom_params_survive(hf_config, tiny_checkpoint_dir):
     tokenizer_manager.create_tokenized_object(original, manager, obj)
     custom = original.calls[0][0]["custom_params"]
     assert custom["a"] == 1 and custom["b"] == 3 and _params_from(original.calls[0][0]).seed == 1
+
+
+@pytest.mark.parametrize("input_ids, word", [([], "empty"), ([2, -1], "input_ids"), ([2, 10**6], "input_ids")])
+def test_prompt_ids_are_checked(hf_config, tiny_checkpoint_dir, input_ids, word):
+    """An empty prompt or a prompt id outside the vocabulary is a ValueError (400), never reaches the model."""
+    original = Recorder()
+    obj = SimpleNamespace(sampling_params={"max_new_tokens": 4})
+    with pytest.raises(ValueError, match=word):
+        tokenizer_manager.create_tokenized_object(original, _manager(hf_config, tiny_checkpoint_dir), obj, "", input_ids)
+    assert original.calls == []
+    tokenizer_manager.create_tokenized_object(original, _manager(hf_config, tiny_checkpoint_dir), obj, "", [2, 5])
+    assert len(original.calls) == 1
