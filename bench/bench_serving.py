@@ -45,16 +45,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir: Path, log_path: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
+def start_server(model_dir: Path, log_path: Path, extra: list[str], threads: int) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     cmd = [
         sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_dir), "--device", "cpu",
         "--host", "127.0.0.1", "--port", str(port), "--max-total-tokens", "8192", "--skip-server-warmup",
         "--sleep-on-idle", "--disable-overlap-schedule", *extra,
     ]  # fmt: skip
-    print("server:", " ".join(cmd[1:]), flush=True)
+    env = dict(os.environ)
+    if threads > 0:
+        env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads in the scheduler (default: all cores)
+    print(f"server: {'OMP_NUM_THREADS=%d ' % threads if threads > 0 else ''}{' '.join(cmd[1:])}", flush=True)
     log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -117,6 +120,9 @@ def main():
     p.add_argument("--model-dir", type=Path, help="checkpoint dir (default: build the tiny one in a temp dir)")
     p.add_argument("--url", help="use this running server instead of starting one (--model-dir = its tokenizer)")
     p.add_argument("--server-arg", action="append", default=[], help="extra launch_server argument (repeatable)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="OMP_NUM_THREADS for the server (0: torch's default, all cores); 1 is steadier when other "
+                        "processes share the cores")
     args = p.parse_args()
     concurrencies = [int(c) for c in args.concurrencies.split(",")]
 
@@ -127,7 +133,10 @@ def main():
             from sgl_diffusion.entrypoints.tiny_checkpoint import build_tiny_checkpoint
 
             model_dir = Path(build_tiny_checkpoint(tmp / "tiny"))
-        proc, url = (None, args.url) if args.url else start_server(model_dir, tmp / "server.log", args.server_arg)
+        if args.url:
+            proc, url = None, args.url
+        else:
+            proc, url = start_server(model_dir, tmp / "server.log", args.server_arg, args.threads)
         try:
             print(f"loadavg before: {os.getloadavg()}", flush=True)
             runs: dict[int, list[dict]] = {c: [] for c in concurrencies}
