@@ -9,9 +9,11 @@ sglang would only log it and serve wrong output.
 
 from __future__ import annotations
 
-from srt_patches import api_contract, model_runner, openai_protocol, scheduler, tokenizer_manager
+from srt_patches import (
+    api_contract, draft_stream, model_runner, openai_protocol, scheduler, serving_chat, tokenizer_manager,
+)
 
-PATCH_MODULES = (scheduler, model_runner, tokenizer_manager, api_contract, openai_protocol)
+PATCH_MODULES = (scheduler, model_runner, tokenizer_manager, api_contract, openai_protocol, serving_chat, draft_stream)
 _applied = False
 
 

@@ -1,19 +1,32 @@
-"""Validate per-request ``diffusion`` parameters where sglang builds SamplingParams.
+"""Validate per-request ``diffusion`` parameters where sglang builds SamplingParams; seed n>1 copies apart.
 
-Target: sglang.srt.managers.tokenizer_manager.TokenizerManager._create_tokenized_object
+Targets: sglang.srt.managers.tokenizer_manager.TokenizerManager._create_tokenized_object,
+         ._handle_batch_request, ._send_one_request
 Checked against: sglang 0.5.23
 Why: SamplingParams is a fixed msgspec struct, so ``sampling_params["diffusion"]`` would be rejected
-     as an unknown keyword. We pop it, validate the request once (sgl_diffusion.runtime.admission; a
-     ValueError here becomes HTTP 400 naming the field), and let the result travel to the scheduler
-     as a JSON string in ``custom_params``.
+     as an unknown keyword. We pop it (and a ``diffusion`` entry of --preferred-sampling-params, which
+     the original merges in), validate the request once (sgl_diffusion.runtime.admission; a ValueError
+     here becomes HTTP 400 naming the field), and let the result travel to the scheduler as a JSON
+     string in ``custom_params``. Images the prompt has no placeholder for are refused (sglang only
+     logs them and answers from the text).
+     For ``n > 1`` sglang sends copies of one SamplingParams, so a seeded request would give n equal
+     answers; copy i is sent with seed + i instead (reproducible, and distinct).
 Remove when: SamplingParams accepts model-specific parameters.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+from contextvars import ContextVar
+
 from sglang.srt.plugins.hook_registry import HookType, plugin_hook
 
-TARGETS = ("sglang.srt.managers.tokenizer_manager.TokenizerManager._create_tokenized_object",)
+_MANAGER = "sglang.srt.managers.tokenizer_manager.TokenizerManager"
+TARGETS = (f"{_MANAGER}._create_tokenized_object", f"{_MANAGER}._handle_batch_request", f"{_MANAGER}._send_one_request")
+_PREFERRED_KEY = "_sgl_diffusion_preferred"  # manager attribute: the preferred `diffusion` dict, split off once
+# copies already sent per SamplingParams object, for the n>1 request being handled in this asyncio task
+_copies_sent: ContextVar[dict | None] = ContextVar("sgl_diffusion_copies_sent", default=None)
 
 
 def create_tokenized_object(original, manager, obj, *args, **kwargs):
@@ -30,7 +43,14 @@ def create_tokenized_object(original, manager, obj, *args, **kwargs):
 
     input_ids = kwargs["input_ids"] if "input_ids" in kwargs else (args[1] if len(args) > 1 else None)
     _check_prompt(manager, input_ids)
+    mm_inputs = kwargs["mm_inputs"] if "mm_inputs" in kwargs else (args[3] if len(args) > 3 else None)
+    _check_images_placed(obj, mm_inputs)
+    preferred_diffusion = _split_preferred_diffusion(manager)
+    if preferred_diffusion is not None and (raw is None or isinstance(raw, dict)):
+        raw = preferred_diffusion | (raw or {})
     params = _validate(manager, obj, sampling, raw)
+    if params.stream_drafts and not getattr(obj, "stream", False):
+        raise ValueError("diffusion.stream_drafts needs a streamed request (stream=true)")
     # NOTE: the request's dict replaces a --preferred-sampling-params custom_params whole; keep those keys
     preferred = (manager.preferred_sampling_params or {}).get("custom_params") or {}
     custom = dict(preferred) | dict(sampling.get("custom_params") or {})
@@ -53,6 +73,77 @@ def _check_prompt(manager, input_ids) -> None:
         raise ValueError(f"input_ids must be in [0, {vocab})")
 
 
+def _split_preferred_diffusion(manager) -> dict | None:
+    # The original merges preferred params into the request after our hook removed `diffusion`, so a
+    # preferred `diffusion` entry would reach SamplingParams: take it out once and merge it here instead.
+    if not hasattr(manager, _PREFERRED_KEY):
+        preferred = manager.preferred_sampling_params or {}
+        diffusion = preferred.get("diffusion")
+        if "diffusion" in preferred:
+            manager.preferred_sampling_params = {k: v for k, v in preferred.items() if k != "diffusion"}
+        if diffusion is not None and not isinstance(diffusion, dict):
+            raise ValueError("--preferred-sampling-params: diffusion must be an object")
+        setattr(manager, _PREFERRED_KEY, diffusion)
+    return getattr(manager, _PREFERRED_KEY)
+
+
+def _check_images_placed(obj, mm_inputs) -> None:
+    images = getattr(obj, "image_data", None)
+    if not images:
+        return
+    sent = len(images) if isinstance(images, list) else 1
+    placed = sum(len(item.offsets or ()) for item in (mm_inputs.mm_items if mm_inputs else ()) if item.is_image())
+    if placed < sent:
+        raise ValueError(
+            f"{sent} image(s) sent but the prompt has a placeholder for {placed}: put one '<|image|>' in the "
+            "prompt text per image (sglang's frontend chat templates write '<image>', which Gemma 4 does not read)"
+        )
+
+
+def handle_batch_request(original, manager, obj, *args, **kwargs):
+    if getattr(obj, "parallel_sample_num", 1) <= 1:
+        return original(manager, obj, *args, **kwargs)
+    return _counting_copies(original(manager, obj, *args, **kwargs))
+
+
+async def _counting_copies(responses):
+    # The original sends all n copies before its first yield, from this task: a ContextVar scopes the count.
+    _copies_sent.set({})
+    try:
+        async for response in responses:
+            yield response
+    finally:
+        _copies_sent.set(None)
+
+
+def send_one_request(original, manager, tokenized_obj, *args, **kwargs):
+    counts = _copies_sent.get()
+    sampling_params = tokenized_obj.sampling_params
+    if counts is not None and sampling_params.max_new_tokens != 0:  # 0: sglang's shared-prefix warm-up copy
+        index = counts.get(id(sampling_params), 0)
+        counts[id(sampling_params)] = index + 1
+        if index:
+            tokenized_obj.sampling_params = _with_seed_offset(sampling_params, index)
+    return original(manager, tokenized_obj, *args, **kwargs)
+
+
+def _with_seed_offset(sampling_params, offset: int):
+    from sgl_diffusion.runtime.scheduler_hook import PARAMS_KEY
+    from sgl_diffusion.sampling.params import DiffusionParams
+
+    raw = (sampling_params.custom_params or {}).get(PARAMS_KEY)
+    if raw is None:
+        return sampling_params
+    params = DiffusionParams.from_json(raw)
+    if params.seed is None:
+        return sampling_params  # unseeded copies draw from the device RNG: already distinct
+    seed = (params.seed + offset + 2**63) % 2**64 - 2**63  # stays a signed 64-bit integer
+    shifted = copy.copy(sampling_params)
+    shifted.custom_params = dict(sampling_params.custom_params) | {
+        PARAMS_KEY: dataclasses.replace(params, seed=seed).to_json()}
+    return shifted
+
+
 def _validate(manager, obj, sampling, raw):
     from sgl_diffusion.runtime.admission import check_request
     from sgl_diffusion.runtime.scheduler_hook import load_defaults
@@ -69,3 +160,5 @@ def _validate(manager, obj, sampling, raw):
 
 def register() -> None:
     plugin_hook(TARGETS[0], HookType.AROUND)(create_tokenized_object)
+    plugin_hook(TARGETS[1], HookType.AROUND)(handle_batch_request)
+    plugin_hook(TARGETS[2], HookType.AROUND)(send_one_request)

@@ -33,14 +33,16 @@ class FreeListSlots(KVSlots):
 
 
 class OfflineEngine:
-    def __init__(self, model, eos_token_ids=(), num_slots: int = 4096, steps_per_round: int = 1):
+    def __init__(self, model, eos_token_ids=(), num_slots: int = 4096, steps_per_round: int = 1,
+                 mixed_rounds: bool = True):
         cfg = model.cfg
         device = model.embed_tokens.weight.device
         dtype = model.embed_tokens.weight.dtype
         kv = TorchKVStore(num_slots, [(s.num_kv_heads, s.head_dim) for s in cfg.layers], dtype, device)
         self.slots = FreeListSlots(num_slots, device)
         runner = DiffusionRunner(model, SdpaBackend(kv, cfg.sliding_window))
-        self.scheduler = CanvasScheduler(runner, self.slots, eos_sink(eos_token_ids), device, steps_per_round)
+        self.scheduler = CanvasScheduler(runner, self.slots, eos_sink(eos_token_ids), device, steps_per_round,
+                                         mixed_rounds)
 
     def generate(self, requests: list[DiffusionRequest]) -> list[list[int]]:
         for req in requests:

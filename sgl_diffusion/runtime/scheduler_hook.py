@@ -8,10 +8,13 @@ canvases back to each Req, so sglang's own stop checks and output streamer apply
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import time
 from http import HTTPStatus
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,6 +23,7 @@ from sglang.srt.managers.schedule_batch import FINISH_ABORT, FINISH_LENGTH
 
 from sgl_diffusion.attention.base import KVStore
 from sgl_diffusion.attention.sdpa import SdpaBackend
+from sgl_diffusion.runtime.drafts import DraftOutputStreamer, make_draft
 from sgl_diffusion.runtime.runner import DiffusionRunner
 from sgl_diffusion.runtime.metrics import DiffusionMetrics
 from sgl_diffusion.runtime.radix_slots import RadixKVSlots
@@ -34,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 ARCHITECTURE = "DiffusionGemmaForBlockDiffusion"
 PARAMS_KEY = "sgl_diffusion"  # where validated `diffusion` params travel inside SamplingParams.custom_params
+LOAD_PUBLISH_INTERVAL_S = 0.05  # sglang's own refresh floor while a batch stalls (LOAD_STALL_REFRESH_S)
 STEPS_KEY = "diffusion_steps"  # per-token meta_info: a canvas's denoise steps, on its first token
 
 
@@ -88,6 +93,18 @@ class DiffusionEngine:
         collector = getattr(scheduler.metrics_reporter, "metrics_collector", None)
         self.metrics = DiffusionMetrics(collector.labels) if collector is not None else None
         self.cfg = model.cfg
+        self.drafts = None  # a DraftOutputStreamer once a request asks for drafts
+        # /v1/loads counts running requests from sglang's running_batch, which the canvas loop never fills
+        scheduler.load_inquirer = dataclasses.replace(
+            scheduler.load_inquirer, get_running_batch=lambda: SimpleNamespace(reqs=self.reqs))
+        self._last_load_publish = 0.0
+
+    def publish_load(self) -> None:
+        """Refresh /v1/loads while busy (sglang publishes from its own batch loop), at most every 50 ms."""
+        now = time.monotonic()
+        if now - self._last_load_publish >= LOAD_PUBLISH_INTERVAL_S:
+            self._last_load_publish = now
+            self.scheduler.publish_load_snapshot(force=True)
 
     @property
     def reqs(self) -> list[Req]:
@@ -143,6 +160,7 @@ class DiffusionEngine:
             # Everyone waits for KV that only they could free: end the newest instead of hanging all.
             self._abort(out.starved[-1], FINISH_ABORT("KV cache exhausted", HTTPStatus.SERVICE_UNAVAILABLE))
         reqs = [r.handle for r, _ in out.committed]
+        reqs += [r for r in self._collect_drafts() if r not in reqs]
         for dreq in out.finished:
             if not dreq.handle.finished():  # prefill-only requests (max_new_tokens=0) never saw a canvas
                 dreq.handle.finished_reason = FINISH_LENGTH(length=len(dreq.handle.output_ids))
@@ -152,6 +170,22 @@ class DiffusionEngine:
             self.scheduler.output_streamer.stream_output(reqs, False)
 
     # ---- helpers ------------------------------------------------------------------------------
+
+    def _collect_drafts(self) -> list[Req]:
+        """Queue the current argmax canvas of every streamed request that asked for drafts (a host sync each)."""
+        wanting = [d for d in self.policy.running if d.params.stream_drafts and d.handle.stream
+                   and d.state is not None and d.state.argmax is not None]
+        if not wanting or self.scheduler.output_streamer.rust_server is not None:  # Rust egress has no such channel
+            return []
+        if self.drafts is None:
+            self.drafts = DraftOutputStreamer.replacing(self.scheduler.output_streamer)
+            self.scheduler.output_streamer = self.drafts
+        for dreq in wanting:
+            req = dreq.handle
+            canvas_index = len(req.output_ids) // self.cfg.canvas_length  # earlier canvases were committed whole
+            self.drafts.drafts[req.rid] = make_draft(req, dreq.state.argmax.tolist(), canvas_index,
+                                                     int(dreq.state.steps_taken), self.scheduler.tokenizer)
+        return [d.handle for d in wanting]
 
     def _params(self, req: Req) -> DiffusionParams:
         raw = (req.sampling_params.custom_params or {}).get(PARAMS_KEY)
@@ -240,6 +274,7 @@ def run_event_loop(scheduler: Scheduler) -> None:
             engine.admit()
             if engine.has_work():
                 engine.step()
+                engine.publish_load()
                 # sglang answers queued /health_generate probes after each batch; a long canvas must not starve them
                 scheduler.maybe_send_health_check_signal()
             else:

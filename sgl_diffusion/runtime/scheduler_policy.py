@@ -94,9 +94,13 @@ class StepOutput:
 
 
 class CanvasScheduler:
-    def __init__(self, runner: DiffusionRunner, kv: KVSlots, sink: CanvasSink, device, steps_per_round: int = 1):
+    def __init__(self, runner: DiffusionRunner, kv: KVSlots, sink: CanvasSink, device, steps_per_round: int = 1,
+                 mixed_rounds: bool = True):
         self.runner = runner
         self.steps_per_round = steps_per_round  # denoise steps per forward round before the host checks ``done``
+        # False: a round with any prefill or commit runs only those, as sglang's in-tree dLLM loop does
+        # (kept for bench/bench_rounds.py, which measures what mixing buys)
+        self.mixed_rounds = mixed_rounds
         self.kv = kv
         self.sink = sink
         self.device = device
@@ -130,6 +134,7 @@ class CanvasScheduler:
 
     def _plan(self):
         reqs, segments, states, starved = [], [], [], []
+        encode_only = not self.mixed_rounds and any(r.pending for r in self.running if not r.finished)
         for req in list(self.running):
             if req.finished:
                 continue
@@ -149,6 +154,10 @@ class CanvasScheduler:
                 req.slots = torch.empty(0, dtype=torch.long, device=self.device)
             if req.max_new_tokens <= 0:
                 reqs.append(req)  # prefill only (the DSL's prefix caching)
+                continue
+            if encode_only:
+                if segments and segments[-1].req_index == len(reqs):
+                    reqs.append(req)
                 continue
             if req.state is None:
                 gen = make_generator(req.params.seed, self.device)

@@ -70,7 +70,7 @@ class DiffusionParams:
     stability_threshold: int
     seed: int | None = None  # None: the device's global RNG
     init_canvas: tuple[int, ...] | None = None  # overwrites a prefix of the first canvas's noise
-    stream_drafts: bool = False  # reserved: send argmax drafts after each step
+    stream_drafts: bool = False  # stream the argmax canvas after every round (runtime/drafts.py)
 
     @classmethod
     def from_request(

@@ -67,6 +67,29 @@ def test_mixed_batch_layout(model):
     assert batch.canvas_mask.tolist() == [True] * c + [False] * 7 + [True] * c
 
 
+def test_homogeneous_rounds_keep_encodes_apart(model):
+    """mixed_rounds=False (the bench's baseline): a round with a prefill or commit runs no canvas step, so a
+    newcomer's prefill stalls the denoising request; the tokens are the same as with mixed rounds."""
+    def run(mixed):
+        engine = OfflineEngine(model, mixed_rounds=mixed)
+        rec = Recorder(engine)
+        a, b = request(model, 20, 40, seed=1, steps=3), request(model, 7, 40, seed=2, steps=2)
+        engine.scheduler.add(a)
+        engine.scheduler.step()
+        engine.scheduler.add(b)
+        while engine.scheduler.running:
+            engine.scheduler.step()
+        return [a.output_ids, b.output_ids], [[s.kind for s in batch.segments] for batch in rec.batches]
+
+    (mixed_out, mixed_kinds), (homog_out, homog_kinds) = run(True), run(False)
+    assert mixed_out == homog_out
+    assert mixed_kinds[1] == ["canvas", "prefill", "canvas"]
+    assert homog_kinds[:3] == [["prefill"], ["prefill"], ["canvas", "canvas"]]
+    for kinds in homog_kinds:
+        assert "canvas" not in kinds or set(kinds) == {"canvas"}
+    assert len(homog_kinds) > len(mixed_kinds)
+
+
 def test_commit_and_next_canvas_share_a_forward(model):
     """When a canvas finishes, its commit and the next canvas's first step run in one forward."""
     engine = OfflineEngine(model)

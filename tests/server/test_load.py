@@ -233,6 +233,23 @@ def test_client_timeout_on_non_streaming_request_aborts_and_frees_kv(server):
     assert_serves(server)
 
 
+def test_loads_show_a_running_request(server):
+    """While a long request denoises, /v1/loads reports it running and its KV in use (the canvas loop publishes)."""
+    rid = f"loads-{uuid.uuid4().hex}"
+    resp, _ = _start_stream(server, rid)  # returns once its first canvas streamed: the request is mid-flight
+    try:
+        t0 = time.time()
+        deadline = t0 + 10
+        while (load := _loads(server))["timestamp"] < t0:
+            assert time.time() < deadline, f"/v1/loads not refreshed while a request runs: {load}"
+            time.sleep(0.1)
+        assert load["num_running_reqs"] == 1 and load["num_used_tokens"] > CANVAS, load
+    finally:
+        requests.post(f"{server.url}/abort_request", json={"rid": rid}, timeout=10)
+        resp.close()
+    assert_idle_and_no_kv_in_use(server)
+
+
 def test_abort_all_with_several_running(server):
     """Several long requests in flight, then /abort_request abort_all: every one ends with abort, KV is freed."""
     rids = [f"abort-all-{i}-{uuid.uuid4().hex[:8]}" for i in range(4)]

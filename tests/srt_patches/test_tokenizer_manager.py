@@ -10,7 +10,14 @@ EMPTY = Parameter.empty
 # What the wrapper relies on: the request object is the argument after `self` and carries `sampling_params`.
 EXPECTED_PARAMETERS = {
     "sglang.srt.managers.tokenizer_manager.TokenizerManager._create_tokenized_object": [
-        ("self", EMPTY), ("obj", EMPTY), ("input_text", EMPTY), ("input_ids", EMPTY),
+        ("self", EMPTY), ("obj", EMPTY), ("input_text", EMPTY), ("input_ids", EMPTY), ("input_embeds", None),
+        ("mm_inputs", None),
+    ],
+    "sglang.srt.managers.tokenizer_manager.TokenizerManager._handle_batch_request": [
+        ("self", EMPTY), ("obj", EMPTY), ("request", EMPTY), ("request_states", EMPTY),
+    ],
+    "sglang.srt.managers.tokenizer_manager.TokenizerManager._send_one_request": [
+        ("self", EMPTY), ("tokenized_obj", EMPTY),
     ],
 }  # fmt: skip
 TARGET = tokenizer_manager.TARGETS[0]
@@ -240,3 +247,112 @@ def test_prompt_ids_are_checked(hf_config, tiny_checkpoint_dir, input_ids, word)
     assert original.calls == []
     tokenizer_manager.create_tokenized_object(original, _manager(hf_config, tiny_checkpoint_dir), obj, "", [2, 5])
     assert len(original.calls) == 1
+
+
+def test_preferred_diffusion_is_merged_under_the_request(hf_config, tiny_checkpoint_dir):
+    """A `diffusion` entry of --preferred-sampling-params fills what the request leaves unset, and is taken out
+    of the preferred params the original merges (SamplingParams would reject it)."""
+    preferred = {"max_new_tokens": 9, "diffusion": {"max_denoising_steps": 3, "seed": 9}}
+    manager = _manager(hf_config, tiny_checkpoint_dir, preferred=preferred)
+    original = Recorder()
+    for request_diffusion in ({"seed": 1}, None):
+        sampling = {"max_new_tokens": 4} | ({} if request_diffusion is None else {"diffusion": request_diffusion})
+        tokenizer_manager.create_tokenized_object(original, manager, SimpleNamespace(sampling_params=sampling))
+    assert [(p.max_denoising_steps, p.seed) for p in (_params_from(c[0]) for c in original.calls)] == [(3, 1), (3, 9)]
+    assert manager.preferred_sampling_params == {"max_new_tokens": 9}
+
+
+def test_installed_method_with_preferred_diffusion(applied, hf_config, tiny_checkpoint_dir):
+    """Through the installed method, a preferred `diffusion` entry no longer reaches SamplingParams(**kw)."""
+    from sglang.srt.managers.tokenizer_manager import TokenizerManager
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    class Built(Exception):
+        pass
+
+    def build(**kwargs):
+        raise Built(SamplingParams(**kwargs))
+
+    manager = _manager(hf_config, tiny_checkpoint_dir, preferred={"diffusion": {"max_denoising_steps": 2}})
+    manager.sampling_params_class = build
+    with pytest.raises(Built) as built:
+        TokenizerManager._create_tokenized_object(manager, SimpleNamespace(sampling_params={}), "hi", [1, 2])
+    assert _params_from({"custom_params": built.value.args[0].custom_params}).max_denoising_steps == 2
+
+
+def _mm_inputs(*offsets):
+    from sglang.srt.managers.schedule_batch import Modality, MultimodalDataItem, MultimodalInputs
+
+    return MultimodalInputs(mm_items=[MultimodalDataItem(modality=Modality.IMAGE, offsets=list(offsets))])
+
+
+@pytest.mark.parametrize("images, offsets, ok", [
+    (["a.png"], [(3, 8)], True), (["a.png", "b.png"], [(3, 8), (10, 15)], True),
+    (["a.png"], [], False), (["a.png", "b.png"], [(3, 8)], False),
+])  # fmt: skip
+def test_images_need_a_placeholder_each(hf_config, tiny_checkpoint_dir, images, offsets, ok):
+    """An image the prompt has no <|image|> for is a ValueError (400) instead of being dropped silently."""
+    original = Recorder()
+    obj = SimpleNamespace(sampling_params={"max_new_tokens": 4}, image_data=images)
+    call = lambda: tokenizer_manager.create_tokenized_object(  # noqa: E731
+        original, _manager(hf_config, tiny_checkpoint_dir), obj, "", [2, 5], None, _mm_inputs(*offsets))
+    if ok:
+        call()
+        assert len(original.calls) == 1
+    else:
+        with pytest.raises(ValueError, match="<\\|image\\|>"):
+            call()
+        assert original.calls == []
+
+
+def _tokenized(max_new_tokens, seed):
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    from sgl_diffusion.runtime.scheduler_hook import PARAMS_KEY
+    from sgl_diffusion.sampling.params import DiffusionDefaults, DiffusionParams
+
+    params = DiffusionParams.from_request({} if seed is None else {"seed": seed}, DiffusionDefaults.from_generation_config({}), vocab_size=100,
+                                          canvas_length=32)
+    return SamplingParams(max_new_tokens=max_new_tokens, custom_params={PARAMS_KEY: params.to_json(), "x": 1})
+
+
+@pytest.mark.parametrize("seed, expected", [(5, [5, 6, 7]), (None, [None] * 3), (2**63 - 1, [2**63 - 1, -(2**63), -(2**63) + 1])])
+def test_parallel_sample_copies_get_consecutive_seeds(seed, expected):
+    """For n>1, copy i of a seeded request is sent with seed + i (wrapping in int64); the prefix warm-up copy
+    (max_new_tokens=0) and unseeded copies are sent as they are; outside n>1 nothing changes."""
+    import asyncio
+    import copy as copy_module
+
+    from sgl_diffusion.sampling.params import DiffusionParams
+
+    sent = []
+
+    async def original_send(manager, tokenized_obj):
+        sent.append(tokenized_obj)
+
+    def send(tokenized_obj):
+        return tokenizer_manager.send_one_request(original_send, None, tokenized_obj)
+
+    shared = _tokenized(8, seed)
+
+    async def original_batch(manager, obj, request, states):  # what sglang's n>1 branch does
+        warmup = copy_module.copy(shared)
+        warmup.max_new_tokens = 0
+        await send(SimpleNamespace(sampling_params=warmup))
+        for _ in range(3):
+            await send(SimpleNamespace(sampling_params=shared))
+        yield "outputs"
+
+    async def run(n):
+        obj = SimpleNamespace(parallel_sample_num=n)
+        if n == 1:
+            await send(SimpleNamespace(sampling_params=shared))
+            return None
+        return [x async for x in tokenizer_manager.handle_batch_request(original_batch, None, obj, None, {})]
+
+    assert asyncio.run(run(3)) == ["outputs"]
+    asyncio.run(run(1))
+    seeds = [DiffusionParams.from_json(t.sampling_params.custom_params["sgl_diffusion"]).seed for t in sent]
+    assert seeds == [seed, *expected, seed]
+    assert all(t.sampling_params.custom_params["x"] == 1 for t in sent)
+    assert DiffusionParams.from_json(shared.custom_params["sgl_diffusion"]).seed == seed  # shared object untouched

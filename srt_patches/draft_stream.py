@@ -1,0 +1,128 @@
+"""Carry provisional canvas drafts to streaming clients as their own field, apart from the text.
+
+Targets: sglang.srt.managers.tokenizer_manager.TokenizerManager.update_request_meta_info,
+         sglang.srt.managers.tokenizer_manager.TokenizerManager.generate_request,
+         sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat._generate_chat_stream,
+         sglang.srt.entrypoints.openai.serving_completions.OpenAIServingCompletion._generate_completion_stream
+Checked against: sglang 0.5.23
+Why: the scheduler sends each draft as per-chunk ``customized_info`` (sgl_diffusion.runtime.drafts).
+     sglang accumulates customized values over a request's life; a draft replaces the previous one,
+     so ``meta_info.diffusion_draft`` is set to the latest draft only. The OpenAI stream builders have
+     no place for it and send nothing for a chunk without new text, so for a request with
+     ``diffusion.stream_drafts`` the stream runs in a task and its drafts are sent in between, as
+     chunks with no choices and a top-level ``diffusion_draft`` (like the usage chunk, which clients
+     that read only ``choices`` skip).
+Remove when: sglang streams model-specific per-chunk fields.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from contextvars import ContextVar
+
+from sglang.srt.plugins.hook_registry import HookType, plugin_hook
+
+_MANAGER = "sglang.srt.managers.tokenizer_manager.TokenizerManager"
+TARGETS = (
+    f"{_MANAGER}.update_request_meta_info",
+    f"{_MANAGER}.generate_request",
+    "sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat._generate_chat_stream",
+    "sglang.srt.entrypoints.openai.serving_completions.OpenAIServingCompletion._generate_completion_stream",
+)
+# Where generate_request diverts drafts while an OpenAI stream of this task wants them.
+_draft_sink: ContextVar[asyncio.Queue | None] = ContextVar("sgl_diffusion_draft_sink", default=None)
+_END = object()
+
+
+def _draft_key() -> str:
+    from sgl_diffusion.runtime.drafts import DRAFT_KEY
+
+    return DRAFT_KEY
+
+
+def update_request_meta_info(original, manager, meta_info, state, customized_info, index, *args, **kwargs):
+    key = _draft_key()
+    if key in customized_info:
+        draft = customized_info[key][index]
+        if draft is not None:
+            meta_info[key] = draft
+        customized_info = {k: v for k, v in customized_info.items() if k != key}
+    return original(manager, meta_info, state, customized_info, index, *args, **kwargs)
+
+
+def generate_request(original, manager, obj, *args, **kwargs):
+    sink = _draft_sink.get()
+    outputs = original(manager, obj, *args, **kwargs)
+    return outputs if sink is None else _divert_drafts(outputs, sink)
+
+
+async def _divert_drafts(outputs, sink: asyncio.Queue):
+    """Move drafts from the chunks to the sink; drop chunks that carried nothing else."""
+    key, sent = _draft_key(), {}  # index -> completion_tokens of the last chunk passed on
+    async for out in outputs:
+        meta = out.get("meta_info", {}) if isinstance(out, dict) else {}
+        index = out.get("index", 0) if isinstance(out, dict) else 0
+        draft = meta.pop(key, None)
+        if draft is not None:
+            sink.put_nowait({"index": index, "id": meta.get("id"), **draft})
+            if meta.get("completion_tokens") == sent.get(index, 0) and meta.get("finish_reason") is None:
+                continue  # nothing but the draft
+        sent[index] = meta.get("completion_tokens")
+        yield out
+
+
+def chat_stream(original, serving, adapted_request, request, *args, **kwargs):
+    return _with_drafts(original(serving, adapted_request, request, *args, **kwargs), adapted_request, request,
+                        "chat.completion.chunk")
+
+
+def completion_stream(original, serving, adapted_request, request, *args, **kwargs):
+    return _with_drafts(original(serving, adapted_request, request, *args, **kwargs), adapted_request, request,
+                        "text_completion")
+
+
+def wants_drafts(adapted_request) -> bool:
+    sampling = adapted_request.sampling_params
+    diffusion = sampling.get("diffusion") if isinstance(sampling, dict) else None
+    return isinstance(diffusion, dict) and diffusion.get("stream_drafts") is True
+
+
+def _with_drafts(sse, adapted_request, request, chunk_object: str):
+    if not wants_drafts(adapted_request):
+        return sse
+    return _interleave(sse, request.model, chunk_object)
+
+
+async def _interleave(sse, model: str, chunk_object: str):
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump():
+        try:
+            async for event in sse:
+                queue.put_nowait(event)
+        finally:
+            queue.put_nowait(_END)
+
+    token = _draft_sink.set(queue)
+    task = asyncio.create_task(pump())  # runs in a copy of this context: its generate_request sees the sink
+    _draft_sink.reset(token)
+    try:
+        while (item := await queue.get()) is not _END:
+            if isinstance(item, str):
+                yield item
+            else:
+                chunk = {"id": item.pop("id"), "object": chunk_object, "created": int(time.time()), "model": model,
+                         "choices": [], _draft_key(): item}
+                yield f"data: {json.dumps(chunk)}\n\n"
+        await task  # re-raise what the stream raised
+    finally:
+        task.cancel()
+
+
+def register() -> None:
+    plugin_hook(TARGETS[0], HookType.AROUND)(update_request_meta_info)
+    plugin_hook(TARGETS[1], HookType.AROUND)(generate_request)
+    plugin_hook(TARGETS[2], HookType.AROUND)(chat_stream)
+    plugin_hook(TARGETS[3], HookType.AROUND)(completion_stream)
