@@ -5,9 +5,11 @@
 1. mixed vs homogeneous rounds: the same stream of requests (one arrives every --arrival-gap rounds; prompts of
    16..160 tokens; 1..3 canvases; 2..--max-steps denoise steps with adaptive stopping on) run with mixed rounds
    (prefills, commits and denoise steps of different requests share a forward: what we serve) and with
-   homogeneous rounds (a round that has any prefill or commit runs only those: sglang's in-tree dLLM loop). The
-   tokens are the same in both modes (checked); the line reports forwards, wall time, throughput and mean time
-   to a request's first committed canvas, and the throughput ratio mixed / homogeneous.
+   homogeneous rounds (a round that has any prefill or commit runs only those: sglang's in-tree dLLM loop). Each
+   request's sampling is independent of the rounds (tests/runtime/test_scheduler_policy.py checks equal tokens on
+   the default preset); on the deep preset different batch shapes change float rounding, so the line counts the
+   token-identical requests. It reports rounds, wall time, throughput and mean time to a request's first
+   committed canvas, and the throughput ratio mixed / homogeneous.
 2. steps per round (--num-continuous-decode-steps K): the same requests all at once, K = 1, 2, 4, 8 denoise steps
    per round before the host looks at the results. A canvas that finishes mid-round is frozen (computed, not
    changed) until the round ends, so K > 1 trades wasted rows for fewer host round trips; on CPU there is no
@@ -110,12 +112,13 @@ def main() -> None:
     with torch.inference_mode():
         (mixed, homog), (out_mixed, out_homog) = median_runs(
             [lambda: run(model, plan, mixed=True), lambda: run(model, plan, mixed=False)], args.repeats)
-        assert out_mixed[1] == out_homog[1], "mixed and homogeneous rounds must give the same tokens"
+        same = sum(a == b for a, b in zip(out_mixed[1], out_homog[1]))
         print("1. " + line("mixed", mixed[0]))
         print("   " + line("homogeneous", homog[0]))
         ratio = (mixed[0]["tokens"] / mixed[0]["wall"]) / (homog[0]["tokens"] / homog[0]["wall"])
         print(f"   mixed / homogeneous throughput: {ratio:.2f}x; first canvas "
-              f"{homog[0]['ttfc'] / mixed[0]['ttfc']:.2f}x sooner")
+              f"{homog[0]['ttfc'] / mixed[0]['ttfc']:.2f}x sooner; {same}/{len(plan)} requests token-identical "
+              "(batch shapes differ between modes; on deeper models rounding then flips a draw)")
 
         ks = [1, 2, 4, 8]
         results, _ = median_runs([lambda k=k: run(model, plan, steps_per_round=k, arrivals=False) for k in ks],

@@ -9,12 +9,17 @@ sglang would only log it and serve wrong output.
 
 from __future__ import annotations
 
+import logging
+import os
+
 from srt_patches import (
     api_contract, draft_stream, model_runner, openai_protocol, scheduler, serving_chat, tokenizer_manager,
 )
 
 PATCH_MODULES = (scheduler, model_runner, tokenizer_manager, api_contract, openai_protocol, serving_chat, draft_stream)
 _applied = False
+MM_PROCESSOR_PACKAGE_ENV = "SGLANG_EXTERNAL_MM_PROCESSOR_PACKAGE"
+MM_PROCESSOR_PACKAGE = "sgl_diffusion.multimodal"
 
 
 def apply() -> None:
@@ -25,6 +30,7 @@ def apply() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry
 
     ModelRegistry.register("sgl_diffusion.models", overwrite=True, strict=True)
+    _use_our_mm_processor()
     for module in PATCH_MODULES:
         module.register()
     HookRegistry.apply_hooks()
@@ -33,6 +39,16 @@ def apply() -> None:
         # SystemExit, not an Exception: sglang's load_plugins() logs and swallows Exceptions.
         raise SystemExit(f"sgl-diffusion: could not patch {missing}; is sglang 0.5.23 installed?")
     _applied = True
+
+
+def _use_our_mm_processor() -> None:
+    # sglang's extension point for multimodal processors is this variable, read when its tokenizer
+    # manager starts; child processes inherit it. Ours replaces sglang's DiffusionGemma processor.
+    current = os.environ.setdefault(MM_PROCESSOR_PACKAGE_ENV, MM_PROCESSOR_PACKAGE)
+    if current != MM_PROCESSOR_PACKAGE:
+        logging.getLogger(__name__).warning(
+            "%s=%s: DiffusionGemma image budgets and video need %s", MM_PROCESSOR_PACKAGE_ENV, current,
+            MM_PROCESSOR_PACKAGE)
 
 
 def is_installed(target: str) -> bool:

@@ -1,5 +1,8 @@
 """Accept ``"diffusion"`` in OpenAI request bodies and pass it on as ``sampling_params["diffusion"]``.
 
+Also accept ``"image_token_budget"`` in chat bodies, checked here and passed on in the request's
+``mm_processor_kwargs`` (what sgl_diffusion.multimodal's processor reads).
+
 Also report diffusion figures in ``usage.diffusion`` (canvases, denoise steps, tokens per forward).
 
 Target: sglang.srt.entrypoints.openai.protocol.{ChatCompletionRequest.to_sampling_params,
@@ -30,9 +33,12 @@ def _add_diffusion_field() -> None:
     from pydantic.fields import FieldInfo
     from sglang.srt.entrypoints.openai import protocol
 
-    for cls in (protocol.ChatCompletionRequest, protocol.CompletionRequest, protocol.UsageInfo):
-        if "diffusion" not in cls.model_fields:
-            cls.model_fields["diffusion"] = FieldInfo(annotation=dict[str, Any] | None, default=None)
+    fields = [(cls, "diffusion", dict[str, Any] | None)
+              for cls in (protocol.ChatCompletionRequest, protocol.CompletionRequest, protocol.UsageInfo)]
+    fields.append((protocol.ChatCompletionRequest, "image_token_budget", int | None))
+    for cls, name, annotation in fields:
+        if name not in cls.model_fields:
+            cls.model_fields[name] = FieldInfo(annotation=annotation, default=None)
             cls.model_rebuild(force=True)
     # NOTE: models that nest UsageInfo captured its old schema; rebuild them so usage.diffusion serializes
     for cls in (protocol.ChatCompletionResponse, protocol.CompletionResponse):
@@ -43,6 +49,12 @@ def chat_to_sampling_params(original, request, *args, **kwargs):
     params = original(request, *args, **kwargs)
     if request.diffusion is not None:
         params["diffusion"] = request.diffusion
+    if request.image_token_budget is not None:
+        from sgl_diffusion.multimodal.processor import BUDGET_KEY, check_image_token_budget
+
+        # sglang builds the GenerateReqInput from request.mm_processor_kwargs right after this call
+        budget = check_image_token_budget(request.image_token_budget)
+        request.mm_processor_kwargs = dict(request.mm_processor_kwargs or {}) | {BUDGET_KEY: budget}
     return params
 
 

@@ -132,15 +132,20 @@ def _png_data_url(color, size=(48, 32)):
     return img, "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def test_image_prompt_canvas_equals_transformers_generate(server, tiny_checkpoint_dir):
-    """An image prompt through /generate (sglang's processor, our vision path) gives HF generate's canvas."""
+@pytest.mark.parametrize("budget, colors", [(None, [(5, 7)]), (140, [(5, 7), (3, 11)])])
+def test_image_prompt_canvas_equals_transformers_generate(server, tiny_checkpoint_dir, budget, colors):
+    """An image prompt through /generate (sglang's processor, our vision path) gives HF generate's canvas, at the
+    checkpoint's image token budget and at another one, with one image and with two."""
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(tiny_checkpoint_dir)
-    image, url = _png_data_url((5, 7))
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is this?"}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    inputs = processor(text=text, images=[image], return_tensors="pt", return_mm_token_type_ids=True)
+    images, urls = zip(*(_png_data_url(c) for c in colors))
+    content = [{"type": "image"} for _ in colors] + [{"type": "text", "text": "what is this?"}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
+    images_kwargs = {} if budget is None else {"images_kwargs": {"max_soft_tokens": budget}}
+    inputs = processor(text=text, images=list(images), return_tensors="pt", return_mm_token_type_ids=True,
+                       **images_kwargs)
 
     hf = DiffusionGemmaForBlockDiffusion.from_pretrained(tiny_checkpoint_dir, dtype=torch.float32).eval()
     canvas_length = hf.config.canvas_length
@@ -154,7 +159,9 @@ def test_image_prompt_canvas_equals_transformers_generate(server, tiny_checkpoin
     ref = ref[: eos[0] + 1] if eos else ref
 
     diffusion = {"init_canvas": init, "t_min": 1e-4, "t_max": 2e-4, "max_denoising_steps": 2}
-    got = generate(server, text=text, image_data=[url], sampling_params={"max_new_tokens": canvas_length, "diffusion": diffusion})
+    budget_kwargs = {} if budget is None else {"mm_processor_kwargs": {"image_token_budget": budget}}
+    got = generate(server, text=text, image_data=list(urls), **budget_kwargs,
+                   sampling_params={"max_new_tokens": canvas_length, "diffusion": diffusion})
     assert got["meta_info"]["prompt_tokens"] == inputs["input_ids"].shape[1]
     assert got["output_ids"] == ref
 

@@ -370,3 +370,20 @@ def test_forced_tool_choice_is_refused_by_name(parser_server, parser_client, too
                                               tools=TOOLS, tool_choice=tool_choice, max_tokens=20,
                                               extra_body=diffusion(1))
     assert parser_server.healthy()
+
+
+def test_earlier_thoughts_are_dropped_from_history(client, tokenizer):
+    """An earlier assistant turn's thought (inline or as reasoning_content) is not sent back to the model: the
+    prompt is the one without it, as the checkpoint's Gemma 4 template renders history."""
+    def prompt_tokens(assistant):
+        messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", **assistant}, {"role": "user", "content": "More"}]
+        return client.chat.completions.create(model="tiny", messages=messages, max_tokens=2,
+                                              extra_body=diffusion(1) | THINKING).usage.prompt_tokens
+
+    plain = prompt_tokens({"content": "Hello!"})
+    assert prompt_tokens({"content": "<|channel>thought\nsome long secret reasoning<channel|>Hello!"}) == plain
+    assert prompt_tokens({"content": "Hello!", "reasoning_content": "some long secret reasoning"}) == plain
+    expected = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "More"}],
+        add_generation_prompt=True, tokenize=True, enable_thinking=True)["input_ids"]
+    assert plain == len(expected)

@@ -78,6 +78,21 @@ def test_chat_sampling_params_carry_diffusion(protocol):
     assert params["max_new_tokens"] == 8
 
 
+def test_chat_image_token_budget_moves_to_mm_processor_kwargs(protocol):
+    """image_token_budget (checked) joins the request's own mm_processor_kwargs, which sglang passes to the processor."""
+    request = protocol.ChatCompletionRequest.model_validate_json(
+        '{"model": "m", "messages": [{"role": "user", "content": "hi"}], "image_token_budget": 140,'
+        ' "mm_processor_kwargs": {"other": 1}}')
+    request.to_sampling_params(stop=[], model_generation_config={})
+    assert request.mm_processor_kwargs == {"other": 1, "image_token_budget": 140}
+    plain = protocol.ChatCompletionRequest(model="m", messages=MESSAGES)
+    plain.to_sampling_params(stop=[], model_generation_config={})
+    assert plain.mm_processor_kwargs is None
+    bad = protocol.ChatCompletionRequest(model="m", messages=MESSAGES, image_token_budget=100)
+    with pytest.raises(ValueError, match="image_token_budget must be one of"):
+        bad.to_sampling_params(stop=[], model_generation_config={})
+
+
 def test_completion_request_keeps_diffusion(protocol):
     """CompletionRequest keeps `diffusion`, whether constructed or validated from a JSON body."""
     built = protocol.CompletionRequest(model="m", prompt="hi", diffusion={"seed": 3})
