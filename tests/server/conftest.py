@@ -18,6 +18,8 @@ def _free_port() -> int:
 
 
 class Server:
+    READY_PATH = "/health"  # polled until it answers 200
+
     def __init__(self, model_dir, *extra_args):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -38,7 +40,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log_path}")
             try:
-                if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
+                if requests.get(f"{self.url}{self.READY_PATH}", timeout=2).status_code == 200:
                     return
             except requests.RequestException:
                 pass

@@ -272,18 +272,7 @@ def test_accepted_dsl_sampling_parameters(backend):
 class _ModelInfoServer(Server):
     """A server whose readiness is /get_model_info (its /health may never turn 200 when requests fail)."""
 
-    def _wait_healthy(self, timeout):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log_path}")
-            try:
-                if requests.get(f"{self.url}/get_model_info", timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"server not up after {timeout}s; see {self.log_path}")
+    READY_PATH = "/get_model_info"
 
 
 def test_preferred_sampling_params_set_dsl_diffusion_defaults(tiny_checkpoint_dir):
