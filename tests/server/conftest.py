@@ -5,6 +5,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -23,7 +24,8 @@ class Server:
     def __init__(self, model_dir, *extra_args):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = f"{model_dir}/server-{self.port}.log"
+        # not inside model_dir: tests compare the checkpoint directory's files
+        self.log_path = f"{tempfile.mkdtemp(prefix='sgl-diffusion-server-')}/server-{self.port}.log"
         args = [
             sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_dir), "--device", "cpu",
             "--dtype", "float32", "--host", "127.0.0.1", "--port", str(self.port), "--max-total-tokens", "8192",
