@@ -2,7 +2,8 @@
 
 ``apply()`` is the package's ``sglang.srt.plugins`` entry point: sglang calls it once per process
 (launcher, scheduler, detokenizer) before it builds its server arguments. It registers our model
-through sglang's public registry, then installs the patches of this folder, one module per upstream
+through sglang's public registry and our CPU fallback through its public resolution hooks
+(sgl_diffusion.runtime.cpu_defaults), then installs the patches of this folder, one module per upstream
 area, for the places that have no extension point. A patch that fails to install stops the process:
 sglang would only log it and serve wrong output.
 """
@@ -24,13 +25,16 @@ MM_PROCESSOR_PACKAGE = "sgl_diffusion.multimodal"
 
 def apply() -> None:
     global _applied
+    _use_our_mm_processor()  # NOTE: on every call: the environment is not ours alone, a caller may have reset it
     if _applied:
         return
     from sglang.srt.models.registry import ModelRegistry
     from sglang.srt.plugins.hook_registry import HookRegistry
 
+    from sgl_diffusion.runtime import cpu_defaults
+
     ModelRegistry.register("sgl_diffusion.models", overwrite=True, strict=True)
-    _use_our_mm_processor()
+    cpu_defaults.register()
     for module in PATCH_MODULES:
         module.register()
     HookRegistry.apply_hooks()

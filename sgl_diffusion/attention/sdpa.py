@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -10,34 +11,86 @@ import torch.nn.functional as F
 from sgl_diffusion.attention.base import AttnLayer, BaseAttnBackend
 from sgl_diffusion.runtime.canvas_batch import CanvasBatch, Segment
 
+# The largest [queries, keys] bool mask an encode builds at once. A long prompt is attended in query chunks whose
+# masks fit: a 100k-token prompt would otherwise need [100k, 100k] masks (10 GB each).
+MASK_BUDGET_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class EncodeMask:
+    """The mask of an encode segment over [num_prefix cached ; own tokens], built one query chunk at a time.
+
+    HF semantics: causal, a sliding window (a query sees itself + window-1 previous tokens), and image runs whose
+    tokens also see their whole run.
+    """
+
+    seg: Segment
+    num_prefix: int
+    window: int | None
+    chunk: int  # queries per chunk
+
+    def chunks(self):
+        """Yield (queries [a, b), own keys [lo, hi), mask [b - a, num_prefix + hi - lo] bool) covering the segment;
+        the prefix's keys come before the own keys in every mask."""
+        n = self.seg.num_tokens
+        for a in range(0, n, self.chunk):
+            b = min(a + self.chunk, n)
+            lo, hi = self._own_keys(a, b)
+            yield a, b, lo, hi, self._mask(a, b, lo, hi)
+
+    def _own_keys(self, a: int, b: int) -> tuple[int, int]:
+        lo = 0 if self.window is None else max(0, a - self.window + 1)
+        hi = b
+        for begin, end in self.seg.image_runs:
+            if begin < b and end > a:  # a run the chunk's queries are in sees all of itself
+                lo, hi = min(lo, begin), max(hi, end)
+        return lo, hi
+
+    def _mask(self, a: int, b: int, lo: int, hi: int) -> torch.Tensor:
+        device = self.seg.prefix_slots.device
+        start = self.seg.start_pos
+        q_pos = start + torch.arange(a, b, device=device)
+        k_pos = torch.cat([torch.arange(start - self.num_prefix, start, device=device),
+                           start + torch.arange(lo, hi, device=device)])
+        allowed = k_pos[None, :] <= q_pos[:, None]
+        if self.window is not None:
+            allowed &= k_pos[None, :] > q_pos[:, None] - self.window
+        for begin, end in self.seg.image_runs:
+            if begin < b and end > a:
+                in_run = (k_pos >= start + begin) & (k_pos < start + end)  # [keys]
+                q_in_run = (q_pos >= start + begin) & (q_pos < start + end)  # [queries]
+                allowed |= q_in_run[:, None] & in_run[None, :]
+        return allowed
+
+
+def encode_mask(seg: Segment, num_prefix: int, window: int | None, budget: int | None = None) -> EncodeMask:
+    """The chunked mask of an encode segment, each chunk's mask within ``budget`` bools (MASK_BUDGET_BYTES).
+
+    Full layers bound a chunk's keys by the whole context; sliding layers without image runs by the window, so
+    their chunks can be larger. A single query over more than ``budget`` keys (a context past 64M tokens at the
+    default budget) still gets its one row.
+    """
+    budget = MASK_BUDGET_BYTES if budget is None else budget
+    n = seg.num_tokens
+    chunk = budget // (num_prefix + n)  # every chunk's keys fit in the whole context
+    if window is not None and not seg.image_runs:
+        # keys of q queries: the prefix plus at most q + window - 1 own tokens; largest q with q * keys <= budget
+        c = num_prefix + window - 1
+        chunk = max(chunk, (math.isqrt(c * c + 4 * budget) - c) // 2)
+    return EncodeMask(seg, num_prefix, window, max(1, min(chunk, n)))
+
 
 @dataclass
 class SdpaSegmentPlan:
     prefix_full: torch.Tensor  # [P] slots visible to full-attention layers
     prefix_sliding: torch.Tensor  # [P'] slots visible to sliding layers (the last window-1)
-    mask_full: torch.Tensor | None  # [n, P + n] bool (True = attend); None = attend to everything
-    mask_sliding: torch.Tensor | None  # [n, P' + n] bool
+    mask_full: EncodeMask | None  # None: a canvas, which attends to everything it sees
+    mask_sliding: EncodeMask | None
 
 
 @dataclass
 class SdpaMetadata:
     segments: list[SdpaSegmentPlan]
-
-
-def encode_mask(seg: Segment, num_prefix: int, window: int | None) -> torch.Tensor:
-    """Causal mask of an encode segment over [num_prefix cached ; own tokens], with HF's sliding
-    window (query sees itself + window-1 previous) and bidirectional image runs."""
-    device = seg.prefix_slots.device
-    q_pos = seg.start_pos + torch.arange(seg.num_tokens, device=device)
-    k_pos = torch.arange(seg.start_pos - num_prefix, seg.start_pos + seg.num_tokens, device=device)
-    allowed = k_pos[None, :] <= q_pos[:, None]
-    if window is not None:
-        allowed &= k_pos[None, :] > q_pos[:, None] - window
-    for begin, end in seg.image_runs:
-        run = torch.zeros(num_prefix + seg.num_tokens, dtype=torch.bool, device=device)
-        run[num_prefix + begin : num_prefix + end] = True
-        allowed[begin:end] |= run
-    return allowed
 
 
 class SdpaBackend(BaseAttnBackend):
@@ -73,20 +126,27 @@ class SdpaBackend(BaseAttnBackend):
             sl = slice(seg.offset, seg.offset + seg.num_tokens)
             prefix = plan.prefix_sliding if sliding else plan.prefix_full
             mask = plan.mask_sliding if sliding else plan.mask_full
-            k_seg, v_seg = k[sl], v[sl]
-            if prefix.numel():
-                k_pre, v_pre = self.kv.gather(layer.layer_id, prefix)
-                k_all, v_all = torch.cat([k_pre.to(k.dtype), k_seg]), torch.cat([v_pre.to(v.dtype), v_seg])
-            else:
-                k_all, v_all = k_seg, v_seg
-            # [n, H, D] -> [1, H, n, D]; scale 1.0 because q/k are RMS-normed (Gemma 4)
-            o = F.scaled_dot_product_attention(
-                q[sl].transpose(0, 1)[None],
-                k_all.transpose(0, 1)[None],
-                v_all.transpose(0, 1)[None],
-                attn_mask=mask,
-                scale=1.0,
-                enable_gqa=True,
-            )
-            out[sl] = o[0].transpose(0, 1)
+            k_pre, v_pre = self.kv.gather(layer.layer_id, prefix) if prefix.numel() else (k[:0], v[:0])
+            k_pre, v_pre = k_pre.to(k.dtype), v_pre.to(v.dtype)
+            keys, values = torch.cat([k_pre, k[sl]]), torch.cat([v_pre, v[sl]])  # [P + n, KV, D]
+            if mask is None:
+                out[sl] = _sdpa(q[sl], keys, values, None)
+                continue
+            p = k_pre.shape[0]
+            for a, b, lo, hi, chunk_mask in mask.chunks():
+                if lo == 0:  # full layers (and sliding ones near the start): a view of the keys, no copy per chunk
+                    chunk_k, chunk_v = keys[: p + hi], values[: p + hi]
+                else:  # at most window-1 cached + chunk + window-1 own keys (more only inside image runs)
+                    chunk_k, chunk_v = torch.cat([k_pre, k[sl][lo:hi]]), torch.cat([v_pre, v[sl][lo:hi]])
+                out[seg.offset + a : seg.offset + b] = _sdpa(q[sl][a:b], chunk_k, chunk_v, chunk_mask)
         return out
+
+
+def _sdpa(q, k, v, mask) -> torch.Tensor:
+    """q [n, H, D], k/v [m, KV, D], mask [n, m] bool or None -> [n, H, D]."""
+    # [n, H, D] -> [1, H, n, D]; scale 1.0 because q/k are RMS-normed (Gemma 4)
+    o = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+        attn_mask=mask, scale=1.0, enable_gqa=True,
+    )
+    return o[0].transpose(0, 1)

@@ -5,6 +5,10 @@
 Every other argument is a sglang server argument (``python -m sglang.launch_server --help``); ``--log-level``
 defaults to ``error`` here, as for ``sglang.Engine``.
 
+Local media: image and video paths (and ``file://`` URLs) in the bodies are read only inside the input file's own
+directory, unless ``SGL_DIFFUSION_ALLOWED_LOCAL_MEDIA_PATHS`` is set (then it alone decides; set it empty to allow
+none). The rest of the server's media policy applies unchanged (README "Security").
+
 Input: one request per line, ``{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {...}}``
 with ``url`` ``/v1/chat/completions`` or ``/v1/completions``. ``body`` is what the server takes on that route,
 ``diffusion`` included; it goes through sglang's own OpenAIServingChat / OpenAIServingCompletion, so the
@@ -28,7 +32,8 @@ Resume: rows are appended and flushed one by one, so an interrupted job loses on
 Run the same command again: ids that have a row in OUT (and line errors already reported, by line number)
 are skipped, a truncated last line in OUT is cut off. SIGTERM stops taking new requests and lets those in
 flight finish. Exit codes: 0 when every line has a row (error rows included), 2 for a usage error (e.g. no
-input file), 143 after SIGTERM and 130 after Ctrl-C (run the same command again to resume).
+input file), 143 after SIGTERM and 130 after Ctrl-C (run the same command again to resume), 1 when the engine
+does not start (the rows of the lines that never reach a route are still written).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import os
 import pathlib
 import signal
 import sys
@@ -236,6 +242,15 @@ async def run_batch(
     return summary
 
 
+def write_line_errors(input_path: pathlib.Path, output_path: pathlib.Path) -> int:
+    """Append the rows of the lines that never reach a route (they need no engine); returns their count."""
+    rows = [item for item in plan(input_path, Done.read(output_path)) if isinstance(item, dict)]
+    with output_path.open("ab") as file:
+        for row in rows:
+            file.write(orjson.dumps(row) + b"\n")
+    return len(rows)
+
+
 def _bad_request(message: str) -> dict:
     from http import HTTPStatus
 
@@ -264,6 +279,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def allow_input_directory(input_path: pathlib.Path, environ: dict | None = None) -> None:
+    """Local media in the bodies may come from the input file's directory, unless the operator set the variable."""
+    from sgl_diffusion.env import env_name
+
+    environ = os.environ if environ is None else environ
+    environ.setdefault(env_name("allowed_local_media_paths"), str(input_path.resolve().parent))
+
+
 def main(argv: list[str] | None = None) -> int:
     import sglang
     from sglang.srt.plugins import load_plugins
@@ -281,12 +304,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_in_flight < 1:
         parser.error("--max-in-flight must be at least 1")
 
+    allow_input_directory(args.input)  # NOTE: before the Engine, whose tokenizer manager (here) reads it
     # tqdm's default lock is a multiprocessing semaphore, owned by the resource tracker that Engine.shutdown
     # kills with our other children; freeing it at exit would then print a traceback. One process, one bar.
     tqdm.set_lock(threading.RLock())
     # NOTE: before ServerArgs, as sglang.launch_server does: plugins (ours) may hook its __post_init__
     load_plugins()
-    engine = sglang.Engine(server_args=ServerArgs.from_cli_args(args))
+    try:
+        engine = sglang.Engine(server_args=ServerArgs.from_cli_args(args))
+    except Exception:
+        written = write_line_errors(args.input, args.output)
+        print(f"{args.output}: the engine did not start; wrote the {written} rows that need no engine",
+              file=sys.stderr)  # fmt: skip
+        raise
     try:
         summary = engine.loop.run_until_complete(
             run_batch(engine, args.input, args.output, args.max_in_flight, progress=not args.no_progress))

@@ -102,6 +102,8 @@ PRESETS = {
         global_head_dim=64, num_global_key_value_heads=2, num_experts=8, top_k_experts=3,
         moe_intermediate_size=24, sliding_window=24,
     ),
+    # Dense and expert widths that are not multiples of sglang's CPU alignment (32 x TP): the server pads them.
+    "unaligned": _DEFAULT_TEXT | dict(intermediate_size=48, moe_intermediate_size=24),
 }  # fmt: skip
 INIT_STD = 0.3  # std 0.02 gives near-uniform logits that hide bugs; 0.3 gives logits with std ~2-3 (cap 30)
 

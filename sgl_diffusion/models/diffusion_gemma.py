@@ -1,12 +1,14 @@
 """DiffusionGemma: one Gemma-4 MoE weight stack used in two modes within one forward.
 
-- encode (prefill / commit segments): causal, image runs bidirectional, writes KV, encoder layer scalars;
+- encode (prefill / commit segments): causal (image runs bidirectional when the checkpoint says
+  use_bidirectional_attention="vision"), writes KV, encoder layer scalars;
 - denoise (canvas segments): self-conditioned input, bidirectional over [cached KV ; canvas], decoder
   layer scalars, final norm, tied LM head, fp32 softcap.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 
 import torch
@@ -72,6 +74,8 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
 
         positions = batch.positions
         rope = {sliding: rope_cos_sin(inv, positions, x.dtype) for sliding, inv in self.inv_freq.items()}
+        if not self.cfg.bidirectional_images:
+            batch = _causal_images(batch)  # the soft tokens are in x already; attention treats them as text
         attn.plan(batch)
         for layer, spec in zip(self.layers, self.cfg.layers):
             x = layer(x, *rope[spec.sliding], canvas_mask, batch, attn)
@@ -108,6 +112,15 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         load_checkpoint_weights(self, weights)
+
+
+def _causal_images(batch: CanvasBatch) -> CanvasBatch:
+    """``batch`` without image runs, for a checkpoint whose use_bidirectional_attention is unset: transformers
+    then encodes image tokens causally like text. Segments are copied; the caller's batch is untouched."""
+    if not any(seg.image_runs for seg in batch.segments):
+        return batch
+    segments = [dataclasses.replace(seg, image_runs=()) for seg in batch.segments]
+    return CanvasBatch(segments, batch.input_ids, batch.canvas_soft_embeds, batch.image_embeds)
 
 
 EntryClass = DiffusionGemmaForBlockDiffusion

@@ -5,18 +5,29 @@ Module and parameter names mirror the HF checkpoint's ``model.decoder.*`` tree s
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from sglang.srt.layers.layernorm import Gemma4RMSNorm
 from torch import nn
 
 from sgl_diffusion.attention.base import AttnLayer, BaseAttnBackend
+from sgl_diffusion.models import fused_moe
 from sgl_diffusion.models.config import DiffusionGemmaConfig, RopeSpec
+from sgl_diffusion.models.weights import pad_intermediate
 from sgl_diffusion.runtime.canvas_batch import CanvasBatch
 
 
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")
+MOE_CHUNK_TOKENS = 2048  # tokens per pass of the torch experts: bounds their [tokens, K, H] fp32 buffer
+
+# hidden_activation -> the function transformers' ACT2FN gives for it (config.ACTIVATIONS lists the same keys)
+ACTIVATIONS = {
+    "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh"),
+    "gelu": F.gelu,
+    "silu": F.silu,
+    "swish": F.silu,
+}
 
 
 def rope_inv_freq(rope: RopeSpec, head_dim: int) -> torch.Tensor:
@@ -49,16 +60,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class GatedMLP(nn.Module):
-    """down(gelu(gate(x)) * up(x)): the dense "shared expert" and the self-conditioning MLP."""
+    """down(act(gate(x)) * up(x)): the dense "shared expert" and the self-conditioning MLP."""
 
-    def __init__(self, hidden: int, intermediate: int):
+    def __init__(self, hidden: int, intermediate: int, activation: str):
         super().__init__()
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.act = ACTIVATIONS[activation]
+        _pad_gated_mlp(self)
 
     def forward(self, x):
-        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _pad_gated_mlp(mlp: nn.Module) -> None:
+    pad_intermediate(mlp.gate_proj.weight, 0)
+    pad_intermediate(mlp.up_proj.weight, 0)
+    pad_intermediate(mlp.down_proj.weight, 1)
 
 
 class Attention(nn.Module):
@@ -110,32 +129,36 @@ class Experts(nn.Module):
     def __init__(self, cfg: DiffusionGemmaConfig):
         super().__init__()
         e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
-        self.down_proj = nn.Parameter(torch.empty(e, h, i))
+        self.gate_up_proj = pad_intermediate(nn.Parameter(torch.empty(e, 2 * i, h)), 1, parts=2)
+        self.down_proj = pad_intermediate(nn.Parameter(torch.empty(e, h, i)), 2)
+        self.activation = cfg.hidden_activation
+        self.act = ACTIVATIONS[cfg.hidden_activation]
 
     def forward(self, x, weights, ids):
-        if x.is_cuda:
-            return self._forward_fused(x, weights, ids)
+        if fused_moe.applies(x):
+            return fused_moe.fused_experts(x, self.gate_up_proj, self.down_proj, weights, ids, self.activation)
         return self._forward_torch(x, weights, ids)
 
     def _forward_torch(self, x, weights, ids):
-        out = torch.zeros_like(x)
-        # one matmul per expert that has tokens, like HF: exact on CPU and cheap for a few tokens
+        if x.shape[0] <= MOE_CHUNK_TOKENS:
+            return self._experts_chunk(x, weights, ids)
+        step = MOE_CHUNK_TOKENS
+        return torch.cat([self._experts_chunk(x[i : i + step], weights[i : i + step], ids[i : i + step])
+                          for i in range(0, x.shape[0], step)])
+
+    def _experts_chunk(self, x, weights, ids):
+        # NOTE: transformers' default experts implementation (grouped_mm) sums each token's K weighted expert
+        # outputs in fp32, in slot order, and rounds once. Another order, or a running bf16 sum as its eager loop
+        # keeps, moves a bf16 result by an ulp now and then, which a random tiny model amplifies to O(1).
+        n, k = ids.shape
+        out = torch.zeros(n, k, x.shape[1], dtype=torch.float32, device=x.device)  # [n, K, H]
+        # one matmul per expert that has tokens: exact on CPU and cheap for a few tokens
         for expert in ids.unique().tolist():
             token, slot = torch.where(ids == expert)
             gate, up = F.linear(x[token], self.gate_up_proj[expert]).chunk(2, dim=-1)
-            y = F.linear(gelu_tanh(gate) * up, self.down_proj[expert])
-            out.index_add_(0, token, (y * weights[token, slot, None]).to(out.dtype))
-        return out
-
-    def _forward_fused(self, x, weights, ids):
-        # sglang's Triton fused MoE; weight layout [E, 2I, H] / [E, H, I] is its w13 / w2 layout.
-        from sglang.srt.layers.moe.moe_runner.triton_utils.fused_moe import fused_experts_impl
-
-        return fused_experts_impl(
-            x, self.gate_up_proj, self.down_proj, weights.to(torch.float32), ids.to(torch.int32),
-            activation="gelu_tanh",
-        )
+            y = F.linear(self.act(gate) * up, self.down_proj[expert])
+            out[token, slot] = y * weights[token, slot, None]  # weights are fp32
+        return out.sum(dim=1).to(x.dtype)
 
 
 class DecoderLayer(nn.Module):
@@ -145,7 +168,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         h, eps = cfg.hidden_size, cfg.rms_norm_eps
         self.self_attn = Attention(cfg, layer_id)
-        self.mlp = GatedMLP(h, cfg.intermediate_size)
+        self.mlp = GatedMLP(h, cfg.intermediate_size, cfg.hidden_activation)
         self.router = Router(cfg)
         self.experts = Experts(cfg)
         for name in (
@@ -180,9 +203,11 @@ class SelfConditioning(nn.Module):
         self.gate_proj = nn.Linear(h, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(h, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, h, bias=False)
+        self.act = ACTIVATIONS[cfg.hidden_activation]
+        _pad_gated_mlp(self)
 
     def forward(self, embeds, soft_embeds):
-        if soft_embeds is None:  # first step: MLP(pre_norm(0)) == 0
+        if soft_embeds is None:  # first step: MLP(pre_norm(0)) == 0 (every activation here has act(0) == 0)
             return self.post_norm(embeds)
         n = self.pre_norm(soft_embeds)
-        return self.post_norm(embeds + self.down_proj(gelu_tanh(self.gate_proj(n)) * self.up_proj(n)))
+        return self.post_norm(embeds + self.down_proj(self.act(self.gate_proj(n)) * self.up_proj(n)))

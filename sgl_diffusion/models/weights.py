@@ -2,10 +2,14 @@
 
 The encoder and decoder share every text weight; the checkpoint stores them once under
 ``model.decoder.*``. Only the encoder's ``layer_scalar`` buffers are separate.
+
+A parameter may carry a ``weight_loader(param, loaded)`` attribute (sglang's convention) that copies a checkpoint
+tensor of another shape into it; ``pad_intermediate`` gives one to the parameters sglang pads.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 
@@ -40,11 +44,44 @@ def load_checkpoint_weights(model: nn.Module, weights: Iterable[tuple[str, torch
         if param_name is None:
             continue
         target = targets[param_name]
-        if target.shape != tensor.shape:
-            raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(target.shape)}")
-        with torch.no_grad():
-            target.copy_(tensor)
+        try:
+            with torch.no_grad():
+                getattr(target, "weight_loader", copy_exact)(target, tensor)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
         loaded.add(param_name)
     missing = {n for n, _ in model.named_parameters()} - loaded
     if missing:
         raise ValueError(f"DiffusionGemma checkpoint lacks {len(missing)} weights, e.g. {sorted(missing)[:5]}")
+
+
+def copy_exact(param: torch.Tensor, loaded: torch.Tensor) -> None:
+    if param.shape != loaded.shape:
+        raise ValueError(f"checkpoint shape {tuple(loaded.shape)} != model {tuple(param.shape)}")
+    param.copy_(loaded)
+
+
+def copy_padded(param: torch.Tensor, loaded: torch.Tensor, dim: int, parts: int = 1) -> None:
+    """Copy ``loaded`` into ``param``, which may be longer along ``dim``: the rest is zeroed.
+
+    ``parts`` > 1: ``dim`` holds that many fused pieces (gate rows, then up rows), each padded on its own.
+    """
+    if param.dim() != loaded.dim() or any(p != w for d, (p, w) in enumerate(zip(param.shape, loaded.shape)) if d != dim):
+        raise ValueError(f"checkpoint shape {tuple(loaded.shape)} does not fit model {tuple(param.shape)}")
+    if param.shape[dim] % parts or loaded.shape[dim] % parts or loaded.shape[dim] > param.shape[dim]:
+        raise ValueError(f"checkpoint shape {tuple(loaded.shape)} does not fit model {tuple(param.shape)} "
+                         f"({parts} fused parts along dim {dim})")
+    param.zero_()
+    for dst, src in zip(param.chunk(parts, dim), loaded.chunk(parts, dim)):
+        dst.narrow(dim, 0, src.shape[dim]).copy_(src)
+
+
+def pad_intermediate(param: nn.Parameter, dim: int, parts: int = 1) -> nn.Parameter:
+    """Let ``param`` load a checkpoint whose intermediate size (along ``dim``) is smaller than the model's.
+
+    sglang pads the config's intermediate sizes on CPU (``adjust_config_with_unaligned_cpu_tp``: up to a multiple
+    of 32 x TP) and the model is built from the padded config. Zero gate/up rows and zero down columns make a
+    gated MLP compute exactly what the unpadded one does: gelu(0) * 0 = 0.
+    """
+    param.weight_loader = functools.partial(copy_padded, dim=dim, parts=parts)
+    return param

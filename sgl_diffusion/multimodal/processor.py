@@ -5,19 +5,22 @@ sglang's own DiffusionGemma processor reads images at the checkpoint's budget an
 - ``image_token_budget``: soft tokens per image, one of Gemma 4's budgets (the checkpoint's by default),
   from ``mm_processor_kwargs`` (the OpenAI body field ``image_token_budget`` is moved there);
 - video: each ``<|video|>`` placeholder becomes Gemma 4's ``mm:ss <frame>`` layout with the frames, sampled
-  at 1 fps (at most 60 s), read as images at the request's budget. The canvas never holds image tokens.
+  at 1 fps (at most 60 s), read as images at the request's budget. The canvas never holds image tokens;
+- the media policy (``media_policy.py``): every image and video is read into bytes under the operator's rules
+  before sglang's loader or PyAV sees it, so neither opens a client's path or URL itself.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 
 from sglang.srt.managers.schedule_batch import MultimodalProcessorOutput
 from sglang.srt.multimodal.processors.diffusion_gemma import DiffusionGemmaSGLangProcessor
 
+from sgl_diffusion.env import MediaEnv
 from sgl_diffusion.models.diffusion_gemma import DiffusionGemmaForBlockDiffusion
+from sgl_diffusion.multimodal.media_policy import MediaPolicy
 from sgl_diffusion.multimodal.video import frame_placeholders, sample_frames
 
 IMAGE_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)  # Gemma 4's image processor's supported max_soft_tokens
@@ -32,14 +35,8 @@ def check_image_token_budget(budget) -> int:
     return budget
 
 
-def _check_local_images(image_data) -> None:
-    # sglang's loader turns a missing file into a 500 (it is not among its client errors)
-    for item in image_data if isinstance(image_data, list) else [image_data]:
-        url = getattr(item, "url", item)
-        if isinstance(url, str) and (url.startswith("file://") or os.path.isabs(url)):
-            path = url.removeprefix("file://")
-            if not os.path.isfile(path):
-                raise ValueError(f"no image file at {path}")
+def _as_list(items) -> list:
+    return [] if items is None else list(items) if isinstance(items, list) else [items]
 
 
 class DiffusionGemmaProcessor(DiffusionGemmaSGLangProcessor):
@@ -49,6 +46,7 @@ class DiffusionGemmaProcessor(DiffusionGemmaSGLangProcessor):
         super().__init__(hf_config, server_args, _processor, *args, **kwargs)
         image_processor = getattr(_processor, "image_processor", None)
         self.default_budget = getattr(image_processor, "max_soft_tokens", None) or 280
+        self.media_policy = MediaPolicy.from_env(MediaEnv.from_environ())  # NOTE: a bad variable fails startup
 
     def image_token_budget(self, request_obj) -> int:
         options = dict(getattr(request_obj, "mm_processor_kwargs", None) or {})
@@ -61,24 +59,28 @@ class DiffusionGemmaProcessor(DiffusionGemmaSGLangProcessor):
         if kwargs.get("audio_data") or getattr(request_obj, "audio_data", None):
             raise ValueError("DiffusionGemma does not read audio")
         budget = self.image_token_budget(request_obj)
-        _check_local_images(image_data)
-        videos = getattr(request_obj, "video_data", None)
+        images, videos = _as_list(image_data), _as_list(getattr(request_obj, "video_data", None))
+        self.media_policy.check_counts(len(images), len(videos))
+        loop = asyncio.get_running_loop()
+        images = list(await asyncio.gather(*(loop.run_in_executor(self.io_executor, self.media_policy.image, item)
+                                             for item in images)))  # fmt: skip
         if videos:
-            input_text, image_data = await self._videos_as_images(input_text, image_data, videos)
-        base_output = await self.load_mm_data(prompt=input_text, image_data=image_data, multimodal_tokens=self.mm_tokens)
+            input_text, images = await self._videos_as_images(input_text, images, videos)
+        base_output = await self.load_mm_data(prompt=input_text, image_data=images or None,
+                                              multimodal_tokens=self.mm_tokens)
         mm_items, input_ids, _ = await self.process_and_combine_mm_data_async(
             base_output, self.mm_tokens, images_kwargs={"max_soft_tokens": budget})
         return MultimodalProcessorOutput(input_ids=input_ids.tolist(), mm_items=mm_items,
                                          im_token_id=self.mm_tokens.image_token_id)
 
-    async def _videos_as_images(self, text, image_data, videos):
-        """The prompt with each <|video|> spelled out as timestamped frames, and the images in prompt order."""
+    async def _videos_as_images(self, text, images: list, videos: list):
+        """The prompt with each <|video|> spelled out as timestamped frames, and the images in prompt order.
+
+        ``images`` are already through the media policy; ``videos`` are request items (read here)."""
         if not isinstance(text, str):
             raise ValueError("a video needs a text prompt with a <|video|> placeholder (not input_ids)")
-        videos = videos if isinstance(videos, list) else [videos]
         loop = asyncio.get_running_loop()
-        sampled = await asyncio.gather(*(loop.run_in_executor(self.io_executor, sample_frames, v) for v in videos))
-        images = [] if image_data is None else list(image_data) if isinstance(image_data, list) else [image_data]
+        sampled = await asyncio.gather(*(loop.run_in_executor(self.io_executor, self._frames, v) for v in videos))
         pieces, ordered, next_image, next_video, cursor = [], [], 0, 0, 0
         for match in _PLACEHOLDER.finditer(text):
             pieces.append(text[cursor : match.start()])
@@ -99,3 +101,6 @@ class DiffusionGemmaProcessor(DiffusionGemmaSGLangProcessor):
             raise ValueError(f"{len(sampled)} video(s) sent but the prompt has a placeholder for {next_video}: "
                              f"put one '{VIDEO_TOKEN}' in the prompt text per video")
         return "".join(pieces), ordered + images[next_image:]  # images without a placeholder are refused later
+
+    def _frames(self, video) -> list:
+        return sample_frames(self.media_policy.video(video), self.media_policy.limits)

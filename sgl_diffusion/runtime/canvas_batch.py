@@ -26,7 +26,8 @@ class Segment:
     start_pos: int  # absolute position of the first token; equals len(prefix_slots)
     prefix_slots: torch.Tensor  # [start_pos] int64, KV slots of the cached context
     new_slots: torch.Tensor | None = None  # [num_tokens] int64, where encode segments write KV
-    image_runs: tuple[tuple[int, int], ...] = ()  # [begin, end) offsets that attend bidirectionally
+    # [begin, end) offsets of image soft tokens: bidirectional if the checkpoint sets use_bidirectional_attention
+    image_runs: tuple[tuple[int, int], ...] = ()
     offset: int = field(init=False, default=0)  # first token in the flat batch; set by CanvasBatch
 
     def __post_init__(self):

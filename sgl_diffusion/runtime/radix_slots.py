@@ -1,6 +1,7 @@
 """KV slots from sglang's pools with its radix tree: prompts reuse cached prefixes, and a request's
 committed context (prompt + committed canvases: ordinary causal KV) is inserted as soon as it is
-encoded, so concurrent requests and the next turn of a conversation reuse it.
+encoded, so concurrent requests and the next turn of a conversation reuse it. A finished request's
+last canvas is inserted when it is released, right after the forward that encoded it.
 
 Each request owns one req_to_token row; the row holds the matched prefix (locked in the tree) and
 the slots of every encode segment, so sglang's release/eviction/leak checks apply unchanged.
@@ -24,7 +25,7 @@ class RadixKVSlots(KVSlots):
     def reserve(self, dreq: DiffusionRequest, tokens: list[int]) -> Reservation | None:
         req = dreq.handle
         if req.kv.holds_kv:
-            return self._extend(req, len(tokens))
+            return self._extend(req, len(tokens), slide_window=not dreq.finished)
         if self.rows.available_size() < 1:
             return None
         req.init_next_round_input(self.tree)  # match the prompt against the tree: req.prefix_len, req.last_node
@@ -56,6 +57,10 @@ class RadixKVSlots(KVSlots):
         # NOTE: when the tree already held these tokens it points the row at its own slots and frees ours
         dreq.slots = self.rows.req_to_token[req.kv.req_pool_idx, : req.kv.kv_committed_len].long()
 
+    @property
+    def caches_prefixes(self) -> bool:
+        return self.tree.supports_prefix_sharing()  # False with --disable-radix-cache
+
     def release(self, dreq: DiffusionRequest, cache: bool = True) -> None:
         req = dreq.handle
         if req.kv.holds_kv:
@@ -64,15 +69,18 @@ class RadixKVSlots(KVSlots):
             self.tree.unlock(req.lock)
             req.lock = None
 
-    def _extend(self, req, n: int) -> Reservation | None:
+    def _extend(self, req, n: int, slide_window: bool) -> Reservation | None:
         start = req.kv.kv_committed_len
         new = self._alloc(n)
         if new is None:
             return None
         self.rows.write((req.kv.req_pool_idx, slice(start, start + n)), new.to(torch.int32))
         req.kv.kv_allocated_len = req.kv.kv_committed_len = start + n
-        # the canvas reads only the last window of sliding layers: give the rest of the SWA side back
-        self.tree.evict_sliding_windows(req, start)
+        if slide_window:
+            # the canvas reads only the last window of sliding layers: give the rest of the SWA side back
+            # NOTE: not for a finished request's last commit: it is released right after, and freeing would
+            # also drop the window at the end of its prompt, which a repeated prompt needs to match
+            self.tree.evict_sliding_windows(req, start)
         return Reservation(self.empty, new)
 
     def _alloc(self, n: int) -> torch.Tensor | None:

@@ -110,9 +110,11 @@ class DiffusionRunner:
     def _sample_tile(self, hidden, states, frozen) -> torch.Tensor:
         rows = [eb.SamplerRow(s.params, max(s.step_remaining, 1), s.history) for s in states]
         logits = self.model.logits(hidden.flatten(0, 1)).view(*hidden.shape[:2], -1)
-        result = eb.step(logits, eb.prepare(rows), [s.generator for s in states])
+        # NOTE: the self-conditioning probabilities come out in the model dtype, rounded where HF rounds them
+        dtype = self.model.embed_tokens.weight.dtype
+        result = eb.step(logits, eb.prepare(rows), [s.generator for s in states], self_conditioning_dtype=dtype)
         del logits
-        soft = self.model.soft_embed(result.probs)  # [rows, C, H]; probs are dropped with the tile
+        soft = self.model.soft_embed(result.self_conditioning_probs)  # [rows, C, H]; the probs die with the tile
         for i, s in enumerate(states):
             keep = None if frozen is None else frozen[i]
             s.history = _unless(keep, s.history, eb.push_history(s.history, result.argmax[i]))

@@ -4,6 +4,10 @@ Every running request contributes at most two segments per forward: its pending 
 or the canvas it just finished) followed by one denoise step of its current canvas. Encoding and
 denoising thus share forwards: a new prompt never stalls the requests that are denoising, and a
 finished canvas is committed in the same forward as the next canvas's first step.
+
+A request's last canvas is committed too when the KV store keeps prefixes (the radix cache): its answer
+is streamed as soon as the canvas is done, and the request stays one more forward to encode those
+tokens, so the next turn of a conversation reuses the whole answer.
 """
 
 from __future__ import annotations
@@ -38,6 +42,11 @@ class KVSlots(ABC):
     def encoded(self, req: DiffusionRequest) -> None:
         """Called after a forward wrote the request's reserved KV (a prefix cache may publish it)."""
 
+    @property
+    def caches_prefixes(self) -> bool:
+        """Whether released context is kept for later requests (then a request's last canvas is worth encoding)."""
+        return False
+
     @abstractmethod
     def release(self, req: DiffusionRequest, cache: bool = True) -> None:
         """Give back everything the request holds; with ``cache``, keep its committed context cached."""
@@ -56,7 +65,7 @@ class DiffusionRequest:
     pending: list[int] = field(default_factory=list, init=False)  # tokens to encode next forward
     state: CanvasState | None = field(default=None, init=False)
     output_ids: list[int] = field(default_factory=list, init=False)
-    finished: bool = field(default=False, init=False)
+    finished: bool = field(default=False, init=False)  # output complete; may still encode its last canvas
 
     @property
     def context_len(self) -> int:
@@ -89,7 +98,7 @@ class StepOutput:
     """What one forward produced."""
 
     committed: list[tuple[DiffusionRequest, list[int]]]  # requests that finished a canvas, with kept tokens
-    finished: list[DiffusionRequest]
+    finished: list[DiffusionRequest]  # requests whose output completed in this forward
     starved: list[DiffusionRequest] = field(default_factory=list)  # denied KV slots this round
 
 
@@ -115,15 +124,18 @@ class CanvasScheduler:
     def step(self) -> StepOutput:
         """plan -> forward + sample -> commit -> free."""
         reqs, segments, states, starved = self._plan()
-        if not segments:
-            return StepOutput([], [], starved)
-        batch = self._build_batch(reqs, segments, states)
-        done = self.runner.run(batch, states, extra_steps=self.steps_per_round - 1)
-        for seg in segments:
-            if seg.writes_kv:
-                self.kv.encoded(reqs[seg.req_index])
-        out = self._apply(reqs, done)
-        out.starved = starved
+        out = StepOutput([], [], starved)
+        if segments:
+            batch = self._build_batch(reqs, segments, states)
+            done = self.runner.run(batch, states, extra_steps=self.steps_per_round - 1)
+            for seg in segments:
+                if seg.writes_kv:
+                    self.kv.encoded(reqs[seg.req_index])
+            out = self._apply(reqs, segments, done)
+            out.starved = starved
+        for req in list(self.running):
+            if req.finished and not req.pending:  # its last canvas is encoded (or never will be)
+                self._free(req)
         return out
 
     def abort(self, req: DiffusionRequest, cache: bool = True) -> None:
@@ -134,13 +146,14 @@ class CanvasScheduler:
 
     def _plan(self):
         reqs, segments, states, starved = [], [], [], []
-        encode_only = not self.mixed_rounds and any(r.pending for r in self.running if not r.finished)
+        encode_only = not self.mixed_rounds and any(r.pending for r in self.running)
         for req in list(self.running):
-            if req.finished:
-                continue
             if req.pending:
                 kind = "prefill" if req.slots is None else "commit"
                 got = self.kv.reserve(req, req.pending)
+                if got is None and req.finished:
+                    req.pending = []  # no room for its last canvas: release what is encoded rather than wait
+                    continue
                 if got is None:
                     starved.append(req)  # out of KV: wait until someone frees
                     continue
@@ -150,6 +163,10 @@ class CanvasScheduler:
                 if req.pending:
                     runs = req.images_after(prefix.numel())[0] if kind == "prefill" else ()
                     segments.append(Segment(kind, len(reqs), len(req.pending), prefix.numel(), prefix, got.new, runs))
+            if req.finished:
+                if req.pending:
+                    reqs.append(req)  # only its last canvas's commit
+                continue
             if req.slots is None:  # an empty prompt: the canvas attends to itself only
                 req.slots = torch.empty(0, dtype=torch.long, device=self.device)
             if req.max_new_tokens <= 0:
@@ -182,10 +199,10 @@ class CanvasScheduler:
                     images.append(req.images_after(seg.start_pos)[1])
         return CanvasBatch(segments, torch.cat(pieces), soft, torch.cat(images) if images else None)
 
-    def _apply(self, reqs, done) -> StepOutput:
+    def _apply(self, reqs, segments, done) -> StepOutput:
         committed, finished = [], []
-        canvas_reqs = [r for r in reqs if r.max_new_tokens > 0]
-        for req, is_done in zip(canvas_reqs, done):
+        canvas_reqs = [reqs[seg.req_index] for seg in segments if seg.kind == "canvas"]
+        for req, is_done in zip(canvas_reqs, done, strict=True):
             if not is_done:
                 continue
             canvas = req.state.argmax.tolist()
@@ -193,16 +210,16 @@ class CanvasScheduler:
             req.output_ids.extend(kept)
             committed.append((req, kept))
             if is_finished:
-                req.finished = True
+                req.finished, req.state = True, None
+                finished.append(req)
+                if self.kv.caches_prefixes:
+                    req.pending = kept  # committed in the next forward, after the answer has been streamed
             else:
                 req.pending = canvas  # committed causally in the next forward
                 req.state = req.state.next_canvas(self.vocab_size)
         for req in reqs:
-            if req.max_new_tokens <= 0:
+            if req.max_new_tokens <= 0 and not req.finished:
                 req.finished = True
-        for req in reqs:
-            if req.finished:
-                self._free(req)
                 finished.append(req)
         return StepOutput(committed, finished)
 
@@ -226,7 +243,7 @@ def eos_sink(eos_token_ids) -> CanvasSink:
                 kept = canvas[: i + 1]
                 break
         room = req.max_new_tokens - len(req.output_ids)
-        finished = len(kept) < len(canvas) or len(kept) >= room
+        finished = kept[-1] in eos or len(kept) >= room
         return kept[:room], finished
 
     return sink

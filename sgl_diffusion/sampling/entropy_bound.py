@@ -20,18 +20,36 @@ import torch
 from .params import DiffusionParams
 
 
-def temperature(step_remaining, max_steps, t_min, t_max) -> torch.Tensor:
-    """T = t_min + (t_max - t_min) * (s / N) as a float32 tensor, rounded exactly as HF computes it.
+def temperature(step_remaining, max_steps, t_min, t_max, device=None) -> torch.Tensor:
+    """T = t_min + (t_max - t_min) * (s / N), float32 on ``device``, computed as HF computes it there.
 
     `step_remaining` s runs N..1, so the first step gets t_max and the last t_min + (t_max - t_min) / N.
-    Arguments may be scalars or equal-length sequences.
+    Arguments may be scalars (a 0-dim result) or equal-length sequences ([B]; scalars are shared by all rows).
     """
-    # NOTE: HF does `py_float + py_float_diff * (int32_tensor / py_int)`: the span is a float64 difference rounded
-    # once to float32, s / N is a float32 division, and every later op is float32.
-    t_min = torch.as_tensor(t_min, dtype=torch.float64)
-    span = (torch.as_tensor(t_max, dtype=torch.float64) - t_min).float()
-    ratio = torch.as_tensor(step_remaining, dtype=torch.int32) / torch.as_tensor(max_steps, dtype=torch.int32)
-    return t_min.float() + span * ratio
+    if not isinstance(step_remaining, Sequence):
+        return _hf_temperature(torch.tensor(step_remaining, dtype=torch.int32, device=device), max_steps, t_min, t_max)
+    rows = len(step_remaining)
+    per_row = [x if isinstance(x, Sequence) else [x] * rows for x in (max_steps, t_min, t_max)]
+    groups: dict[tuple, list[int]] = {}  # rows sharing (N, t_min, t_max) take one vectorised evaluation
+    for b, key in enumerate(zip(*per_row)):
+        groups.setdefault(key, []).append(b)
+    parts, order = [], []
+    for (n, lo, hi), idx in groups.items():
+        cur_step = torch.tensor([step_remaining[b] for b in idx], dtype=torch.int32, device=device)
+        parts.append(_hf_temperature(cur_step, n, lo, hi))
+        order += idx
+    temp = torch.cat(parts)
+    if order != sorted(order):
+        temp = temp[torch.tensor(order, device=device).argsort()]
+    return temp
+
+
+def _hf_temperature(cur_step: torch.Tensor, max_steps: int, t_min: float, t_max: float) -> torch.Tensor:
+    # NOTE: LinearTemperatureScheduleLogitsProcessor verbatim: `cur_step` is an int32 tensor on the logits' device
+    # and everything else a Python number, so each op rounds as HF's does on that device. On CUDA `cur_step / N`
+    # with a Python N becomes `cur_step * (1 / N)` (a CPU-scalar divisor), which differs from a true division by
+    # one ulp on some steps: computing on the CPU and copying would break seeded bit identity on a GPU.
+    return t_min + ((t_max - t_min) * (cur_step / max_steps))
 
 
 def init_canvas_noise(
@@ -85,7 +103,9 @@ class SamplingArgs(NamedTuple):
 class StepResult(NamedTuple):
     next_canvas: torch.Tensor  # [B, C] int64: sampled token where accepted, fresh uniform noise elsewhere
     argmax: torch.Tensor  # [B, C] int64, argmax of logits / T (the draft; committed when done)
-    probs: torch.Tensor  # [B, C, V] fp32 softmax(logits / T): next step's self-conditioning input, do not keep
+    # [B, C, V] next step's self-conditioning input in the model dtype D, as HF computes it:
+    # softmax(float32(D(logits / T))).to(D). Vocab-sized: do not keep it past the soft embedding.
+    self_conditioning_probs: torch.Tensor
     accepted: torch.Tensor  # [B, C] bool
     mean_entropy: torch.Tensor  # [B] fp32, nats
     stable: torch.Tensor  # [B] bool
@@ -93,15 +113,16 @@ class StepResult(NamedTuple):
 
 
 def prepare(rows: Sequence[SamplerRow]) -> SamplingArgs:
-    """Host-to-device work for one step of a batch: two small copies plus stacking the histories on device."""
+    """Host-to-device work for one step of a batch: a few small copies, the temperatures computed on the device
+    (as HF computes them there) and the histories stacked on device."""
     device = rows[0].history.device
     canvas_length = rows[0].history.shape[1]
     p = [r.params for r in rows]
     temp = temperature([r.step_remaining for r in rows], [x.max_denoising_steps for x in p],
-                       [x.t_min for x in p], [x.t_max for x in p])
+                       [x.t_min for x in p], [x.t_max for x in p], device=device)
     # float64 -> fp32 rounding here is the same HF applies when it compares fp32 tensors with Python floats.
-    bounds = torch.tensor([[x.entropy_bound for x in p], [x.confidence_threshold for x in p]], dtype=torch.float32)
-    floats = torch.cat([temp[None], bounds]).to(device)  # [3, B] fp32
+    bounds = torch.tensor([[x.entropy_bound for x in p], [x.confidence_threshold for x in p]],
+                          dtype=torch.float32).to(device)  # [2, B]
     ints = torch.tensor([[x.stability_threshold for x in p], [r.step_remaining for r in rows]]).to(device)  # [2, B]
 
     max_k = max(x.stability_threshold for x in p)
@@ -111,22 +132,29 @@ def prepare(rows: Sequence[SamplerRow]) -> SamplingArgs:
         assert k == r.params.stability_threshold, (k, r.params.stability_threshold)
         if k:
             history[b, max_k - k :] = r.history
-    return SamplingArgs(floats[0], floats[1], floats[2], ints[0], ints[1] == 1, history)
+    return SamplingArgs(temp, bounds[0], bounds[1], ints[0], ints[1] == 1, history)
 
 
-def step(logits: torch.Tensor, args: SamplingArgs, generators: Sequence[torch.Generator | None]) -> StepResult:
+def step(
+    logits: torch.Tensor,
+    args: SamplingArgs,
+    generators: Sequence[torch.Generator | None],
+    self_conditioning_dtype: torch.dtype = torch.float32,
+) -> StepResult:
     """One Entropy-Bound step for a batch. `logits` [B, C, V] fp32, already softcapped; nothing passed in is modified.
 
-    `generators[b]` (None = the device's global RNG) must live on the logits' device. Besides the returned
-    `probs`, at most two [B, C, V] temporaries are alive at once (scaled logits, then p*log p or logsumexp's
-    scratch), plus multinomial's [C, V] scratch per request.
+    `generators[b]` (None = the device's global RNG) must live on the logits' device. `self_conditioning_dtype` is
+    the model's dtype (HF rounds the scaled logits to it before the self-conditioning softmax). Besides the returned
+    probabilities, at most two [B, C, V] fp32 temporaries are alive at once (the scaled logits, then one of: the
+    sampling probabilities, the self-conditioning softmax, p*log p, logsumexp's scratch), plus in a non-fp32 model
+    two [B, C, V] ones in its dtype, and multinomial's [C, V] scratch per request.
     """
     batch, canvas_length, vocab_size = logits.shape
     assert len(generators) == batch, (len(generators), batch)
 
     # NOTE: `temperature` is a device tensor, never a CPU scalar: CUDA turns division by a CPU scalar into a
     # multiplication by its reciprocal, which rounds differently from HF's division.
-    scaled = logits / args.temperature[:, None, None]  # [B, C, V]
+    scaled = logits / args.temperature[:, None, None]  # [B, C, V] fp32, HF's processed_logits
     argmax = scaled.argmax(dim=-1)  # [B, C]
     probs = torch.softmax(scaled, dim=-1, dtype=torch.float32)  # [B, C, V]
 
@@ -134,6 +162,11 @@ def step(logits: torch.Tensor, args: SamplingArgs, generators: Sequence[torch.Ge
     sampled = torch.stack([
         torch.multinomial(probs[b], num_samples=1, generator=g).squeeze(-1) for b, g in enumerate(generators)
     ])  # [B, C]
+    if self_conditioning_dtype == torch.float32:
+        sc_probs = probs  # HF's softmax(float32(float32(scaled))) is the very op above
+    else:
+        del probs  # the fp32 probabilities only served the draw
+        sc_probs = _self_conditioning_probs(scaled, self_conditioning_dtype)
 
     entropy = _categorical_entropy_(scaled)  # [B, C]; consumes `scaled`
     del scaled
@@ -148,7 +181,14 @@ def step(logits: torch.Tensor, args: SamplingArgs, generators: Sequence[torch.Ge
     mean_entropy = entropy.mean(dim=-1)
     stable = _stable(args.history, args.stability_threshold, argmax)
     done = (stable & (mean_entropy < args.confidence_threshold)) | args.is_last_step
-    return StepResult(next_canvas, argmax, probs, accepted, mean_entropy, stable, done)
+    return StepResult(next_canvas, argmax, sc_probs, accepted, mean_entropy, stable, done)
+
+
+def _self_conditioning_probs(scaled: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """HF's next-step input: it keeps `scaled.to(dtype)` as the self-conditioning logits, and the decoder takes
+    `softmax(dim=-1, dtype=float32).to(dtype)` of them. In a bf16 model the logits (up to ~75 once divided by T,
+    where bf16 spacing is 0.5) are rounded before the softmax, so softmax(scaled) would be a different input."""
+    return torch.softmax(scaled.to(dtype), dim=-1, dtype=torch.float32).to(dtype)
 
 
 def _categorical_entropy_(scaled: torch.Tensor) -> torch.Tensor:

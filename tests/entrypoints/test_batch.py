@@ -58,9 +58,9 @@ def by_key(rows):
     return keyed
 
 
-def run_cli(model_dir, input_path, output_path, *extra):
+def run_cli(model_dir, input_path, output_path, *extra, engine_args=ENGINE_ARGS):
     args = [sys.executable, "-m", "sgl_diffusion.entrypoints.batch", "--model-path", str(model_dir),
-            "--input", str(input_path), "--output", str(output_path), *ENGINE_ARGS, *extra]  # fmt: skip
+            "--input", str(input_path), "--output", str(output_path), *engine_args, *extra]  # fmt: skip
     return subprocess.run(args, capture_output=True, text=True, errors="replace", timeout=300)
 
 
@@ -117,6 +117,32 @@ def test_missing_input_is_a_usage_error(tmp_path):
     assert proc.returncode == 2
     assert "no such file" in proc.stderr
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_lines_without_a_route_are_answered_when_the_engine_fails(tmp_path, monkeypatch):
+    """An engine that does not start still leaves a row for every line that needs none; the error propagates,
+    and a later run skips those rows."""
+    import os
+
+    import sglang
+
+    from sgl_diffusion.entrypoints import batch
+
+    def engine_fails(**kwargs):
+        raise RuntimeError("No accelerator (CUDA, XPU, HPU, NPU, MUSA, MPS) or platform plugin is available.")
+
+    monkeypatch.setattr(sglang, "Engine", engine_fails)
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # main() sets defaults in the environment
+    input_path, out = write_lines(tmp_path / "in.jsonl", INPUT_LINES), tmp_path / "out.jsonl"
+    with pytest.raises(RuntimeError, match="No accelerator"):
+        batch.main(["--model-path", str(tmp_path), "--input", str(input_path), "--output", str(out)])
+    rows = by_key(read_rows(out))
+    assert {key: _status(row) for key, row in rows.items()} == {
+        ("line", 3): "invalid_json", "bad-url": "invalid_url", ("line", 7): "duplicate_custom_id",
+        ("line", 10): "missing_custom_id",
+    }  # fmt: skip
+    assert [item.custom_id for item in plan(input_path, Done.read(out))] == [
+        "chat-seeded", "comp-seeded", "bad-diffusion", "bad-body", "streamed"]  # fmt: skip
 
 
 # ---- the CLI on the tiny checkpoint ----------------------------------------------------------------------------
@@ -215,3 +241,61 @@ def test_resume_runs_only_what_output_lacks(first_run, tiny_checkpoint_dir, tmp_
     choices = [r["chat-seeded"]["response"]["body"]["choices"] for r in (rows, first_rows)]
     assert choices[0] == choices[1]
     assert "3 were already there" in proc.stderr
+
+
+@pytest.mark.slow
+def test_only_the_three_paths_answer_every_line(tiny_checkpoint_dir, tmp_path):
+    """`--model-path --input --output` and nothing else: on a machine without an accelerator the engine picks
+    the CPU by itself, and every line gets its row, a line that is not JSON included."""
+    lines = [line("chat", CHAT, CHAT_SEEDED), "not json", line("comp", COMPLETIONS, COMPLETION_SEEDED),
+             json.dumps({"url": CHAT, "body": {}})]  # fmt: skip
+    input_path, out = write_lines(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl"
+    proc = run_cli(tiny_checkpoint_dir, input_path, out, engine_args=())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = by_key(read_rows(out))
+    assert {key: _status(row) for key, row in rows.items()} == {
+        "chat": 200, ("line", 2): "invalid_json", "comp": 200, ("line", 4): "missing_custom_id"}
+    assert rows["comp"]["response"]["body"]["usage"]["completion_tokens"] == 40
+
+
+# ---- local media in batch bodies -------------------------------------------------------------------------------
+
+
+def test_local_media_default_is_the_input_directory(tmp_path):
+    """Unset, the variable becomes the input file's directory; set (even empty), the operator's value stands."""
+    from sgl_diffusion.entrypoints.batch import allow_input_directory
+
+    environ = {}
+    allow_input_directory(tmp_path / "sub" / ".." / "in.jsonl", environ)
+    assert environ == {"SGL_DIFFUSION_ALLOWED_LOCAL_MEDIA_PATHS": str(tmp_path)}
+    for value in ("", "/srv/media"):
+        environ = {"SGL_DIFFUSION_ALLOWED_LOCAL_MEDIA_PATHS": value}
+        allow_input_directory(tmp_path / "in.jsonl", environ)
+        assert environ == {"SGL_DIFFUSION_ALLOWED_LOCAL_MEDIA_PATHS": value}
+
+
+@pytest.mark.slow
+def test_bodies_read_local_media_only_beside_the_input(tiny_checkpoint_dir, tmp_path):
+    """An image next to the input file is read; /etc/passwd and an image elsewhere get the server's refusal."""
+    from sgl_diffusion.multimodal.media_policy import LOCAL_REFUSED
+    from tests.multimodal.media import png_bytes
+
+    (tmp_path / "job").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    for folder in ("job", "elsewhere"):
+        (tmp_path / folder / "img.png").write_bytes(png_bytes())
+
+    def image_line(custom_id, path):
+        content = [{"type": "image_url", "image_url": {"url": str(path)}}, {"type": "text", "text": "what is this?"}]
+        return line(custom_id, CHAT, {"model": "tiny", "messages": [{"role": "user", "content": content}],
+                                      "max_tokens": 4, **steps1(3)})  # fmt: skip
+
+    lines = [image_line("beside", tmp_path / "job" / "img.png"), image_line("passwd", "/etc/passwd"),
+             image_line("elsewhere", tmp_path / "elsewhere" / "img.png")]  # fmt: skip
+    input_path, out = write_lines(tmp_path / "job" / "in.jsonl", lines), tmp_path / "out.jsonl"
+    proc = run_cli(tiny_checkpoint_dir, input_path, out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = by_key(read_rows(out))
+    assert {key: _status(row) for key, row in rows.items()} == {"beside": 200, "passwd": 400, "elsewhere": 400}
+    assert rows["passwd"]["response"]["body"]["message"] == rows["elsewhere"]["response"]["body"]["message"]
+    assert LOCAL_REFUSED in rows["passwd"]["response"]["body"]["message"]

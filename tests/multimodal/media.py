@@ -34,3 +34,44 @@ def mp4_bytes(seconds: float, fps: int = 4, width=32, height=32) -> bytes:
 
 def data_url(data: bytes, mime: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def png_bomb_bytes(width: int, height: int) -> bytes:
+    """A valid 1-bit grey PNG of width x height black pixels: a few KB that PIL would decode into width*height bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = bytes(1 + (width + 7) // 8)  # filter byte 0, then the row's bits
+    compressor, idat, rows = zlib.compressobj(9), [], max(1, (1 << 20) // len(row))
+    for start in range(0, height, rows):
+        idat.append(compressor.compress(row * min(rows, height - start)))
+    idat.append(compressor.flush())
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # bit depth 1, greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(idat)) + chunk(b"IEND", b"")
+
+
+def video_bytes(container: str, seconds: float = 2.0, fps: int = 2, size: int = 32) -> bytes:
+    """Like mp4_bytes, in another container PyAV writes ("matroska", "webm", "avi")."""
+    import av
+    import numpy as np
+
+    codec = "libvpx" if container == "webm" else "mpeg4"
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format=container) as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = size, size, "yuv420p"
+        for i in range(round(seconds * fps)):
+            frame = av.VideoFrame.from_ndarray(np.full((size, size, 3), (i * 9) % 256, dtype=np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buf.getvalue()
+
+
+def hls_playlist(entry: str) -> bytes:
+    """An HLS playlist of one segment: FFmpeg's hls demuxer opens ``entry`` (a path or URL) when it reads it."""
+    return f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:2.0,\n{entry}\n#EXT-X-ENDLIST\n".encode()

@@ -1,12 +1,15 @@
 import asyncio
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import pytest
 
+from sgl_diffusion.env import MediaEnv
+from sgl_diffusion.multimodal.media_policy import LOCAL_REFUSED, MediaPolicy
 from sgl_diffusion.multimodal.processor import DiffusionGemmaProcessor, check_image_token_budget
-from tests.multimodal.media import mp4_bytes
+from tests.multimodal.media import data_url, mp4_bytes, png_bytes
 
 
 def test_budgets_are_gemma4s():
@@ -20,6 +23,7 @@ def _bare_processor(default_budget=280):
     processor = DiffusionGemmaProcessor.__new__(DiffusionGemmaProcessor)  # only what the tested methods read
     processor.io_executor = ThreadPoolExecutor(2)
     processor.default_budget = default_budget
+    processor.media_policy = MediaPolicy.from_env(MediaEnv(max_images_per_request=2))
     return processor
 
 
@@ -50,14 +54,27 @@ def test_video_without_placeholder_or_text_is_refused(text, word):
         asyncio.run(_bare_processor()._videos_as_images(text, None, [mp4_bytes(1.0)]))
 
 
-def test_missing_local_image_file_is_a_client_error(tmp_path):
-    from sgl_diffusion.multimodal.processor import _check_local_images
+def test_every_item_goes_through_the_media_policy_before_sglangs_loader(monkeypatch):
+    """sglang's loader gets only checked bytes: a path is refused before it runs, and too many images before
+    any is read."""
+    from sglang.srt.utils import ImageData
 
-    (tmp_path / "a.png").write_bytes(b"x")
-    _check_local_images([str(tmp_path / "a.png"), f"file://{tmp_path}/a.png", "data:image/png;base64,AAAA"])
-    for missing in (str(tmp_path / "b.png"), f"file://{tmp_path}/b.png", SimpleNamespace(url=str(tmp_path / "c.png"))):
-        with pytest.raises(ValueError, match="no image file"):
-            _check_local_images([missing])
+    processor, handed = _bare_processor(), []
+
+    async def load_mm_data(prompt, image_data=None, multimodal_tokens=None):
+        handed.append(image_data)
+        raise RuntimeError("stop here")
+
+    processor.load_mm_data, processor.mm_tokens = load_mm_data, None
+    request = SimpleNamespace(mm_processor_kwargs=None, video_data=None)
+    png = png_bytes()
+    with pytest.raises(RuntimeError, match="stop here"):
+        asyncio.run(processor.process_mm_data_async([ImageData(url=data_url(png, "image/png")), png], "x", request))
+    assert handed == [[png, png]]
+    for images, word in (([png, "/etc/passwd"], LOCAL_REFUSED), ([png] * 3, "3 images in one request")):
+        with pytest.raises(ValueError, match=re.escape(word)):
+            asyncio.run(processor.process_mm_data_async(images, "x", request))
+    assert len(handed) == 1
 
 
 def test_apply_makes_ours_sglangs_external_processor_package(monkeypatch):

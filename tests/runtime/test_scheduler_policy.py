@@ -169,3 +169,78 @@ def test_empty_prompt_generates_from_nothing(model):
     engine = OfflineEngine(model)
     out = engine.generate([DiffusionRequest([], params(model, seed=1, max_denoising_steps=1), 20)])
     assert len(out[0]) == 20 and engine.slots.free_slots.numel() == 4096
+
+
+class CachingSlots:
+    """Wraps the offline engine's free list to behave like a prefix cache: releases are recorded."""
+
+    def __init__(self, engine, caches: bool):
+        self.slots, self.caches, self.released = engine.slots, caches, []
+        engine.scheduler.kv = self
+
+    @property
+    def caches_prefixes(self):
+        return self.caches
+
+    def reserve(self, req, tokens):
+        return self.slots.reserve(req, tokens)
+
+    def encoded(self, req):
+        pass
+
+    def release(self, req, cache=True):
+        self.released.append((req.context_len, list(req.output_ids)))
+        self.slots.release(req, cache)
+
+
+@pytest.mark.parametrize("max_new", [20, 40])
+def test_last_canvas_is_committed_when_the_cache_keeps_it(model, max_new):
+    """With a prefix cache, a finished request's kept tokens are encoded in one more forward before release, so
+    the cache holds prompt + the whole answer; the answer itself is complete in the forward that finished it."""
+    engine = OfflineEngine(model)
+    rec = Recorder(engine)
+    kv = CachingSlots(engine, caches=True)
+    req = request(model, 12, max_new, seed=3, steps=1)
+    engine.scheduler.add(req)
+    outs = []
+    while engine.scheduler.running:
+        outs.append(engine.scheduler.step())
+    finished_at = next(i for i, o in enumerate(outs) if o.finished)
+    assert outs[finished_at].finished == [req] and len(req.output_ids) == max_new
+    assert finished_at == len(outs) - 2  # one more forward, for the last commit only
+    last = rec.batches[-1]
+    assert [(s.kind, s.num_tokens) for s in last.segments] == [("commit", max_new - 32 * (max_new > 32))]
+    assert last.input_ids.tolist() == req.output_ids[32 * (max_new > 32):]
+    assert kv.released == [(12 + max_new, req.output_ids)]
+    assert engine.slots.free_slots.numel() == 4096
+
+
+def test_last_canvas_is_not_encoded_without_a_prefix_cache(model):
+    """Without a cache to keep it, encoding the last canvas would be wasted: the request is freed at once."""
+    engine = OfflineEngine(model)
+    rec = Recorder(engine)
+    kv = CachingSlots(engine, caches=False)
+    engine.generate([request(model, 12, 20, seed=3, steps=1)])
+    assert len(rec.batches) == 1 and kv.released == [(12, kv.released[0][1])]
+
+
+def test_last_commit_yields_to_memory(model):
+    """No room for the last canvas: the request is released with what is encoded instead of waiting for KV."""
+    engine = OfflineEngine(model, num_slots=40)
+    kv = CachingSlots(engine, caches=True)
+    out = engine.generate([request(model, 30, 20, seed=3, steps=1)])
+    assert len(out[0]) == 20 and kv.released == [(30, out[0])]
+    assert engine.slots.free_slots.numel() == 40
+
+
+@pytest.mark.parametrize("position", [0, 13, 31])
+def test_offline_eos_anywhere_in_a_canvas_ends_the_request(model, position):
+    """The offline stop rule ends a request on an EOS at the first, a middle and the last canvas position."""
+    from sgl_diffusion.runtime.scheduler_policy import eos_sink
+
+    req = request(model, 4, 96, seed=1)
+    canvas = [7] * 32
+    canvas[position] = 1
+    kept, finished = eos_sink([1])(req, canvas)
+    assert finished and kept == canvas[: position + 1]
+    assert eos_sink([1])(req, [7] * 32) == ([7] * 32, False)

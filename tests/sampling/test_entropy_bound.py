@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
     EntropyBoundSampler,
     EntropyBoundSamplerConfig,
@@ -64,6 +65,47 @@ def test_temperature_matches_hf_processor(t_min, t_max, n):
     for s in range(n, 0, -1):
         ours = logits / temperature(s, n, t_min, t_max)
         assert torch.equal(ours, hf_scaled(logits, params(t_min=t_min, t_max=t_max, max_denoising_steps=n), s)), s
+
+
+def test_batched_temperatures_are_hf_per_row():
+    """prepare() gives each row HF's temperature for its own (s, N, t_min, t_max), bit for bit, in any row order."""
+    rows = [row(params(t_min=0.3, t_max=1.7, max_denoising_steps=13), 5), row(BASE, 48), row(BASE, 7),
+            row(params(t_min=0.05, t_max=2.9, max_denoising_steps=1000), 999), row(BASE, 1)]
+    logits = random_logits(8, batch=len(rows))
+    temp = prepare(rows).temperature
+    for b, r in enumerate(rows):
+        assert torch.equal(logits[b : b + 1] / temp[b], hf_scaled(logits[b : b + 1], r.params, r.step_remaining)), b
+
+
+class ArithmeticOps(TorchDispatchMode):
+    """Records the arithmetic ops that run, with each operand's kind: a tensor's dtype and device, or a number."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.div, torch.ops.aten.mul, torch.ops.aten.add):
+            self.ops.append((func.overloadpacket.__name__, *(
+                (a.dtype, a.device.type, "wrapped" if a.dim() == 0 and a.device.type == "cpu" else "tensor")
+                if isinstance(a, torch.Tensor) else (type(a).__name__, a) for a in args)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_temperature_runs_hf_ops_on_the_logits_device():
+    """The schedule is HF's own expression evaluated where the logits live: the same ops, in the same order, with an
+    int32 step tensor on that device and Python numbers elsewhere. (On CUDA, `step / N` with a CPU-scalar N is a
+    multiply by 1/N; computing on the CPU and copying would differ from HF there by an ulp on some steps.)"""
+    device = torch.device("meta")  # stands for CUDA: a device tensor that is not the CPU
+    p = params(t_min=0.3, t_max=1.7, max_denoising_steps=13)
+    with ArithmeticOps() as hf_ops:
+        LinearTemperatureScheduleLogitsProcessor(p.t_min, p.t_max, 13)(
+            None, torch.empty(1, C, V, device=device), cur_step=torch.tensor(5, dtype=torch.int32, device=device))
+    with ArithmeticOps() as ours:
+        temp = prepare([row(p, 5, new_history(1, C, device)), row(p, 9, new_history(1, C, device))]).temperature
+    assert temp.device == device and temp.dtype == torch.float32
+    assert hf_ops.ops[0] == ("div", (torch.int32, "meta", "tensor"), ("int", 13))
+    assert ours.ops == hf_ops.ops[:-1]  # HF's last op is `scores / temperature`
 
 
 def test_temperature_endpoints():
@@ -182,6 +224,24 @@ def test_mixed_batch_equals_rows_alone():
             assert torch.equal(got[b : b + 1], want), (b, name)
     assert batched.stable.tolist() == [True, False, True]
     assert batched.done.tolist() == [True, False, True]
+
+
+def test_self_conditioning_probs_are_computed_in_the_model_dtype_like_hf():
+    """HF keeps `logits / T` in the model dtype D and its decoder takes softmax(float32(.)).to(D): in bf16 the logits
+    are rounded before the softmax. In fp32 that is the sampling softmax itself."""
+    p, s = params(), 20
+    logits = random_logits(9, batch=2) * 2.5  # up to 75 once divided by T, where bf16 spacing is 0.5
+    scaled = hf_scaled(logits, p, s)
+    hf_bf16 = scaled.to(torch.bfloat16).softmax(dim=-1, dtype=torch.float32).to(torch.bfloat16)
+    got = run_dtype(logits, [row(p, s)] * 2, torch.bfloat16).self_conditioning_probs
+    assert got.dtype == torch.bfloat16 and torch.equal(got, hf_bf16)
+    assert not torch.equal(got, torch.softmax(scaled, dim=-1).to(torch.bfloat16))  # the order matters
+    fp32 = run_dtype(logits, [row(p, s)] * 2, torch.float32).self_conditioning_probs
+    assert torch.equal(fp32, scaled.softmax(dim=-1, dtype=torch.float32))
+
+
+def run_dtype(logits, rows, dtype):
+    return step(logits, prepare(rows), [None] * len(rows), self_conditioning_dtype=dtype)
 
 
 def test_step_does_not_modify_inputs():

@@ -20,20 +20,25 @@ def _free_port() -> int:
 
 class Server:
     READY_PATH = "/health"  # polled until it answers 200
+    # explicit CPU settings (some are also what a DiffusionGemma server picks by itself on a CPU-only machine)
+    FLAGS = (
+        "--device", "cpu", "--dtype", "float32", "--max-total-tokens", "8192", "--skip-server-warmup",
+        "--sleep-on-idle", "--disable-overlap-schedule", "--enable-metrics", "--enable-cache-report",
+    )  # fmt: skip
 
-    def __init__(self, model_dir, *extra_args):
+    def __init__(self, model_dir, *extra_args, env: dict[str, str] | None = None):
+        """``env``: variables added to this process's environment for the server (e.g. ``SGL_DIFFUSION_*``)."""
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         # not inside model_dir: tests compare the checkpoint directory's files
         self.log_path = f"{tempfile.mkdtemp(prefix='sgl-diffusion-server-')}/server-{self.port}.log"
         args = [
-            sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_dir), "--device", "cpu",
-            "--dtype", "float32", "--host", "127.0.0.1", "--port", str(self.port), "--max-total-tokens", "8192",
-            "--skip-server-warmup", "--sleep-on-idle", "--disable-overlap-schedule", "--enable-metrics",
-            "--enable-cache-report", *extra_args,
+            sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_dir), "--host", "127.0.0.1",
+            "--port", str(self.port), *self.FLAGS, *extra_args,
         ]  # fmt: skip
         self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env=None if env is None else os.environ | env)
         self._wait_healthy(timeout=240)
 
     def _wait_healthy(self, timeout):

@@ -9,7 +9,6 @@ defaults come from that file, so this is what a user serving such a checkpoint g
 import json
 import shutil
 import threading
-import time
 
 import pytest
 import requests
@@ -106,8 +105,8 @@ def test_multi_turn_chat(backend, gemma_backend, template):
     state = run_with_timeout(two_turns, backend=backend if template == "frontend default" else gemma_backend)
     assert state.error() is None
     assert [m["role"] for m in state.messages()] == ["system", "user", "assistant", "user", "assistant"]
-    # the DSL strips the whitespace around a turn's content in messages()
-    assert state.messages()[2]["content"] == state["a1"].strip() and state.messages()[4]["content"] == state["a2"].strip()
+    # the DSL strips the whitespace before a turn's content in messages() (lstrip; random answers end in any char)
+    assert state.messages()[2]["content"] == state["a1"].lstrip() and state.messages()[4]["content"] == state["a2"].lstrip()
     first, second = state.get_meta_info("a1"), state.get_meta_info("a2")
     assert first["completion_tokens"] == second["completion_tokens"] == 6
     assert second["cached_tokens"] >= first["prompt_tokens"]
@@ -217,10 +216,8 @@ def pick_gen_choices(s):
 @pytest.mark.parametrize("program", [pick_select, pick_gen_choices], ids=["select", "gen_choices"])
 def test_select_fails_fast_with_a_clear_error(backend, program):
     """select/choices need prompt logprobs: the program ends quickly with the server's 400 as its error, no hang."""
-    start = time.time()
     with pytest.warns(UserWarning, match="logprobs are not supported"):
-        state = run_with_timeout(program, timeout=60, backend=backend)
-    assert time.time() - start < 60
+        state = run_with_timeout(program, timeout=60, backend=backend)  # fails if the program hangs
     assert isinstance(state.error(), RuntimeError)
     assert "logprobs are not supported for DiffusionGemma" in str(state.error())
     with pytest.raises(KeyError):

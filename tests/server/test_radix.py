@@ -15,7 +15,7 @@ def generate(server, **body):
 
 
 def used_tokens(server) -> int:
-    requests.post(f"{server.url}/flush_cache", timeout=30)
+    assert requests.post(f"{server.url}/flush_cache", params={"timeout": 30}, timeout=60).status_code == 200
     return requests.get(f"{server.url}/v1/loads", timeout=30).json()["loads"][0]["num_used_tokens"]
 
 
@@ -29,17 +29,39 @@ def test_repeated_prompt_is_served_from_cache(server):
     assert second["output_ids"] == first["output_ids"]
 
 
-def test_next_turn_reuses_prompt_and_committed_canvases(server):
-    """A follow-up whose prompt extends prompt + answer reuses every committed canvas of the answer."""
-    ids = [2, 5, 381, 280] + list(range(100, 120))
-    out = generate(server, input_ids=ids, sampling_params={"max_new_tokens": 70, "ignore_eos": True,
+@pytest.mark.parametrize("max_new_tokens", [20, 70])  # one canvas; three canvases, the last one cut at 6 tokens
+def test_next_turn_reuses_prompt_and_the_whole_answer(server, max_new_tokens):
+    """A follow-up whose prompt extends prompt + answer reuses all of it, the answer's last canvas included."""
+    ids = [2, 5, 381, 280] + list(range(100 + max_new_tokens, 120 + max_new_tokens))
+    out = generate(server, input_ids=ids, sampling_params={"max_new_tokens": max_new_tokens, "ignore_eos": True,
                                                            "diffusion": {"seed": 4, "max_denoising_steps": 2}})
     answer = out["output_ids"]
+    assert len(answer) == max_new_tokens
     follow_up = ids + answer + [6, 280, 5, 381, 280, 150, 151]
-    out2 = generate(server, input_ids=follow_up, sampling_params={"max_new_tokens": 8,
-                                                                  "diffusion": {"seed": 4, "max_denoising_steps": 1}})
-    # two full canvases (64 tokens) were committed; the third canvas (6 kept tokens) never is
-    assert out2["meta_info"]["cached_tokens"] == len(ids) + 64
+    body = dict(input_ids=follow_up, sampling_params={"max_new_tokens": 8, "diffusion": {"seed": 4, "max_denoising_steps": 1}})
+    out2 = generate(server, **body)
+    assert out2["meta_info"]["cached_tokens"] == len(ids) + len(answer)
+    # ?timeout: the follow-up's last canvas may still be encoding (the engine is idle right after)
+    assert requests.post(f"{server.url}/flush_cache", params={"timeout": 30}, timeout=60).status_code == 200
+    uncached = generate(server, **body)  # the cached KV of the answer is the KV a fresh prefill writes
+    assert uncached["meta_info"]["cached_tokens"] == 0 and uncached["output_ids"] == out2["output_ids"]
+
+
+def test_next_turn_reuses_an_answer_that_ended_on_eos(server):
+    """An answer cut at an EOS inside its canvas is cached through the EOS, which the next turn's prompt repeats."""
+    ids = [2, 5, 381, 280] + list(range(200, 215))
+    for seed in range(20):
+        out = generate(server, input_ids=ids, sampling_params={"max_new_tokens": 200,
+                                                               "diffusion": {"seed": seed, "max_denoising_steps": 1}})
+        if out["meta_info"]["finish_reason"]["type"] == "stop":
+            break
+    else:
+        pytest.fail("no EOS in 20 seeded generations")
+    answer = out["output_ids"]
+    assert answer[-1] in (1, 6, 10)
+    out2 = generate(server, input_ids=ids + answer + [280, 150, 151], sampling_params={
+        "max_new_tokens": 8, "diffusion": {"seed": 1, "max_denoising_steps": 1}})
+    assert out2["meta_info"]["cached_tokens"] == len(ids) + len(answer)
 
 
 def test_kv_returned_after_requests(server):

@@ -1,0 +1,146 @@
+"""Serve a DiffusionGemma checkpoint on the CPU when the machine has no accelerator, with CPU defaults.
+
+sglang stops with ``No accelerator (CUDA, ...) is available`` when ``--device`` is not given on such a machine.
+For a local DiffusionGemma checkpoint (``architectures`` in its config.json) we pick the CPU instead, and
+whenever a DiffusionGemma server runs on the CPU (picked here or given with ``--device cpu``) we fill in what
+keeps a small machine responsive, each only when the user left it unset:
+
+- ``--max-total-tokens``: on the CPU sglang sizes the KV pool from system RAM (mem_fraction_static of all of
+  it: a 14 GB pool and 30 s of start-up on a 24 GiB machine, for a tiny checkpoint). We size it from the
+  model instead (``cpu_max_total_tokens``). Not set when ``--mem-fraction-static`` is given: that asks
+  sglang to size the pool from memory.
+- ``--sleep-on-idle --disable-overlap-schedule``: no busy idle loop (sleeping with overlap on makes
+  latency 10x worse).
+- ``--skip-server-warmup``: the warm-up request costs a whole canvas on the CPU.
+
+The three booleans are store_true flags with no opposite in sglang 0.5.23; an explicit ``--device``,
+``--max-total-tokens`` or ``--mem-fraction-static`` always wins. Other models keep sglang's behaviour.
+
+It runs at sglang's ``handle_missing_default_values`` resolution step (where sglang would pick the device),
+registered through sglang's public ``register_resolution_hook`` by ``srt_patches.apply()``. Resolution runs
+once, in the launcher (or the ``sglang.Engine`` process), so the log line is written once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from sgl_diffusion.models.config import DiffusionGemmaConfig
+
+logger = logging.getLogger(__name__)
+
+RESOLUTION_STEP = "handle_missing_default_values"
+POOL_CONTEXTS = 2  # full-length requests the CPU pool holds: a long request never blocks a second one
+POOL_RAM_FRACTION = 0.25  # of the RAM the weights leave free, at most
+KV_ELEMENT_BYTES = 4  # float32, the widest KV dtype on the CPU: the RAM cap is an upper bound
+CPU_FLAGS = ("sleep_on_idle", "disable_overlap_schedule", "skip_server_warmup")  # set True when left False
+_registered = False
+
+
+def register() -> None:
+    """Install ``resolve_device`` at sglang's resolution step, once per process."""
+    global _registered
+    if _registered:
+        return
+    from sglang.srt.arg_groups.resolution_hooks import register_resolution_hook
+
+    try:
+        register_resolution_hook(RESOLUTION_STEP)(resolve_device)
+    except ValueError as e:  # SystemExit: sglang's load_plugins() logs and swallows Exceptions
+        raise SystemExit(f"sgl-diffusion: cannot hook sglang's {RESOLUTION_STEP}: {e}") from e
+    _registered = True
+
+
+def resolve_device(server_args: Any, previous: Callable[[Any], None]) -> None:
+    """sglang's ``handle_missing_default_values``, with the CPU fallback and CPU defaults for DiffusionGemma."""
+    from sglang.srt.arg_groups.overrides import declare_resolution, resolving_view
+
+    cfg = resolving_view(server_args)
+    hf_config = diffusion_gemma_config(cfg.model_path)
+    if hf_config is None:
+        previous(server_args)
+        return
+    fallback = cfg.device is None and not sglang_picks_a_device()
+    if fallback:
+        declare_resolution(server_args, __name__, device="cpu")
+    previous(server_args)
+    if cfg.device != "cpu":
+        return
+    defaults = {}
+    if cfg.max_total_tokens is None and cfg.mem_fraction_static is None:
+        defaults["max_total_tokens"] = _max_total_tokens(hf_config, cfg)
+    defaults |= {name: True for name in CPU_FLAGS if not getattr(cfg, name)}
+    if defaults:
+        declare_resolution(server_args, __name__, **defaults)
+    if fallback or defaults:
+        flags = " ".join(_flag(name, value) for name, value in defaults.items()) or "none (all given)"
+        reason = "no accelerator found: serving" if fallback else "serving"
+        logger.log(logging.WARNING if fallback else logging.INFO,
+                   "sgl-diffusion: %s DiffusionGemma on the CPU; CPU defaults applied: %s (a flag you give wins)",
+                   reason, flags)  # fmt: skip
+
+
+def diffusion_gemma_config(model_path: str):
+    """The HF config of a local DiffusionGemma checkpoint directory, else None (other models, hub ids)."""
+    from sgl_diffusion.runtime.scheduler_hook import ARCHITECTURE, serves_diffusion_model
+
+    path = Path(model_path) / "config.json"
+    if not path.is_file():
+        return None
+    # NOTE: the architecture is read from the JSON first: AutoConfig on another model may run remote code
+    try:
+        architectures = json.loads(path.read_text()).get("architectures")
+    except (ValueError, AttributeError):
+        return None  # not our checkpoint; sglang reports a broken config.json its own way
+    if ARCHITECTURE not in (architectures or ()):
+        return None
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.from_pretrained(model_path)
+    return hf_config if serves_diffusion_model(hf_config) else None
+
+
+def cpu_max_total_tokens(cfg: DiffusionGemmaConfig, context_len: int, free_bytes: int, weight_bytes: int) -> int:
+    """KV pool tokens on the CPU: ``POOL_CONTEXTS`` full-length requests, capped so the pool takes at most
+    ``POOL_RAM_FRACTION`` of the RAM left free after the weights, never less than one canvas.
+
+    The per-token size counts K and V of every layer at full length in float32 (sglang's SWA pool holds
+    fewer tokens for sliding layers, and bf16 halves it): the cap is an upper bound on the pool's RAM.
+    """
+    per_token = sum(2 * layer.num_kv_heads * layer.head_dim * KV_ELEMENT_BYTES for layer in cfg.layers)
+    ram_cap = int(POOL_RAM_FRACTION * max(free_bytes - weight_bytes, 0)) // per_token
+    return max(min(POOL_CONTEXTS * context_len, ram_cap), cfg.canvas_length)
+
+
+def sglang_picks_a_device() -> bool:
+    """True when sglang finds a device without --device: an accelerator, or the CPU by SGLANG_USE_CPU_ENGINE=1."""
+    from sglang.srt.utils.common import get_device, is_cpu
+
+    if is_cpu():
+        return True  # checked first: get_device() would log its CPU warning a second time
+    try:
+        get_device()
+    except RuntimeError:  # "No accelerator (CUDA, XPU, HPU, NPU, MUSA, MPS) or platform plugin is available."
+        return False
+    return True
+
+
+def _max_total_tokens(hf_config, cfg) -> int:
+    from sglang.srt.utils.common import get_free_cpu_memory
+    from sglang.srt.utils.hf_transformers.common import get_context_length
+
+    from sgl_diffusion.models.config import DiffusionGemmaConfig
+
+    context_len = cfg.context_length or get_context_length(hf_config.text_config)
+    weight_bytes = sum(p.stat().st_size for p in Path(cfg.model_path).glob("*.safetensors"))
+    return cpu_max_total_tokens(DiffusionGemmaConfig.from_hf(hf_config), context_len, get_free_cpu_memory(),
+                                weight_bytes)  # fmt: skip
+
+
+def _flag(name: str, value) -> str:
+    flag = "--" + name.replace("_", "-")
+    return flag if value is True else f"{flag} {value}"

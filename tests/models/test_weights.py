@@ -1,0 +1,73 @@
+"""Checkpoint loading: padded intermediate sizes (what sglang's CPU path builds) load exactly; wrong shapes fail."""
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+from sglang.srt.configs.update_config import DEFAULT_MOE_PADDING_SIZE, update_intermediate_size
+from transformers.cache_utils import DynamicCache
+
+from sgl_diffusion.entrypoints.tiny_checkpoint import build_tiny_model
+from sgl_diffusion.models.diffusion_gemma import DiffusionGemmaForBlockDiffusion
+from sgl_diffusion.runtime.canvas_batch import CanvasBatch, Segment
+from tests.models.test_parity import hf_cache_kv, our_kv, prefill, prompt_ids, rel_err
+
+
+def sglang_padded_config(hf_config, tp: int):
+    """The config sglang's CPU path hands the model (adjust_config_with_unaligned_cpu_tp's intermediate padding)."""
+    config = copy.deepcopy(hf_config)
+    model_config = SimpleNamespace(hf_config=config, hf_text_config=config.text_config)
+    for attr in ("moe_intermediate_size", "intermediate_size"):
+        update_intermediate_size(model_config, attr, tp * DEFAULT_MOE_PADDING_SIZE)
+    return config
+
+
+@pytest.mark.parametrize("tp", [1, 2, 3])
+def test_padded_intermediate_sizes_compute_the_unpadded_model(tp):
+    """Dense (48) and expert (24) widths padded to sglang's multiple of 32 x TP load with zeros and give HF's KV
+    and first-canvas logits."""
+    hf = build_tiny_model(0, "unaligned")
+    config = sglang_padded_config(hf.config, tp)
+    text = config.text_config
+    assert text.intermediate_size % (32 * tp) == 0 and text.intermediate_size > 48
+    assert text.moe_intermediate_size % (32 * tp) == 0 and text.moe_intermediate_size > 24
+    ours = DiffusionGemmaForBlockDiffusion(config).eval()
+    ours.load_weights(hf.state_dict().items())
+    experts = ours.layers[0].experts
+    assert experts.down_proj.shape[-1] == text.moe_intermediate_size
+    assert not experts.down_proj[..., 24:].any() and not experts.gate_up_proj[:, 24 : text.moe_intermediate_size].any()
+
+    cfg = ours.cfg
+    ids = prompt_ids(cfg.sliding_window + 5, cfg.vocab_size)
+    cache = DynamicCache(config=hf.config.text_config)
+    with torch.no_grad():
+        hf.model.encoder(input_ids=ids[None], past_key_values=cache, use_cache=True)
+    kv, attn = our_kv(ours)
+    slots = prefill(ours, attn, ids)
+    for layer in range(cfg.num_layers):
+        ref_k, ref_v = hf_cache_kv(cache, layer)
+        got_k, got_v = kv.gather(layer, slots[-ref_k.shape[0] :])
+        assert rel_err(got_k, ref_k) <= 1e-5 and rel_err(got_v, ref_v) <= 1e-5, layer
+    canvas = torch.randint(0, cfg.vocab_size, (cfg.canvas_length,), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = hf(decoder_input_ids=canvas[None], past_key_values=cache).logits[0]
+    got = ours.logits(ours(CanvasBatch([Segment("canvas", 0, cfg.canvas_length, ids.numel(), slots)], canvas), attn))
+    assert rel_err(got, ref) <= 1e-5
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+@pytest.mark.parametrize("name, shape", [
+    ("model.decoder.layers.0.experts.down_proj", (4, 64, 40)),  # wider than the model: not a padding
+    ("model.decoder.layers.0.experts.down_proj", (4, 60, 32)),  # another hidden size
+    ("model.decoder.layers.0.mlp.gate_proj.weight", (128, 60)),
+    ("model.decoder.layers.0.self_attn.q_proj.weight", (60, 64)),  # no padding allowed off intermediate sizes
+    ("model.decoder.layers.0.experts.gate_up_proj", (4, 63, 64)),  # gate and up cannot be split evenly
+])  # fmt: skip
+def test_a_checkpoint_tensor_that_does_not_fit_is_refused(name, shape):
+    """Only intermediate dimensions may be smaller than the model's; anything else names the tensor and fails."""
+    hf = build_tiny_model(0, "default")
+    ours = DiffusionGemmaForBlockDiffusion(hf.config).eval()
+    weights = dict(hf.state_dict()) | {name: torch.zeros(shape)}
+    with pytest.raises(ValueError, match=name.replace(".", r"\.")):
+        ours.load_weights(weights.items())

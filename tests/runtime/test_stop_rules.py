@@ -1,0 +1,131 @@
+"""Stop rules of a whole request, offline engine against the server's: EOS anywhere in a canvas, max_new_tokens
+inside a canvas, and both in one canvas.
+
+The model is the tiny checkpoint with its LM head replaced by a script, so each committed canvas is known. The
+same script runs through the offline engine's ``eos_sink`` and through the server's ``DiffusionEngine._accept_canvas``
+on a real sglang ``Req`` (sglang's own EOS and length checks); both must keep the same tokens and stop at the same
+canvas.
+"""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from sglang.srt.managers.schedule_batch import FINISH_LENGTH, FINISH_MATCHED_TOKEN, Req
+from sglang.srt.sampling.sampling_params import SamplingParams
+
+from sgl_diffusion.entrypoints.tiny_checkpoint import build_tiny_model
+from sgl_diffusion.models.diffusion_gemma import DiffusionGemmaForBlockDiffusion
+from sgl_diffusion.runtime.offline import OfflineEngine
+from sgl_diffusion.runtime.scheduler_hook import DiffusionEngine
+from sgl_diffusion.runtime.scheduler_policy import DiffusionRequest
+from sgl_diffusion.sampling.params import DiffusionParams
+
+EOS = (1, 106)
+PROMPT = list(range(10, 22))
+
+
+@pytest.fixture(scope="module")
+def model():
+    hf = build_tiny_model(0, "default")
+    ours = DiffusionGemmaForBlockDiffusion(hf.config).eval()
+    ours.load_weights(hf.state_dict().items())
+    return ours
+
+
+def canvases(model, eos_at: dict[int, list[tuple[int, int]]] | None = None, count: int = 4) -> list[list[int]]:
+    """``count`` canvases of distinct non-EOS tokens; ``eos_at[k]`` puts (position, eos id) pairs into canvas k."""
+    c = model.cfg.canvas_length
+    out = [[200 + (k * c + i) % 250 for i in range(c)] for k in range(count)]
+    for k, marks in (eos_at or {}).items():
+        for position, token in marks:
+            out[k][position] = token
+    return out
+
+
+class ScriptedHead:
+    """Replaces ``model.logits``: canvas k's logits put all mass on script[k], so the step commits it."""
+
+    def __init__(self, model, script):
+        self.script, self.vocab, self.calls = script, model.cfg.vocab_size, 0
+
+    def __call__(self, hidden):
+        tokens = torch.tensor(self.script[self.calls])
+        assert hidden.shape[0] == tokens.numel()  # one request, one canvas per step
+        self.calls += 1
+        logits = torch.full((tokens.numel(), self.vocab), -20.0)
+        logits[torch.arange(tokens.numel()), tokens] = 20.0
+        return logits
+
+
+def params():
+    return DiffusionParams(max_denoising_steps=1, entropy_bound=0.1, t_min=0.4, t_max=0.8,
+                           confidence_threshold=0.005, stability_threshold=1, seed=0)
+
+
+def run_offline(model, monkeypatch, script, max_new):
+    head = ScriptedHead(model, script)
+    monkeypatch.setattr(model, "logits", head)
+    req = DiffusionRequest(list(PROMPT), params(), max_new)
+    out = OfflineEngine(model, eos_token_ids=EOS).generate([req])[0]
+    return out, head.calls
+
+
+def run_server(model, monkeypatch, script, max_new):
+    """The same request through the server's stop rule: a sglang Req and DiffusionEngine._accept_canvas."""
+    head = ScriptedHead(model, script)
+    monkeypatch.setattr(model, "logits", head)
+    sampling = SamplingParams(max_new_tokens=max_new)
+    sampling.normalize(None)
+    handle = Req("rid", "", list(PROMPT), sampling, eos_token_ids=set(EOS), vocab_size=model.cfg.vocab_size)
+    server = SimpleNamespace(cfg=model.cfg, metrics=None,
+                             scheduler=SimpleNamespace(model_config=SimpleNamespace(context_len=1 << 20)))
+    engine = OfflineEngine(model, eos_token_ids=EOS)
+    engine.scheduler.sink = lambda dreq, canvas: DiffusionEngine._accept_canvas(server, dreq, canvas)
+    req = DiffusionRequest(list(PROMPT), params(), max_new, handle=handle)
+    out = engine.generate([req])[0]
+    assert handle.finished() and out == list(handle.output_ids)[: handle.finished_len or len(handle.output_ids)]
+    return out, head.calls, handle.finished_reason
+
+
+@pytest.mark.parametrize("canvas_index", [0, 1])
+@pytest.mark.parametrize("position", [0, 13, 31])
+def test_eos_at_first_middle_and_last_position_ends_the_request(model, monkeypatch, canvas_index, position):
+    """An EOS at the first, a middle or the last position of a canvas ends the request there, EOS kept, after
+    exactly that canvas; offline and server agree."""
+    c = model.cfg.canvas_length
+    script = canvases(model, {canvas_index: [(position, EOS[0])]})
+    want = sum(script[:canvas_index], []) + script[canvas_index][: position + 1]
+    offline = run_offline(model, monkeypatch, script, max_new=4 * c)
+    server = run_server(model, monkeypatch, script, max_new=4 * c)
+    assert offline == (want, canvas_index + 1)
+    assert server[:2] == offline and isinstance(server[2], FINISH_MATCHED_TOKEN)
+
+
+def test_the_first_of_several_eos_ids_wins(model, monkeypatch):
+    script = canvases(model, {1: [(5, EOS[1]), (10, EOS[0])]})
+    offline = run_offline(model, monkeypatch, script, max_new=200)
+    assert offline == (script[0] + script[1][:6], 2)
+    assert run_server(model, monkeypatch, script, max_new=200)[:2] == offline
+
+
+@pytest.mark.parametrize("max_new", [1, 5, 31, 32, 40, 64, 70])
+def test_max_new_tokens_inside_a_canvas_cuts_it(model, monkeypatch, max_new):
+    """No EOS: the output is exactly max_new_tokens long, from ceil(max_new / C) canvases, wherever the limit falls
+    in the last one; offline and server agree."""
+    c = model.cfg.canvas_length
+    script = canvases(model)
+    offline = run_offline(model, monkeypatch, script, max_new)
+    server = run_server(model, monkeypatch, script, max_new)
+    assert offline == (sum(script, [])[:max_new], -(-max_new // c))
+    assert server[:2] == offline and isinstance(server[2], FINISH_LENGTH)
+
+
+@pytest.mark.parametrize("eos_position, want_len, reason", [(3, 36, FINISH_MATCHED_TOKEN), (20, 40, FINISH_LENGTH)])
+def test_eos_and_max_new_tokens_in_the_same_canvas(model, monkeypatch, eos_position, want_len, reason):
+    """max_new_tokens=40 ends inside canvas 2: an EOS before the limit wins; one after it is never reached."""
+    script = canvases(model, {1: [(eos_position, EOS[0])]})
+    offline = run_offline(model, monkeypatch, script, max_new=40)
+    server = run_server(model, monkeypatch, script, max_new=40)
+    assert offline == (sum(script, [])[:want_len], 2)
+    assert server[:2] == offline and isinstance(server[2], reason)
