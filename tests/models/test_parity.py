@@ -51,6 +51,26 @@ def hf_cache_kv(cache, layer):
     return cache.layers[layer].keys[0].transpose(0, 1), cache.layers[layer].values[0].transpose(0, 1)
 
 
+def assert_prefill_and_first_canvas_match(hf, ours, ids, tol):
+    """Prefill ``ids`` on both sides: every layer's K/V, then one canvas's logits, within ``tol`` relative."""
+    cfg = ours.cfg
+    cache = DynamicCache(config=hf.config.text_config)
+    with torch.no_grad():
+        hf.model.encoder(input_ids=ids[None], past_key_values=cache, use_cache=True)
+    kv, attn = our_kv(ours)
+    slots = prefill(ours, attn, ids)
+    for layer in range(cfg.num_layers):
+        ref_k, ref_v = hf_cache_kv(cache, layer)
+        got_k, got_v = kv.gather(layer, slots[-ref_k.shape[0] :])
+        assert rel_err(got_k, ref_k) <= tol and rel_err(got_v, ref_v) <= tol, layer
+    canvas = torch.randint(0, cfg.vocab_size, (cfg.canvas_length,), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = hf(decoder_input_ids=canvas[None], past_key_values=cache).logits[0]
+    got = ours.logits(ours(CanvasBatch([Segment("canvas", 0, cfg.canvas_length, ids.numel(), slots)], canvas), attn))
+    assert rel_err(got, ref) <= tol
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("length", ["short", "long"])
 def test_encoder_kv_matches_per_layer(preset, length):
@@ -137,15 +157,6 @@ def test_prompt_with_image_matches_generate():
         ref = hf(decoder_input_ids=canvas[None], past_key_values=out.past_key_values).logits[0]
     got = ours.logits(ours(CanvasBatch([Segment("canvas", 0, canvas.numel(), ids.numel(), slots)], canvas), attn))
     assert rel_err(got, ref) <= 1e-4
-
-
-@pytest.fixture
-def torch_threads(request):
-    """Run the test with ``torch.set_num_threads(request.param)``; the previous count is restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
 
 
 def generate_both(hf, ours, steps: int, with_eos: bool, seed: int = 123, prompt_seed: int = 1):

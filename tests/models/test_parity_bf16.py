@@ -66,14 +66,6 @@ def models(request, tmp_path_factory):
     return hf16, hf32, ours
 
 
-@pytest.fixture
-def torch_threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 def run_steps(hf16, hf32, ours, length):
     """Prefill a prompt on both sides, then three denoise steps, each self-conditioned on the previous step's
     reference logits. Returns per-layer (ours K, V, HF K, V, HF fp32 K) and per-step (ours logits, HF logits,

@@ -6,12 +6,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 from sglang.srt.configs.update_config import DEFAULT_MOE_PADDING_SIZE, update_intermediate_size
-from transformers.cache_utils import DynamicCache
 
 from sgl_diffusion.entrypoints.tiny_checkpoint import build_tiny_model
 from sgl_diffusion.models.diffusion_gemma import DiffusionGemmaForBlockDiffusion
-from sgl_diffusion.runtime.canvas_batch import CanvasBatch, Segment
-from tests.models.test_parity import hf_cache_kv, our_kv, prefill, prompt_ids, rel_err
+from tests.models.test_parity import assert_prefill_and_first_canvas_match, prompt_ids
 
 
 def sglang_padded_config(hf_config, tp: int):
@@ -38,23 +36,7 @@ def test_padded_intermediate_sizes_compute_the_unpadded_model(tp):
     assert experts.down_proj.shape[-1] == text.moe_intermediate_size
     assert not experts.down_proj[..., 24:].any() and not experts.gate_up_proj[:, 24 : text.moe_intermediate_size].any()
 
-    cfg = ours.cfg
-    ids = prompt_ids(cfg.sliding_window + 5, cfg.vocab_size)
-    cache = DynamicCache(config=hf.config.text_config)
-    with torch.no_grad():
-        hf.model.encoder(input_ids=ids[None], past_key_values=cache, use_cache=True)
-    kv, attn = our_kv(ours)
-    slots = prefill(ours, attn, ids)
-    for layer in range(cfg.num_layers):
-        ref_k, ref_v = hf_cache_kv(cache, layer)
-        got_k, got_v = kv.gather(layer, slots[-ref_k.shape[0] :])
-        assert rel_err(got_k, ref_k) <= 1e-5 and rel_err(got_v, ref_v) <= 1e-5, layer
-    canvas = torch.randint(0, cfg.vocab_size, (cfg.canvas_length,), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        ref = hf(decoder_input_ids=canvas[None], past_key_values=cache).logits[0]
-    got = ours.logits(ours(CanvasBatch([Segment("canvas", 0, cfg.canvas_length, ids.numel(), slots)], canvas), attn))
-    assert rel_err(got, ref) <= 1e-5
-    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    assert_prefill_and_first_canvas_match(hf, ours, prompt_ids(ours.cfg.sliding_window + 5, ours.cfg.vocab_size), 1e-5)
 
 
 @pytest.mark.parametrize("name, shape", [

@@ -5,19 +5,10 @@ import json
 import pytest
 import torch
 
-from sgl_diffusion.entrypoints.tiny_checkpoint import build_tiny_model, tiny_generation_config
-from sgl_diffusion.models.diffusion_gemma import DiffusionGemmaForBlockDiffusion
+from sgl_diffusion.entrypoints.tiny_checkpoint import tiny_generation_config
 from sgl_diffusion.runtime.offline import OfflineEngine
 from sgl_diffusion.runtime.scheduler_policy import DiffusionRequest
 from sgl_diffusion.sampling.params import DiffusionDefaults, DiffusionParams
-
-
-@pytest.fixture(scope="module")
-def model():
-    hf = build_tiny_model(0, "default")
-    ours = DiffusionGemmaForBlockDiffusion(hf.config).eval()
-    ours.load_weights(hf.state_dict().items())
-    return ours
 
 
 def params(model, **kw):

@@ -14,8 +14,6 @@ import torch
 from sglang.srt.managers.schedule_batch import FINISH_LENGTH, FINISH_MATCHED_TOKEN, Req
 from sglang.srt.sampling.sampling_params import SamplingParams
 
-from sgl_diffusion.entrypoints.tiny_checkpoint import build_tiny_model
-from sgl_diffusion.models.diffusion_gemma import DiffusionGemmaForBlockDiffusion
 from sgl_diffusion.runtime.offline import OfflineEngine
 from sgl_diffusion.runtime.scheduler_hook import DiffusionEngine
 from sgl_diffusion.runtime.scheduler_policy import DiffusionRequest
@@ -23,14 +21,6 @@ from sgl_diffusion.sampling.params import DiffusionParams
 
 EOS = (1, 106)
 PROMPT = list(range(10, 22))
-
-
-@pytest.fixture(scope="module")
-def model():
-    hf = build_tiny_model(0, "default")
-    ours = DiffusionGemmaForBlockDiffusion(hf.config).eval()
-    ours.load_weights(hf.state_dict().items())
-    return ours
 
 
 def canvases(model, eos_at: dict[int, list[tuple[int, int]]] | None = None, count: int = 4) -> list[list[int]]:
