@@ -12,6 +12,8 @@ keeps a small machine responsive, each only when the user left it unset:
 - ``--sleep-on-idle --disable-overlap-schedule``: no busy idle loop (sleeping with overlap on makes
   latency 10x worse).
 - ``--skip-server-warmup``: the warm-up request costs a whole canvas on the CPU.
+- ``SGLANG_CPU_OMP_THREADS_BIND``: with more ranks (``--dp-size`` x ``--tp-size``) than NUMA nodes, sglang
+  stops unless told which cores each rank uses; the cores are split evenly between the ranks.
 
 The three booleans are store_true flags with no opposite in sglang 0.5.23; an explicit ``--device``,
 ``--max-total-tokens`` or ``--mem-fraction-static`` always wins. Other models keep sglang's behaviour.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -38,6 +41,7 @@ POOL_CONTEXTS = 2  # full-length requests the CPU pool holds: a long request nev
 POOL_RAM_FRACTION = 0.25  # of the RAM the weights leave free, at most
 KV_ELEMENT_BYTES = 4  # float32, the widest KV dtype on the CPU: the RAM cap is an upper bound
 CPU_FLAGS = ("sleep_on_idle", "disable_overlap_schedule", "skip_server_warmup")  # set True when left False
+THREADS_BIND_ENV = "SGLANG_CPU_OMP_THREADS_BIND"
 _registered = False
 
 
@@ -76,8 +80,10 @@ def resolve_device(server_args: Any, previous: Callable[[Any], None]) -> None:
     defaults |= {name: True for name in CPU_FLAGS if not getattr(cfg, name)}
     if defaults:
         declare_resolution(server_args, __name__, **defaults)
-    if fallback or defaults:
+    bind = bind_threads(cfg.dp_size * cfg.tp_size * cfg.pp_size)
+    if fallback or defaults or bind:
         flags = " ".join(_flag(name, value) for name, value in defaults.items()) or "none (all given)"
+        flags += f"; {THREADS_BIND_ENV}={bind}" if bind else ""
         reason = "no accelerator found: serving" if fallback else "serving"
         logger.log(logging.WARNING if fallback else logging.INFO,
                    "sgl-diffusion: %s DiffusionGemma on the CPU; CPU defaults applied: %s (a flag you give wins)",
@@ -104,16 +110,47 @@ def diffusion_gemma_config(model_path: str):
     return hf_config if serves_diffusion_model(hf_config) else None
 
 
-def cpu_max_total_tokens(cfg: DiffusionGemmaConfig, context_len: int, free_bytes: int, weight_bytes: int) -> int:
-    """KV pool tokens on the CPU: ``POOL_CONTEXTS`` full-length requests, capped so the pool takes at most
-    ``POOL_RAM_FRACTION`` of the RAM left free after the weights, never less than one canvas.
+def cpu_max_total_tokens(cfg: DiffusionGemmaConfig, context_len: int, free_bytes: int, weight_bytes: int,
+                         ranks: int = 1) -> int:
+    """KV pool tokens per rank on the CPU: ``POOL_CONTEXTS`` full-length requests, capped so the ``ranks`` pools
+    take at most ``POOL_RAM_FRACTION`` of the RAM left free after each rank's weights, never less than one canvas.
 
     The per-token size counts K and V of every layer at full length in float32 (sglang's SWA pool holds
     fewer tokens for sliding layers, and bf16 halves it): the cap is an upper bound on the pool's RAM.
     """
     per_token = sum(2 * layer.num_kv_heads * layer.head_dim * KV_ELEMENT_BYTES for layer in cfg.layers)
-    ram_cap = int(POOL_RAM_FRACTION * max(free_bytes - weight_bytes, 0)) // per_token
+    ram_cap = int(POOL_RAM_FRACTION * max(free_bytes - ranks * weight_bytes, 0)) // (ranks * per_token)
     return max(min(POOL_CONTEXTS * context_len, ram_cap), cfg.canvas_length)
+
+
+def bind_threads(ranks: int, environ=None) -> str | None:
+    """Set SGLANG_CPU_OMP_THREADS_BIND when ``ranks`` CPU ranks outnumber the NUMA nodes (sglang's default binds
+    one rank per node, and stops otherwise) and the operator left it unset; returns the value set, else None.
+
+    The scheduler processes inherit it: resolution runs in the launcher before they are started.
+    """
+    from sglang.srt.utils.common import get_cpu_ids_by_node
+
+    environ = os.environ if environ is None else environ
+    nodes = get_cpu_ids_by_node()
+    if environ.get(THREADS_BIND_ENV) or ranks <= max(len(nodes), 1):
+        return None
+    environ[THREADS_BIND_ENV] = split_cores([int(c) for node in nodes for c in node.split(",")], ranks)
+    return environ[THREADS_BIND_ENV]
+
+
+def split_cores(cores: list[int], ranks: int) -> str:
+    """``cores`` in ``ranks`` contiguous groups, sglang's ``a,b|c,d`` form; with fewer cores than ranks, ranks
+    share them in turn."""
+    if len(cores) < ranks:
+        return "|".join(str(cores[r % len(cores)]) for r in range(ranks))
+    size, extra = divmod(len(cores), ranks)
+    groups, start = [], 0
+    for r in range(ranks):
+        end = start + size + (r < extra)
+        groups.append(",".join(map(str, cores[start:end])))
+        start = end
+    return "|".join(groups)
 
 
 def sglang_picks_a_device() -> bool:
@@ -138,7 +175,7 @@ def _max_total_tokens(hf_config, cfg) -> int:
     context_len = cfg.context_length or get_context_length(hf_config.text_config)
     weight_bytes = sum(p.stat().st_size for p in Path(cfg.model_path).glob("*.safetensors"))
     return cpu_max_total_tokens(DiffusionGemmaConfig.from_hf(hf_config), context_len, get_free_cpu_memory(),
-                                weight_bytes)  # fmt: skip
+                                weight_bytes, ranks=cfg.dp_size * cfg.tp_size * cfg.pp_size)  # fmt: skip
 
 
 def _flag(name: str, value) -> str:

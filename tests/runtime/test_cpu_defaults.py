@@ -162,6 +162,29 @@ def test_pool_size_rule(hf_config):
     assert cpu_defaults.cpu_max_total_tokens(cfg, 4096, 64 * GiB, 0) == 8192
     assert cpu_defaults.cpu_max_total_tokens(cfg, 4096, 4000 * per_token + 1000, 1000) == 1000
     assert cpu_defaults.cpu_max_total_tokens(cfg, 4096, GiB, 2 * GiB) == cfg.canvas_length
+    # two replicas: each holds the weights and a pool, within the same quarter of the RAM
+    assert cpu_defaults.cpu_max_total_tokens(cfg, 4096, 8000 * per_token + 2000, 1000, ranks=2) == 1000
+
+
+@pytest.mark.parametrize("cores, ranks, want", [
+    ([0, 1], 2, "0|1"),
+    ([0, 1, 2, 3, 4], 2, "0,1,2|3,4"),
+    ([0, 1], 4, "0|1|0|1"),  # more ranks than cores: they share them in turn
+])  # fmt: skip
+def test_cores_are_split_between_ranks(cores, ranks, want):
+    assert cpu_defaults.split_cores(cores, ranks) == want
+
+
+def test_threads_bound_only_when_ranks_outnumber_numa_nodes(monkeypatch):
+    """sglang binds one rank per NUMA node by itself and stops with more ranks; the operator's value is kept."""
+    from sglang.srt.utils import common
+
+    monkeypatch.setattr(common, "get_cpu_ids_by_node", lambda: ["0,1,2,3"])  # one node of four cores
+    env = {}
+    assert cpu_defaults.bind_threads(1, env) is None and env == {}
+    assert cpu_defaults.bind_threads(2, env) == "0,1|2,3" and env == {"SGLANG_CPU_OMP_THREADS_BIND": "0,1|2,3"}
+    env = {"SGLANG_CPU_OMP_THREADS_BIND": "1|3"}
+    assert cpu_defaults.bind_threads(2, env) is None and env == {"SGLANG_CPU_OMP_THREADS_BIND": "1|3"}
 
 
 @pytest.fixture

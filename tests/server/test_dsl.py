@@ -108,7 +108,10 @@ def test_multi_turn_chat(backend, gemma_backend, template):
     # the DSL strips the whitespace before a turn's content in messages() (lstrip; random answers end in any char)
     assert state.messages()[2]["content"] == state["a1"].lstrip() and state.messages()[4]["content"] == state["a2"].lstrip()
     first, second = state.get_meta_info("a1"), state.get_meta_info("a2")
-    assert first["completion_tokens"] == second["completion_tokens"] == 6
+    for meta in (first, second):
+        # unseeded random answers: the template's stop string ("<turn|>" is a token here) may end one early
+        assert (meta["completion_tokens"], meta["finish_reason"]["type"]) == (6, "length") or (
+            meta["completion_tokens"] < 6 and meta["finish_reason"]["type"] == "stop"), meta
     assert second["cached_tokens"] >= first["prompt_tokens"]
 
 
