@@ -10,5 +10,7 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check "$@" 2> >(grep -v "^
 pip install -q -U pip
 pip install -q -r requirements/cpu.txt
 pip install -q --no-deps sglang==0.5.23
+# FlashInfer's API for the tests, kept off sys.path (see requirements/flashinfer-api.txt)
+pip install -q -U --no-deps --target .venv/flashinfer-api -r requirements/flashinfer-api.txt
 pip install -q --no-deps -e .
 .venv/bin/python -c "import sglang, sgl_diffusion, torch; print('installed: sglang', sglang.__version__, 'torch', torch.__version__)"

@@ -2,10 +2,11 @@
 
 ``apply()`` is the package's ``sglang.srt.plugins`` entry point: sglang calls it once per process
 (launcher, scheduler, detokenizer) before it builds its server arguments. It registers our model
-through sglang's public registry and our CPU fallback through its public resolution hooks
-(sgl_diffusion.runtime.cpu_defaults), then installs the patches of this folder, one module per upstream
-area, for the places that have no extension point. A patch that fails to install stops the process:
-sglang would only log it and serve wrong output.
+through sglang's public registry, our CPU fallback and attention-backend check through its public
+resolution hooks (sgl_diffusion.runtime.cpu_defaults, runtime.scheduler_hook.check_attention_backend),
+then installs the patches of this folder, one module per upstream area, for the places that have no
+extension point. A patch that fails to install stops the process: sglang would only log it and serve
+wrong output.
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ def apply() -> None:
     from sglang.srt.models.registry import ModelRegistry
     from sglang.srt.plugins.hook_registry import HookRegistry
 
-    from sgl_diffusion.runtime import cpu_defaults
+    from sgl_diffusion.runtime import cpu_defaults, scheduler_hook
 
     ModelRegistry.register("sgl_diffusion.models", overwrite=True, strict=True)
     cpu_defaults.register()
+    scheduler_hook.register_attention_check()
     for module in PATCH_MODULES:
         module.register()
     HookRegistry.apply_hooks()

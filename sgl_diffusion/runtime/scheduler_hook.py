@@ -11,18 +11,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from http import HTTPStatus
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from sglang.srt.constants import HEALTH_CHECK_RID_PREFIX
 from sglang.srt.managers.schedule_batch import FINISH_ABORT, FINISH_LENGTH
 
-from sgl_diffusion.attention.base import KVStore
-from sgl_diffusion.attention.sdpa import SdpaBackend
+from sgl_diffusion.attention import BACKENDS, choose_attention_backend, create_attention_backend
+from sgl_diffusion.attention.kv import SglangKVStore
 from sgl_diffusion.runtime.drafts import DraftOutputStreamer, make_draft
 from sgl_diffusion.runtime.runner import DiffusionRunner
 from sgl_diffusion.runtime.metrics import DiffusionMetrics
@@ -39,7 +40,9 @@ logger = logging.getLogger(__name__)
 ARCHITECTURE = "DiffusionGemmaForBlockDiffusion"
 PARAMS_KEY = "sgl_diffusion"  # where validated `diffusion` params travel inside SamplingParams.custom_params
 LOAD_PUBLISH_INTERVAL_S = 0.05  # sglang's own refresh floor while a batch stalls (LOAD_STALL_REFRESH_S)
+ATTENTION_STEP = "handle_attention_backend_compatibility"  # sglang resolution step checked by check_attention_backend
 STEPS_KEY = "diffusion_steps"  # per-token meta_info: a canvas's denoise steps, on its first token
+_attention_check_registered = False
 
 
 def serves_diffusion_model(hf_config) -> bool:
@@ -51,27 +54,49 @@ def load_defaults(model_path: str) -> DiffusionDefaults:
     return DiffusionDefaults.from_generation_config(json.loads(path.read_text()) if path.exists() else {})
 
 
-class SglangKVStore(KVStore):
-    """Our KV contract over sglang's pool (MHA, or hybrid SWA whose sliding layers use their own slots)."""
+def requested_attention_backend(server_args) -> str | None:
+    """``--attention-backend`` as the user gave it (None: not given), refusing the split flags.
 
-    def __init__(self, pool):
-        self.pool = pool
-        self.mapping = getattr(pool, "layers_mapping", None)  # layer -> (pool layer, is_swa) in SWA pools
+    NOTE: sglang 0.5.23's ServerArgs record keeps the raw input in its fields (resolved values live in
+    the runtime context's bags), so this is None when sglang filled in its own default (triton for
+    DiffusionGemma on CUDA, intel_amx / torch_native on the CPU), which our backends do not follow.
+    """
+    split = {name: getattr(server_args, name) for name in ("prefill_attention_backend", "decode_attention_backend")}
+    if any(split.values()):
+        flags = " ".join(f"--{name.replace('_', '-')} {value}" for name, value in split.items() if value)
+        raise ValueError(f"sgl-diffusion runs every segment of a forward on one attention backend: "
+                         f"use --attention-backend instead of {flags}")  # fmt: skip
+    return server_args.attention_backend
 
-    def _loc(self, layer_id: int, slots: torch.Tensor) -> torch.Tensor:
-        if self.mapping is not None and self.mapping[layer_id][1]:
-            return self.pool.translate_loc_from_full_to_swa(slots)
-        return slots
 
-    def store(self, layer_id, slots, k, v):
-        loc = self._loc(layer_id, slots)
-        k_buf, v_buf = self.pool.get_key_buffer(layer_id), self.pool.get_value_buffer(layer_id)
-        k_buf[loc] = k.to(k_buf.dtype)
-        v_buf[loc] = v.to(v_buf.dtype)
+def attention_backend_name(server_args, device: str) -> str:
+    return choose_attention_backend(requested_attention_backend(server_args), device,
+                                    triton_interpreter=os.environ.get("TRITON_INTERPRET") == "1")  # fmt: skip
 
-    def gather(self, layer_id, slots):
-        loc = self._loc(layer_id, slots)
-        return self.pool.get_key_buffer(layer_id)[loc], self.pool.get_value_buffer(layer_id)[loc]
+
+def check_attention_backend(server_args: Any, previous: Callable[[Any], None]) -> None:
+    """sglang's ``handle_attention_backend_compatibility`` step, after a check of our own for DiffusionGemma:
+    an attention backend we cannot run (flashinfer on the CPU, an unknown name) stops the launcher here,
+    before any process starts."""
+    from sglang.srt.arg_groups.overrides import model_config_of, resolving_view
+
+    if serves_diffusion_model(model_config_of(server_args).hf_config):
+        attention_backend_name(server_args, resolving_view(server_args).device)
+    previous(server_args)
+
+
+def register_attention_check() -> None:
+    """Install ``check_attention_backend`` at sglang's resolution step, once per process."""
+    global _attention_check_registered
+    if _attention_check_registered:
+        return
+    from sglang.srt.arg_groups.resolution_hooks import register_resolution_hook
+
+    try:
+        register_resolution_hook(ATTENTION_STEP)(check_attention_backend)
+    except ValueError as e:  # SystemExit: sglang's load_plugins() logs and swallows Exceptions
+        raise SystemExit(f"sgl-diffusion: cannot hook sglang's {ATTENTION_STEP}: {e}") from e
+    _attention_check_registered = True
 
 
 class DiffusionEngine:
@@ -80,9 +105,14 @@ class DiffusionEngine:
         runner = scheduler.tp_worker.model_runner
         model = runner.model
         self.device = torch.device(scheduler.device)
-        kv = SglangKVStore(runner.token_to_kv_pool)
+        self.attention_backend = attention_backend_name(scheduler.server_args, self.device.type)
+        attn = create_attention_backend(self.attention_backend, SglangKVStore(runner.token_to_kv_pool),
+                                        [layer.self_attn.info for layer in model.layers],
+                                        model.embed_tokens.weight.dtype, self.device)  # fmt: skip
+        logger.info("sgl-diffusion: attention backend %s: %s", self.attention_backend,
+                    BACKENDS[self.attention_backend])  # fmt: skip
         self.policy = CanvasScheduler(
-            DiffusionRunner(model, SdpaBackend(kv, model.cfg.sliding_window)),
+            DiffusionRunner(model, attn),
             RadixKVSlots(scheduler.tree_cache, scheduler.req_to_token_pool, self.device),
             self._accept_canvas,
             self.device,
