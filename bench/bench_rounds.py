@@ -32,7 +32,7 @@ import statistics
 import time
 
 import torch
-from bench_offline import NO_EARLY_STOP, load_average, make_pair, prompt_ids
+from common import NO_EARLY_STOP, load_average, make_pair, prompt_ids
 
 from sgl_diffusion.runtime.offline import FreeListSlots, OfflineEngine
 from sgl_diffusion.runtime.scheduler_policy import DiffusionRequest

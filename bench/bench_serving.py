@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,51 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import requests
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model_dir: Path, log_path: Path, extra: list[str], threads: int) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    cmd = [
-        sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_dir), "--device", "cpu",
-        "--host", "127.0.0.1", "--port", str(port), "--max-total-tokens", "8192", "--skip-server-warmup",
-        "--sleep-on-idle", "--disable-overlap-schedule", *extra,
-    ]  # fmt: skip
-    env = dict(os.environ)
-    if threads > 0:
-        env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads in the scheduler (default: all cores)
-    print(f"server: {'OMP_NUM_THREADS=%d ' % threads if threads > 0 else ''}{' '.join(cmd[1:])}", flush=True)
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}; see {log_path}")
-        try:
-            if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    stop_server(proc)
-    raise SystemExit(f"server not healthy after 300 s; see {log_path}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+from common import start_server, stop_server
 
 
 def bench_cmd(url, tokenizer, *, concurrency, num_prompts, input_len, output_len, steps, output_file, seed=1):
@@ -136,6 +90,7 @@ def main():
         if args.url:
             proc, url = None, args.url
         else:
+            print(f"server: OMP_NUM_THREADS={args.threads} launch_server --model-path {model_dir} {' '.join(args.server_arg)}")
             proc, url = start_server(model_dir, tmp / "server.log", args.server_arg, args.threads)
         try:
             print(f"loadavg before: {os.getloadavg()}", flush=True)

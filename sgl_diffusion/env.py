@@ -45,6 +45,17 @@ class MediaEnv:
         return _from_environ(cls, os.environ if environ is None else environ)
 
 
+@dataclasses.dataclass(frozen=True)
+class CacheEnv:
+    """Where built artifacts are kept between runs (the trained tiny checkpoint of tests and benches)."""
+
+    cache_dir: str = ""  # empty: ~/.cache/sgl-diffusion
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> CacheEnv:
+        return _from_environ(cls, os.environ if environ is None else environ)
+
+
 def env_name(field: str) -> str:
     return PREFIX + field.upper()
 

@@ -5,13 +5,17 @@ Also accept ``"image_token_budget"`` in chat bodies, checked here and passed on 
 
 Also report diffusion figures in ``usage.diffusion`` (canvases, denoise steps, tokens per forward).
 
+Also serve the completions ``suffix`` as an infill: the completion is a hole of ``max_tokens`` tokens
+followed by the suffix as fixed context (``diffusion.infill``); the answer is the hole's text, as
+OpenAI defines it (the suffix is context the canvas reads, not output).
+
 Target: sglang.srt.entrypoints.openai.protocol.{ChatCompletionRequest.to_sampling_params,
         CompletionRequest, UsageInfo}, sglang.srt.entrypoints.openai.serving_completions.
         OpenAIServingCompletion._build_sampling_params,
         sglang.srt.entrypoints.openai.usage_processor.UsageProcessor.calculate_response_usage
 Checked against: sglang 0.5.23
 Why: the pydantic request models drop unknown fields, neither builder forwards them, and usage has
-     no place for model-specific figures.
+     no place for model-specific figures; sglang reads ``suffix`` only through FIM completion templates.
 Remove when: sglang lets models declare extra request fields.
 """
 
@@ -62,7 +66,23 @@ def completion_sampling_params(original, serving, request, *args, **kwargs):
     params = original(serving, request, *args, **kwargs)
     if request.diffusion is not None:
         params["diffusion"] = request.diffusion
+    if request.suffix and serving.template_manager.completion_template_name is None:
+        from sgl_diffusion.runtime.scheduler_hook import serves_diffusion_model
+
+        if serves_diffusion_model(serving.tokenizer_manager.model_config.hf_config):
+            params["diffusion"] = _suffix_infill(request.suffix, request.max_tokens, params.get("diffusion"))
     return params
+
+
+def _suffix_infill(suffix: str, max_tokens: int | None, diffusion):
+    """``diffusion`` with an infill template: a hole of ``max_tokens`` (the answer), then the suffix, escaped."""
+    if isinstance(diffusion, dict) and "infill" in diffusion:
+        raise ValueError("use either suffix or diffusion.infill, not both")
+    hole = "{{hole}}" if max_tokens is None else "{{hole:%d}}" % max_tokens
+    template = hole + suffix.replace("{{", "{{{{")
+    if diffusion is not None and not isinstance(diffusion, dict):
+        return diffusion  # malformed: refused by the diffusion validation, naming it
+    return (diffusion or {}) | {"infill": {"template": template}}
 
 
 def response_usage(original, responses, *args, **kwargs):

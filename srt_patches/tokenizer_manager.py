@@ -6,9 +6,10 @@ Checked against: sglang 0.5.23
 Why: SamplingParams is a fixed msgspec struct, so ``sampling_params["diffusion"]`` would be rejected
      as an unknown keyword. We pop it (and a ``diffusion`` entry of --preferred-sampling-params, which
      the original merges in), validate the request once (sgl_diffusion.runtime.admission; a ValueError
-     here becomes HTTP 400 naming the field), and let the result travel to the scheduler as a JSON
-     string in ``custom_params``. Images the prompt has no placeholder for are refused (sglang only
-     logs them and answers from the text).
+     here becomes HTTP 400 naming the field; an infill template is tokenized here, with the server's
+     tokenizer), and let the result travel to the scheduler as a JSON string in ``custom_params``.
+     Logprob requests without a defined answer are refused here too. Images the prompt has no
+     placeholder for are refused (sglang only logs them and answers from the text).
      For ``n > 1`` sglang sends copies of one SamplingParams, so a seeded request would give n equal
      answers; copy i is sent with seed + i instead (reproducible, and distinct).
 Remove when: SamplingParams accepts model-specific parameters.
@@ -48,7 +49,7 @@ def create_tokenized_object(original, manager, obj, *args, **kwargs):
     preferred_diffusion = _split_preferred_diffusion(manager)
     if preferred_diffusion is not None and (raw is None or isinstance(raw, dict)):
         raw = preferred_diffusion | (raw or {})
-    params = _validate(manager, obj, sampling, raw)
+    params = _validate(manager, obj, sampling, raw, input_ids, mm_inputs)
     if params.stream_drafts and not getattr(obj, "stream", False):
         raise ValueError("diffusion.stream_drafts needs a streamed request (stream=true)")
     # NOTE: the request's dict replaces a --preferred-sampling-params custom_params whole; keep those keys
@@ -56,6 +57,8 @@ def create_tokenized_object(original, manager, obj, *args, **kwargs):
     custom = dict(preferred) | dict(sampling.get("custom_params") or {})
     custom[PARAMS_KEY] = params.to_json()
     obj.sampling_params = {k: v for k, v in sampling.items() if k != "diffusion"} | {"custom_params": custom}
+    if params.infill is not None and sampling.get("max_new_tokens") is None:
+        obj.sampling_params["max_new_tokens"] = len(params.infill)  # unbounded by the request: the whole template
     try:
         return original(manager, obj, *args, **kwargs)
     finally:
@@ -144,18 +147,26 @@ def _with_seed_offset(sampling_params, offset: int):
     return shifted
 
 
-def _validate(manager, obj, sampling, raw):
-    from sgl_diffusion.runtime.admission import check_request
+def _validate(manager, obj, sampling, raw, input_ids, mm_inputs):
+    from sgl_diffusion.runtime.admission import check_infill_length, check_logprobs, check_request
     from sgl_diffusion.runtime.scheduler_hook import load_defaults
 
     defaults = getattr(manager, "diffusion_defaults", None)
     if defaults is None:
         defaults = manager.diffusion_defaults = load_defaults(manager.server_args.model_path)
     hf = manager.model_config.hf_config
-    return check_request(
-        sampling, bool(getattr(obj, "return_logprob", False)), raw, defaults,
-        vocab_size=hf.text_config.vocab_size, canvas_length=getattr(hf, "canvas_length", 256),
+    return_logprob = bool(getattr(obj, "return_logprob", False))
+    params = check_request(
+        sampling, return_logprob, raw, defaults, vocab_size=hf.text_config.vocab_size,
+        canvas_length=getattr(hf, "canvas_length", 256), tokenizer=manager.tokenizer,
     )
+    prompt_len = None if input_ids is None else len(input_ids)
+    has_images = bool(mm_inputs and mm_inputs.mm_items)
+    check_logprobs(return_logprob, getattr(obj, "logprob_start_len", None), getattr(obj, "token_ids_logprob", None),
+                   prompt_len, has_images)
+    if params.infill is not None and prompt_len is not None:
+        check_infill_length(params, prompt_len, sampling.get("max_new_tokens"), manager.context_len)
+    return params
 
 
 def register() -> None:

@@ -23,3 +23,12 @@ def torch_threads(request):
     torch.set_num_threads(request.param)
     yield request.param
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint_dir():
+    """The trained tiny checkpoint (sgl_diffusion/entrypoints/tiny_training.py): trained once per recipe on a machine
+    (a few minutes), then reused from SGL_DIFFUSION_CACHE_DIR (default ~/.cache/sgl-diffusion)."""
+    from sgl_diffusion.entrypoints.tiny_training import trained_checkpoint
+
+    return trained_checkpoint()

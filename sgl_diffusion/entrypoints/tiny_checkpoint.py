@@ -1,12 +1,15 @@
 """Deterministic tiny DiffusionGemma checkpoint for tests, built with transformers' own classes.
 
-    python -m sgl_diffusion.entrypoints.tiny_checkpoint OUT_DIR [--seed N] [--preset default|deep]
+    python -m sgl_diffusion.entrypoints.tiny_checkpoint OUT_DIR [--seed N] [--preset default|deep|unaligned]
+    python -m sgl_diffusion.entrypoints.tiny_checkpoint OUT_DIR --trained [--seed N] [--ship]
 
 writes config.json + model.safetensors (DiffusionGemmaForBlockDiffusion.save_pretrained), generation_config.json
 with the real checkpoint's sampler defaults, and a Gemma4Processor (Gemma-4-style tokenizer with the official
 Gemma 4 chat template, tiny-patch image processor, video processor, audio feature extractor) in a few seconds.
 Weights are random but scaled so that numeric parity tests are meaningful: every norm weight, router scale and
 layer_scalar is randomized (encoder and decoder layer_scalar sets differ) and logits are well away from the softcap.
+With ``--trained`` the weights are instead trained on generated tasks (``tiny_training.py``, a few minutes on the
+CPU): a model that converges, as the real one does, with the same files.
 """
 
 import argparse
@@ -104,6 +107,12 @@ PRESETS = {
     ),
     # Dense and expert widths that are not multiples of sglang's CPU alignment (32 x TP): the server pads them.
     "unaligned": _DEFAULT_TEXT | dict(intermediate_size=48, moe_intermediate_size=24),
+    # What tiny_training.py trains (1.7M text parameters): twice the width, transformers' own init, and the real
+    # checkpoint's window-to-canvas ratio (1024 / 256 = 128 / 32). Random weights of this preset are not a test model.
+    "trained": _DEFAULT_TEXT | dict(
+        hidden_size=128, intermediate_size=256, head_dim=32, global_head_dim=64, moe_intermediate_size=64,
+        sliding_window=128, initializer_range=0.02,
+    ),
 }  # fmt: skip
 INIT_STD = 0.3  # std 0.02 gives near-uniform logits that hide bugs; 0.3 gives logits with std ~2-3 (cap 30)
 
@@ -136,7 +145,7 @@ def tiny_config(preset: str = "default", **text_overrides) -> DiffusionGemmaConf
         image_token_id=vocab["<|image|>"],
         boi_token_id=vocab["<|image>"],
         eoi_token_id=vocab["<image|>"],
-        initializer_range=INIT_STD,
+        initializer_range=text_config["initializer_range"],
         eos_token_id=_eos_ids(vocab),
         vision_soft_tokens_per_image=70,
         architectures=["DiffusionGemmaForBlockDiffusion"],
@@ -205,9 +214,19 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    parser.add_argument("--preset", choices=sorted(set(PRESETS) - {"trained"}), default="default")
+    parser.add_argument("--trained", action="store_true",
+                        help="train the 'trained' preset on generated tasks (tiny_training.py), not random weights")
+    parser.add_argument("--ship", action="store_true", help="with --trained: also replace the shipped weights")
     args = parser.parse_args(argv)
-    print(build_tiny_checkpoint(args.out_dir, args.seed, args.preset))
+    if args.trained:
+        from sgl_diffusion.entrypoints.tiny_training import TrainRecipe, build_trained_checkpoint, ship
+
+        print(build_trained_checkpoint(args.out_dir, TrainRecipe(seed=args.seed)))
+        if args.ship:
+            ship(args.out_dir)
+    else:
+        print(build_tiny_checkpoint(args.out_dir, args.seed, args.preset))
 
 
 # Verbatim copy of Google's Gemma 4 chat_template.jinja, large-model variant (gemma-4-31B-it / 26B-A4B-it, which the

@@ -12,12 +12,11 @@ import dataclasses
 from collections.abc import Iterable
 
 import torch
-from sglang.srt.layers.layernorm import Gemma4RMSNorm
 from torch import nn
 
 from sgl_diffusion.attention.base import BaseAttnBackend
 from sgl_diffusion.models.config import DiffusionGemmaConfig
-from sgl_diffusion.models.layers import DecoderLayer, SelfConditioning, rope_cos_sin, rope_inv_freq
+from sgl_diffusion.models.layers import DecoderLayer, RMSNorm, SelfConditioning, rope_cos_sin, rope_inv_freq
 from sgl_diffusion.models.weights import load_checkpoint_weights
 from sgl_diffusion.runtime.canvas_batch import CanvasBatch
 
@@ -36,7 +35,7 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
         # NOTE: HF casts sqrt(H) to the weight dtype first: 53.066 becomes 53.0 in bf16.
         self.register_buffer("embed_scale", torch.tensor(cfg.hidden_size**0.5), persistent=False)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
-        self.norm = Gemma4RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.self_conditioning = SelfConditioning(cfg)
         # NOTE: kept in fp32 and out of the state dict; a bf16 inv_freq would blur long positions.
         self.inv_freq = {spec.sliding: rope_inv_freq(spec.rope, spec.head_dim) for spec in cfg.layers}
@@ -67,10 +66,15 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
         x = self.embed(batch.input_ids)
         if batch.image_embeds is not None:
             x[self._image_token_mask(batch)] = batch.image_embeds.to(x.dtype)
-        canvas_mask = batch.canvas_mask
-        has_canvas = bool(batch.canvas_segments)
-        if has_canvas:
+        kinds = batch.token_kinds
+        # which layer scalar each token takes: the decoder's on canvas tokens, the encoder's on the others
+        decoder_rows = {"canvas": True, "encode": False}.get(kinds)
+        if kinds == "canvas":  # NOTE: the common case once prompts are in: no gather/scatter of the canvas rows
+            x = self.self_conditioning(x, batch.canvas_soft_embeds)
+        elif kinds == "mixed":
+            canvas_mask = batch.canvas_mask
             x[canvas_mask] = self.self_conditioning(x[canvas_mask], batch.canvas_soft_embeds)
+            decoder_rows = canvas_mask[:, None]
 
         positions = batch.positions
         rope = {sliding: rope_cos_sin(inv, positions, x.dtype) for sliding, inv in self.inv_freq.items()}
@@ -78,10 +82,10 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
             batch = _causal_images(batch)  # the soft tokens are in x already; attention treats them as text
         attn.plan(batch)
         for layer, spec in zip(self.layers, self.cfg.layers):
-            x = layer(x, *rope[spec.sliding], canvas_mask, batch, attn)
-        if not has_canvas:
+            x = layer(x, *rope[spec.sliding], decoder_rows, batch, attn)
+        if kinds == "encode":
             return None
-        return x[canvas_mask]
+        return x if kinds == "canvas" else x[batch.canvas_mask]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm, tied LM head, fp32 softcap: [n, H] -> [n, V] float32."""

@@ -15,7 +15,7 @@ from torch import nn
 from sgl_diffusion.attention.base import AttnLayer, BaseAttnBackend
 from sgl_diffusion.models import fused_moe
 from sgl_diffusion.models.config import DiffusionGemmaConfig, RopeSpec
-from sgl_diffusion.models.weights import pad_intermediate
+from sgl_diffusion.models.weights import pad_intermediate, stack_shards
 from sgl_diffusion.runtime.canvas_batch import CanvasBatch
 
 
@@ -28,6 +28,31 @@ ACTIVATIONS = {
     "silu": F.silu,
     "swish": F.silu,
 }
+
+
+class RMSNorm(Gemma4RMSNorm):
+    """sglang's Gemma4RMSNorm, which dispatches to its own kernels on CUDA and on CPUs with AMX.
+
+    Elsewhere on the CPU it runs transformers' ops (those of sglang's native path) called directly: sglang's
+    per-call dispatch (backend and trace checks, a weight + 0.0 shift) costs more than the norm itself on a
+    small model, and the model has nine norms per layer. Same ops, same bits; two of them in place.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or _cpu_has_amx():
+            return super().forward(x)
+        h = x.float()
+        normed = h * h.pow(2).mean(-1, keepdim=True).add_(self.eps).pow_(-0.5)
+        if self.with_scale:
+            normed = normed * self.weight.float()
+        return normed.type_as(x)
+
+
+@functools.cache
+def _cpu_has_amx() -> bool:
+    from sglang.srt.utils import cpu_has_amx_support
+
+    return cpu_has_amx_support()
 
 
 def rope_inv_freq(rope: RopeSpec, head_dim: int) -> torch.Tensor:
@@ -60,24 +85,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class GatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x)): the dense "shared expert" and the self-conditioning MLP."""
+    """down(act(gate(x)) * up(x)): the dense "shared expert" and the self-conditioning MLP.
+
+    NOTE: gate and up run as one GEMM (``gate_up_proj``, gate rows first; the checkpoint's gate_proj and up_proj
+    load into its halves): each output element is the same dot product, so the same bits as two GEMMs.
+    """
 
     def __init__(self, hidden: int, intermediate: int, activation: str):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)
+        stack_shards(self.gate_up_proj.weight, {"gate_proj": intermediate, "up_proj": intermediate}, pad_dim=0)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        pad_intermediate(self.down_proj.weight, 1)
         self.act = ACTIVATIONS[activation]
-        _pad_gated_mlp(self)
 
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-
-
-def _pad_gated_mlp(mlp: nn.Module) -> None:
-    pad_intermediate(mlp.gate_proj.weight, 0)
-    pad_intermediate(mlp.up_proj.weight, 0)
-    pad_intermediate(mlp.down_proj.weight, 1)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
 
 
 class Attention(nn.Module):
@@ -88,29 +112,52 @@ class Attention(nn.Module):
             layer_id, cfg.num_heads, spec.num_kv_heads, spec.head_dim, cfg.sliding_window if spec.sliding else None
         )
         d, h = spec.head_dim, cfg.hidden_size
-        self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=False)
-        self.k_proj = nn.Linear(h, spec.num_kv_heads * d, bias=False)
-        self.v_proj = None if spec.k_eq_v else nn.Linear(h, spec.num_kv_heads * d, bias=False)
+        # heads of the fused projection's output: q, k, then v (none on K=V layers)
+        self.heads = (cfg.num_heads, spec.num_kv_heads, 0 if spec.k_eq_v else spec.num_kv_heads)
+        # NOTE: q, k and v run as one GEMM (the checkpoint's q_proj, k_proj, v_proj load into its rows): each output
+        # element is the same dot product, so the same bits as three GEMMs.
+        self.qkv_proj = nn.Linear(h, sum(self.heads) * d, bias=False)
+        shards = {name: n * d for name, n in zip(("q_proj", "k_proj", "v_proj"), self.heads) if n}
+        stack_shards(self.qkv_proj.weight, shards)
         self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
-        self.q_norm = Gemma4RMSNorm(d, eps=cfg.rms_norm_eps)
-        self.k_norm = Gemma4RMSNorm(d, eps=cfg.rms_norm_eps)
-        self.v_norm = Gemma4RMSNorm(d, eps=cfg.rms_norm_eps, with_scale=False)
+        self.q_norm = RMSNorm(d, eps=cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(d, eps=cfg.rms_norm_eps)
+        self.v_norm = RMSNorm(d, eps=cfg.rms_norm_eps, with_scale=False)
 
     def forward(self, x, cos, sin, batch: CanvasBatch, attn: BaseAttnBackend):
         n, d = x.shape[0], self.info.head_dim
-        q = apply_rope(self.q_norm(self.q_proj(x).view(n, -1, d)), cos, sin)
-        k_raw = self.k_proj(x).view(n, -1, d)
-        # K=V on full layers: values are the un-normed, un-rotated keys (then a weightless RMS norm)
-        v = self.v_norm(k_raw if self.v_proj is None else self.v_proj(x).view(n, -1, d))
-        k = apply_rope(self.k_norm(k_raw), cos, sin)
+        heads = self.qkv_proj(x).view(n, -1, d)  # [N, q + k (+ v) heads, D]
+        if x.device.type == "cpu" and not _cpu_has_amx():
+            q, k, v = self._norm_rope_together(heads, cos, sin)
+        else:  # sglang's norm kernels, one per kind of head
+            q_raw, k_raw, v_raw = heads.split(self.heads, dim=1)
+            q = apply_rope(self.q_norm(q_raw), cos, sin)
+            # K=V on full layers: values are the un-normed, un-rotated keys (then a weightless RMS norm)
+            v = self.v_norm(k_raw if self.heads[2] == 0 else v_raw)
+            k = apply_rope(self.k_norm(k_raw), cos, sin)
         return self.o_proj(attn.forward(q, k, v, self.info, batch).reshape(n, -1))
+
+    def _norm_rope_together(self, heads, cos, sin):
+        """q_norm, k_norm and v_norm (transformers' ops) over all heads at once, then one RoPE over q and k.
+
+        Each head is normalised on its own, so normalising them together gives the same bits; a K=V layer's values
+        are its keys normalised without the k_norm weight, the very intermediate k_norm multiplies.
+        """
+        nq, nk, _ = self.heads
+        h = heads.float()
+        normed = h * h.pow(2).mean(-1, keepdim=True).add_(self.q_norm.eps).pow_(-0.5)  # [N, heads, D] fp32
+        weight = torch.cat([self.q_norm.weight.expand(nq, -1), self.k_norm.weight.expand(nk, -1)]).float()
+        qk = apply_rope((normed[:, : nq + nk] * weight).type_as(heads), cos, sin)
+        v = (normed[:, nq : nq + nk] if self.heads[2] == 0 else normed[:, nq + nk :]).type_as(heads)
+        q, k = qk.split((nq, nk), dim=1)
+        return q, k, v
 
 
 class Router(nn.Module):
     def __init__(self, cfg: DiffusionGemmaConfig):
         super().__init__()
         self.top_k = cfg.top_k_experts
-        self.norm = Gemma4RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, with_scale=False)
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, with_scale=False)
         self.proj = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.scale = nn.Parameter(torch.ones(cfg.hidden_size))
         self.per_expert_scale = nn.Parameter(torch.ones(cfg.num_experts))
@@ -140,6 +187,8 @@ class Experts(nn.Module):
         return self._forward_torch(x, weights, ids)
 
     def _forward_torch(self, x, weights, ids):
+        # NOTE: not transformers' grouped_mm on the CPU: its GEMMs round differently as the tokens per expert
+        # change, so a seeded request's tokens would depend on what else shares its forward.
         if x.shape[0] <= MOE_CHUNK_TOKENS:
             return self._experts_chunk(x, weights, ids)
         step = MOE_CHUNK_TOKENS
@@ -152,7 +201,7 @@ class Experts(nn.Module):
         # keeps, moves a bf16 result by an ulp now and then, which a random tiny model amplifies to O(1).
         n, k = ids.shape
         out = torch.zeros(n, k, x.shape[1], dtype=torch.float32, device=x.device)  # [n, K, H]
-        # one matmul per expert that has tokens: exact on CPU and cheap for a few tokens
+        # one matmul per expert that has tokens: exact, and cheap for a few tokens
         for expert in ids.unique().tolist():
             token, slot = torch.where(ids == expert)
             gate, up = F.linear(x[token], self.gate_up_proj[expert]).chunk(2, dim=-1)
@@ -176,38 +225,36 @@ class DecoderLayer(nn.Module):
             "post_feedforward_layernorm", "post_feedforward_layernorm_1",
             "pre_feedforward_layernorm_2", "post_feedforward_layernorm_2",
         ):
-            setattr(self, name, Gemma4RMSNorm(h, eps=eps))
+            setattr(self, name, RMSNorm(h, eps=eps))
         # NOTE: the checkpoint carries separate scalars for the encoder and the decoder pass.
         self.register_buffer("layer_scalar", torch.ones(1))
         self.register_buffer("encoder_layer_scalar", torch.ones(1))
 
-    def forward(self, x, cos, sin, canvas_mask, batch: CanvasBatch, attn: BaseAttnBackend):
+    def forward(self, x, cos, sin, decoder_rows: bool | torch.Tensor, batch: CanvasBatch, attn: BaseAttnBackend):
+        """``decoder_rows``: True when every token is a canvas token (decoder layer scalar), False when none is
+        (encoder layer scalar), else a [N, 1] bool mask of the canvas tokens."""
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, batch, attn))
         residual = x
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
         weights, ids = self.router(residual)  # the router sees the raw residual, not a normed copy
         routed = self.post_feedforward_layernorm_2(self.experts(self.pre_feedforward_layernorm_2(x), weights, ids))
         x = residual + self.post_feedforward_layernorm(dense + routed)
-        scalar = torch.where(canvas_mask[:, None], self.layer_scalar, self.encoder_layer_scalar)
+        if decoder_rows is True or decoder_rows is False:
+            scalar = self.layer_scalar if decoder_rows else self.encoder_layer_scalar
+        else:
+            scalar = torch.where(decoder_rows, self.layer_scalar, self.encoder_layer_scalar)
         return x * scalar.to(x.dtype)
 
 
-class SelfConditioning(nn.Module):
+class SelfConditioning(GatedMLP):
     """Decoder input = rms0(token embeds + MLP(pre_norm(soft embeds of the previous step)))."""
 
     def __init__(self, cfg: DiffusionGemmaConfig):
-        super().__init__()
-        h = cfg.hidden_size
-        self.pre_norm = Gemma4RMSNorm(h, eps=cfg.rms_norm_eps)
-        self.post_norm = Gemma4RMSNorm(h, eps=cfg.rms_norm_eps, with_scale=False)
-        self.gate_proj = nn.Linear(h, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(h, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, h, bias=False)
-        self.act = ACTIVATIONS[cfg.hidden_activation]
-        _pad_gated_mlp(self)
+        super().__init__(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_activation)
+        self.pre_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.post_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, with_scale=False)
 
     def forward(self, embeds, soft_embeds):
         if soft_embeds is None:  # first step: MLP(pre_norm(0)) == 0 (every activation here has act(0) == 0)
             return self.post_norm(embeds)
-        n = self.pre_norm(soft_embeds)
-        return self.post_norm(embeds + self.down_proj(self.act(self.gate_proj(n)) * self.up_proj(n)))
+        return self.post_norm(embeds + super().forward(self.pre_norm(soft_embeds)))

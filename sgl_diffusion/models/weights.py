@@ -17,6 +17,10 @@ import torch
 from torch import nn
 
 _ENCODER_SCALAR = re.compile(r"model\.encoder\.language_model\.layers\.(\d+)\.layer_scalar$")
+# checkpoint projections that load into a part of one fused projection of ours (the vision tower is transformers')
+_STACKED = re.compile(r"^(?!vision_tower\.|embed_vision\.)(.+)\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.weight$")
+STACKED_INTO = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+                "up_proj": "gate_up_proj"}  # fmt: skip
 _PREFIXES = (
     ("model.decoder.", ""),
     ("model.encoder.vision_tower.", "vision_tower."),
@@ -43,16 +47,23 @@ def load_checkpoint_weights(model: nn.Module, weights: Iterable[tuple[str, torch
         param_name = checkpoint_name_to_param(name)
         if param_name is None:
             continue
+        shard = None
+        if m := _STACKED.match(param_name):
+            param_name, shard = f"{m[1]}.{STACKED_INTO[m[2]]}.weight", m[2]
         target = targets[param_name]
         try:
             with torch.no_grad():
-                getattr(target, "weight_loader", copy_exact)(target, tensor)
+                if shard is None:
+                    getattr(target, "weight_loader", copy_exact)(target, tensor)
+                else:
+                    target.shard_loader(target, tensor, shard)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
-        loaded.add(param_name)
-    missing = {n for n, _ in model.named_parameters()} - loaded
+        loaded.add((param_name, shard))
+    expected = {(n, shard) for n, p in model.named_parameters() for shard in getattr(p, "shards", {None: None})}
+    missing = sorted(f"{n}[{shard}]" if shard else n for n, shard in expected - loaded)
     if missing:
-        raise ValueError(f"DiffusionGemma checkpoint lacks {len(missing)} weights, e.g. {sorted(missing)[:5]}")
+        raise ValueError(f"DiffusionGemma checkpoint lacks {len(missing)} weights, e.g. {missing[:5]}")
 
 
 def copy_exact(param: torch.Tensor, loaded: torch.Tensor) -> None:
@@ -84,4 +95,26 @@ def pad_intermediate(param: nn.Parameter, dim: int, parts: int = 1) -> nn.Parame
     gated MLP compute exactly what the unpadded one does: gelu(0) * 0 = 0.
     """
     param.weight_loader = functools.partial(copy_padded, dim=dim, parts=parts)
+    return param
+
+
+def stack_shards(param: nn.Parameter, rows: dict[str, int], pad_dim: int | None = None) -> nn.Parameter:
+    """Let ``param`` load several checkpoint tensors, one after the other along dim 0 (``rows`` each, in order).
+
+    ``pad_dim`` 0: a shard may be shorter than its rows (sglang's padded intermediate sizes; the rest is zeroed);
+    otherwise each must fit exactly.
+    """
+    offsets, start = {}, 0
+    for name, n in rows.items():
+        offsets[name] = (start, n)
+        start += n
+    assert start == param.shape[0], (rows, tuple(param.shape))
+    param.shards = offsets
+
+    def shard_loader(param: torch.Tensor, loaded: torch.Tensor, shard: str) -> None:
+        begin, n = param.shards[shard]
+        part = param.narrow(0, begin, n)
+        copy_padded(part, loaded, dim=0) if pad_dim == 0 else copy_exact(part, loaded)
+
+    param.shard_loader = shard_loader
     return param

@@ -6,22 +6,22 @@ them or are refused with a message, never silently ignored:
   unseeded greedy requests use seed 0 so that they are deterministic like greedy decoding elsewhere:
   the first canvas is noise, so greedy alone does not fix the output);
 - ``sampling_seed`` (OpenAI ``seed``) seeds the canvas sampler unless ``diffusion.seed`` is given;
-- grammars, logprobs, penalties, ``min_new_tokens``, ``logit_bias``, ``top_p``/``top_k``/``min_p``
-  are refused until the canvas sampler implements them.
+- grammars (``regex``, ``json_schema``, ``ebnf``, ``structural_tag``) and logprobs act on the canvas
+  (runtime/constraints.py); prompt logprobs are bounded, and combinations without a meaning are refused;
+- penalties, ``min_new_tokens``, ``logit_bias``, ``top_p``/``top_k``/``min_p``, ``stop_regex`` and
+  ``token_ids_logprob`` are refused until the canvas sampler implements them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+from sgl_diffusion.runtime.constraints import MAX_SCORED_PROMPT_TOKENS
 from sgl_diffusion.sampling.params import DiffusionDefaults, DiffusionParams, InvalidDiffusionParams
 
 GREEDY_TEMPERATURE = 1e-6  # softmax at this temperature is one-hot on any non-tied logit
+GRAMMAR_KEYS = ("regex", "json_schema", "ebnf", "structural_tag")
 _REFUSED_IF_SET = {
-    "regex": "grammars (regex)",
-    "json_schema": "grammars (json_schema / response_format)",
-    "ebnf": "grammars (ebnf)",
-    "structural_tag": "grammars (structural_tag)",
     "logit_bias": "logit_bias",
     "stop_regex": "stop_regex",
 }
@@ -37,10 +37,10 @@ _REFUSED_UNLESS = {  # key: the only accepted values (besides None)
 
 
 def check_request(sampling: dict, return_logprob: bool, raw_diffusion, defaults: DiffusionDefaults, *,
-                  vocab_size: int, canvas_length: int) -> DiffusionParams:
-    """Validate one request; raise ValueError (HTTP 400) naming what is not supported."""
-    if return_logprob:
-        raise ValueError("logprobs are not supported for DiffusionGemma yet")
+                  vocab_size: int, canvas_length: int, tokenizer=None) -> DiffusionParams:
+    """Validate one request; raise ValueError (HTTP 400) naming what is not supported.
+
+    ``tokenizer`` lays out a ``diffusion.infill`` template (sampling/infill.py)."""
     for key, what in _REFUSED_IF_SET.items():
         if sampling.get(key):
             raise ValueError(f"{what} is not supported for DiffusionGemma yet")
@@ -48,14 +48,51 @@ def check_request(sampling: dict, return_logprob: bool, raw_diffusion, defaults:
         value = sampling.get(key)
         if value is not None and value not in accepted and not _greedy_top_k(key, value, sampling):
             raise ValueError(f"{key}={value!r} is not supported for DiffusionGemma (use the diffusion parameters)")
-    params = DiffusionParams.from_request(raw_diffusion, defaults, vocab_size=vocab_size, canvas_length=canvas_length)
+    params = DiffusionParams.from_request(raw_diffusion, defaults, vocab_size=vocab_size, canvas_length=canvas_length,
+                                          tokenizer=tokenizer)
     seed = sampling.get("sampling_seed")
     if params.seed is None and seed is not None:
-        params = DiffusionParams.from_request(
-            ({} if raw_diffusion is None else raw_diffusion) | {"seed": seed}, defaults,
-            vocab_size=vocab_size, canvas_length=canvas_length,
-        )
+        params = dataclasses.replace(params, seed=DiffusionParams.from_request(
+            {"seed": seed}, defaults, vocab_size=vocab_size, canvas_length=canvas_length).seed)
+    if params.infill is not None:
+        _check_infill(params.infill, sampling, defaults)
     return _apply_temperature(params, sampling.get("temperature"), raw_diffusion)
+
+
+def check_logprobs(return_logprob: bool, logprob_start_len, token_ids_logprob, prompt_len: int | None,
+                   has_images: bool) -> None:
+    """Refuse logprob requests without a defined answer (runtime/constraints.py defines the others)."""
+    if not return_logprob:
+        return
+    if token_ids_logprob:
+        raise ValueError("token_ids_logprob is not supported for DiffusionGemma (use top_logprobs_num)")
+    if logprob_start_len is None or logprob_start_len < 0 or prompt_len is None or logprob_start_len >= prompt_len:
+        return  # output logprobs only
+    if has_images:
+        raise ValueError("prompt logprobs (logprob_start_len) are not supported with images for DiffusionGemma")
+    scored = prompt_len - logprob_start_len - 1
+    if scored > MAX_SCORED_PROMPT_TOKENS:
+        raise ValueError(
+            f"prompt logprobs cost one canvas forward per scored token on DiffusionGemma: at most "
+            f"{MAX_SCORED_PROMPT_TOKENS} prompt tokens may be scored (logprob_start_len >= prompt length - "
+            f"{MAX_SCORED_PROMPT_TOKENS + 1} = {prompt_len - MAX_SCORED_PROMPT_TOKENS - 1}; got {logprob_start_len})")
+
+
+def check_infill_length(params: DiffusionParams, prompt_len: int, max_new_tokens, context_len: int) -> None:
+    """The prompt and the (cut) template must fit in the context."""
+    length = len(params.infill) if max_new_tokens is None else min(len(params.infill), max_new_tokens)
+    if prompt_len + length > context_len:
+        raise ValueError(f"the prompt ({prompt_len} tokens) and the diffusion.infill template ({length} tokens) are "
+                         f"longer than the context ({context_len} tokens)")
+
+
+def _check_infill(layout: tuple[int, ...], sampling: dict, defaults: DiffusionDefaults) -> None:
+    if grammar := [k for k in GRAMMAR_KEYS if sampling.get(k)]:
+        raise ValueError(f"diffusion.infill cannot be combined with a grammar ({grammar[0]})")
+    stops = set(defaults.eos_token_ids) | set(sampling.get("stop_token_ids") or ())
+    if stops & set(layout):
+        raise ValueError("diffusion.infill.template holds an end-of-sequence token, which would end the output "
+                         "before the template is complete")
 
 
 def _greedy_top_k(key, value, sampling) -> bool:

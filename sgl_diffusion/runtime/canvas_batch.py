@@ -10,6 +10,7 @@ Only what the model, the attention backends and the sampler read lives here.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -68,13 +69,18 @@ class CanvasBatch:
     def num_tokens(self) -> int:
         return self.input_ids.numel()
 
-    @property
+    # NOTE: derived once per batch (the model reads each once per forward; a plan may too): segments and ids are
+    # not changed after construction.
+    @functools.cached_property
     def positions(self) -> torch.Tensor:  # [N] int64
+        if len(self.segments) == 1:
+            seg = self.segments[0]
+            return torch.arange(seg.start_pos, seg.start_pos + seg.num_tokens, device=self.input_ids.device)
         return torch.cat(
             [torch.arange(s.start_pos, s.start_pos + s.num_tokens) for s in self.segments]
         ).to(self.input_ids.device)
 
-    @property
+    @functools.cached_property
     def canvas_mask(self) -> torch.Tensor:  # [N] bool, True on canvas tokens
         mask = torch.zeros(self.num_tokens, dtype=torch.bool)
         for seg in self.segments:
@@ -82,6 +88,12 @@ class CanvasBatch:
                 mask[seg.offset : seg.offset + seg.num_tokens] = True
         return mask.to(self.input_ids.device)
 
-    @property
+    @functools.cached_property
     def canvas_segments(self) -> list[Segment]:
         return [s for s in self.segments if s.kind == "canvas"]
+
+    @property
+    def token_kinds(self) -> Literal["canvas", "encode", "mixed"]:
+        """Whether every token is a canvas token, none is, or both kinds are in the batch."""
+        n = len(self.canvas_segments)
+        return "canvas" if n == len(self.segments) else "encode" if n == 0 else "mixed"

@@ -28,6 +28,10 @@ class DiffusionMetrics:
             "sglang:diffusion_canvases_in_flight", "Canvases being denoised.", names, multiprocess_mode="mostrecent"
         )
         self.canvases = Counter("sglang:diffusion_canvases_total", "Committed canvases.", names)
+        self.grammars_in_flight = Gauge(
+            "sglang:diffusion_grammars_in_flight", "Grammar matchers held by running requests.", names,
+            multiprocess_mode="mostrecent",
+        )
 
     def canvas_done(self, steps: int, kept_tokens: int, accepted_per_step: float) -> None:
         self.steps_per_canvas.labels(**self.labels).observe(steps)
@@ -35,5 +39,6 @@ class DiffusionMetrics:
         self.accepted_per_step.labels(**self.labels).observe(accepted_per_step)
         self.canvases.labels(**self.labels).inc()
 
-    def in_flight(self, n: int) -> None:
-        self.canvases_in_flight.labels(**self.labels).set(n)
+    def in_flight(self, canvases: int, grammars: int) -> None:
+        self.canvases_in_flight.labels(**self.labels).set(canvases)
+        self.grammars_in_flight.labels(**self.labels).set(grammars)

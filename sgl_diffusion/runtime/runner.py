@@ -33,6 +33,14 @@ class CanvasState:
     # kept on device, read once the canvas is done: steps it took and positions accepted over them
     steps_taken: torch.Tensor | int = 0
     accepted: torch.Tensor | int = 0
+    # fixed positions (sampling/entropy_bound.py): set with clamp(); None = all positions free
+    fixed: torch.Tensor | None = None  # [C] bool
+    fixed_tokens: torch.Tensor | None = None  # [C] int64
+    banned: tuple[int, ...] = ()  # token ids the sampler never produces on this request's canvases
+    # the final hidden states of the first `keep_hidden` positions, kept after every step for what is computed
+    # from the committed step's logits (grammar commit, logprobs, prompt scores); 0 keeps nothing
+    keep_hidden: int = 0
+    hidden: torch.Tensor | None = None  # [keep_hidden, H]
 
     @classmethod
     def first(cls, params: DiffusionParams, generator, canvas_length: int, vocab_size: int, device) -> CanvasState:
@@ -42,12 +50,18 @@ class CanvasState:
                    params.max_denoising_steps)
 
     def next_canvas(self, vocab_size: int) -> CanvasState:
-        """State of the following canvas: fresh noise from the same generator."""
+        """State of the following canvas: fresh noise from the same generator (no position fixed)."""
         c = self.canvas.numel()
         canvas = eb.init_canvas_noise(c, vocab_size, self.generator, device=self.canvas.device)
         return CanvasState(self.params, self.generator, canvas,
                            eb.new_history(self.params.stability_threshold, c, canvas.device),
-                           self.params.max_denoising_steps)
+                           self.params.max_denoising_steps, banned=self.banned, keep_hidden=self.keep_hidden)
+
+    def clamp(self, fixed: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Fix the positions where ``fixed`` [C] bool is set to ``tokens`` [C] int64 from the next step on: the
+        canvas input holds them now, and the sampler never renoises them (see sampling/entropy_bound.py)."""
+        self.fixed, self.fixed_tokens = fixed, tokens
+        self.canvas = torch.where(fixed, tokens, self.canvas)
 
 
 def make_generator(seed: int | None, device) -> torch.Generator:
@@ -108,7 +122,8 @@ class DiffusionRunner:
         return torch.cat(done)
 
     def _sample_tile(self, hidden, states, frozen) -> torch.Tensor:
-        rows = [eb.SamplerRow(s.params, max(s.step_remaining, 1), s.history) for s in states]
+        rows = [eb.SamplerRow(s.params, max(s.step_remaining, 1), s.history, s.fixed, s.fixed_tokens, s.banned)
+                for s in states]
         logits = self.model.logits(hidden.flatten(0, 1)).view(*hidden.shape[:2], -1)
         # NOTE: the self-conditioning probabilities come out in the model dtype, rounded where HF rounds them
         dtype = self.model.embed_tokens.weight.dtype
@@ -121,6 +136,8 @@ class DiffusionRunner:
             s.argmax = _unless(keep, s.argmax, result.argmax[i])
             s.canvas = _unless(keep, s.canvas, result.next_canvas[i])
             s.soft_embeds = _unless(keep, s.soft_embeds, soft[i])
+            if s.keep_hidden:
+                s.hidden = _unless(keep, s.hidden, hidden[i, : s.keep_hidden])
             s.accepted = s.accepted + _unless(keep, 0, result.accepted[i].sum())
             s.steps_taken = s.steps_taken + _unless(keep, 0, 1)
             s.step_remaining -= 1

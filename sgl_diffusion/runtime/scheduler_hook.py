@@ -3,7 +3,10 @@
 sglang keeps everything around the forward: request intake and validation, the Req lifecycle,
 KV pools, aborts, the detokenizer stream. ``DiffusionEngine`` takes requests from the scheduler's
 waiting queue into the canvas policy, runs one mixed forward per round and hands committed
-canvases back to each Req, so sglang's own stop checks and output streamer apply.
+canvases back to each Req, so sglang's own stop checks and output streamer apply. Requests with a
+grammar wait in sglang's grammar queue until it is compiled, as in sglang's own loop; their matcher
+then rides on the request (runtime/constraints.py), and logprobs go into the Req fields sglang's
+streamer reads.
 """
 
 from __future__ import annotations
@@ -25,11 +28,14 @@ from sglang.srt.managers.schedule_batch import FINISH_ABORT, FINISH_LENGTH
 from sgl_diffusion.attention import BACKENDS, choose_attention_backend, create_attention_backend
 from sgl_diffusion.attention.kv import SglangKVStore
 from sgl_diffusion.runtime.drafts import DraftOutputStreamer, make_draft
+from sgl_diffusion.runtime.req_logprobs import hand_over_logprobs, set_prompt_logprobs
 from sgl_diffusion.runtime.runner import DiffusionRunner
 from sgl_diffusion.runtime.metrics import DiffusionMetrics
 from sgl_diffusion.runtime.radix_slots import RadixKVSlots
 from sgl_diffusion.runtime.scheduler_policy import CanvasScheduler, DiffusionRequest
 from sgl_diffusion.sampling.params import DiffusionDefaults, DiffusionParams
+
+GRAMMAR_BACKEND_ERROR = "constrained canvases need sglang's xgrammar (or llguidance) grammar backend"
 
 if TYPE_CHECKING:
     from sglang.srt.managers.schedule_batch import Req
@@ -141,7 +147,15 @@ class DiffusionEngine:
         return [r.handle for r in self.policy.running]
 
     def has_work(self) -> bool:
-        return bool(self.policy.running)
+        return bool(self.policy.running) or self.scheduler.grammar_manager.has_waiting_grammars()
+
+    def admit_compiled_grammars(self) -> None:
+        """Move requests whose grammar finished compiling (or failed: they carry their 400) from sglang's grammar
+        queue to its waiting queue, as sglang's own ``_get_new_batch_prefill_raw`` does."""
+        manager = self.scheduler.grammar_manager
+        if manager.has_waiting_grammars():
+            for req in manager.get_ready_grammar_requests():
+                self.scheduler._add_request_to_queue(req)
 
     def admit(self) -> None:
         """Move waiting Reqs into the canvas policy, FIFO, within sglang's request and prefill budgets.
@@ -162,12 +176,17 @@ class DiffusionEngine:
             prompt = list(req.origin_input_ids)
             try:
                 runs, embeds = self._images(req, prompt)
-                dreq = DiffusionRequest(prompt, self._params(req), max_new_tokens, req, runs, embeds)
+                params = self._params(req)
+                if params.infill is not None:  # the template decides the output's length (cut by max_new_tokens)
+                    max_new_tokens = req.sampling_params.max_new_tokens = min(max_new_tokens, len(params.infill))
+                dreq = DiffusionRequest(prompt, params, max_new_tokens, req, runs, embeds, **self._asks(req, params))
             except Exception as e:  # one bad request must not take the scheduler down
                 logger.exception("sgl-diffusion: rejecting request %s", req.rid)
                 req.finished_reason = FINISH_ABORT(f"invalid request: {e}", HTTPStatus.BAD_REQUEST)
                 self.scheduler.output_streamer.stream_output([req], False)
                 continue
+            if req.return_logprob and dreq.score_from is None:
+                set_prompt_logprobs(req)
             self.policy.add(dreq)
         del self.scheduler.waiting_queue[:taken]
 
@@ -175,6 +194,7 @@ class DiffusionEngine:
         """plan -> forward -> sample -> commit -> stream -> free."""
         self._drop_aborted()
         if not self.policy.running:
+            self._report_in_flight()
             return
         try:
             out = self.policy.step()
@@ -184,22 +204,28 @@ class DiffusionEngine:
                 reason = FINISH_ABORT(f"internal error: {e}", HTTPStatus.INTERNAL_SERVER_ERROR)
                 self._abort(dreq, reason, cache=False)  # its KV may be half written: keep it out of the tree
             return
-        if self.metrics is not None:
-            self.metrics.in_flight(sum(r.state is not None for r in self.policy.running))
+        self._report_in_flight()
         if out.starved and not out.committed and not out.finished and len(out.starved) == len(self.policy.running):
             # Everyone waits for KV that only they could free: end the newest instead of hanging all.
             self._abort(out.starved[-1], FINISH_ABORT("KV cache exhausted", HTTPStatus.SERVICE_UNAVAILABLE))
         reqs = [r.handle for r, _ in out.committed]
         reqs += [r for r in self._collect_drafts() if r not in reqs]
+        hand_over_logprobs([r for r, _ in out.committed] + out.finished)
         for dreq in out.finished:
+            dreq.handle.grammar = None  # the matcher's state is not needed past the answer
             if not dreq.handle.finished():  # prefill-only requests (max_new_tokens=0) never saw a canvas
                 dreq.handle.finished_reason = FINISH_LENGTH(length=len(dreq.handle.output_ids))
             if dreq.handle not in reqs:
                 reqs.append(dreq.handle)
         if reqs:
-            self.scheduler.output_streamer.stream_output(reqs, False)
+            self.scheduler.output_streamer.stream_output(reqs, any(r.return_logprob for r in reqs))
 
     # ---- helpers ------------------------------------------------------------------------------
+
+    def _report_in_flight(self) -> None:
+        if self.metrics is not None:
+            running = self.policy.running
+            self.metrics.in_flight(sum(r.state is not None for r in running), sum(r.grammar is not None for r in running))
 
     def _collect_drafts(self) -> list[Req]:
         """Queue the current argmax canvas of every streamed request that asked for drafts (a host sync each)."""
@@ -216,6 +242,23 @@ class DiffusionEngine:
             self.drafts.drafts[req.rid] = make_draft(req, dreq.state.argmax.tolist(), canvas_index,
                                                      int(dreq.state.steps_taken), self.scheduler.tokenizer)
         return [d.handle for d in wanting]
+
+    def _asks(self, req: Req, params: DiffusionParams) -> dict:
+        """What a Req asks of its canvases beyond free generation (DiffusionRequest's keyword fields)."""
+        asks = {}
+        if req.grammar is not None:
+            if req.grammar.allocate_vocab_mask(self.cfg.vocab_size, 1, "cpu").dtype != torch.int32:
+                raise ValueError(GRAMMAR_BACKEND_ERROR)
+            asks["grammar"] = req.grammar
+        if req.return_logprob:
+            asks["logprobs"] = req.logprob.top_logprobs_num
+            if 0 <= req.logprob_start_len < len(req.origin_input_ids):
+                asks["score_from"] = req.logprob_start_len
+        if params.infill is not None:  # EOS inside a hole would end the request before the template is complete
+            eos = set(self.defaults.eos_token_ids) | set(req.eos_token_ids or ()) | set(
+                req.sampling_params.stop_token_ids or ())
+            asks["banned"] = tuple(sorted(eos))
+        return asks
 
     def _params(self, req: Req) -> DiffusionParams:
         raw = (req.sampling_params.custom_params or {}).get(PARAMS_KEY)
@@ -277,8 +320,9 @@ class DiffusionEngine:
             return
         req = dreq.handle
         req.finished_reason, req.to_finish = reason, None
+        req.grammar = None
         self.policy.abort(dreq, cache)
-        self.scheduler.output_streamer.stream_output([req], False)
+        self.scheduler.output_streamer.stream_output([req], req.return_logprob)
 
 
 def check_supported(scheduler: Scheduler) -> None:
@@ -304,6 +348,7 @@ def run_event_loop(scheduler: Scheduler) -> None:
             scheduler.ingest_requests()
             if scheduler._engine_paused:
                 continue
+            engine.admit_compiled_grammars()
             engine.admit()
             if engine.has_work():
                 engine.step()

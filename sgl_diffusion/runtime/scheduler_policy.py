@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sgl_diffusion.runtime import constraints
 from sgl_diffusion.runtime.canvas_batch import CanvasBatch, Segment
 from sgl_diffusion.runtime.runner import CanvasState, DiffusionRunner, make_generator
+from sgl_diffusion.sampling.logprobs import TokenLogprobs
 from sgl_diffusion.sampling.params import DiffusionParams
 
 
@@ -60,12 +62,24 @@ class DiffusionRequest:
     handle: object = None  # the caller's own request object (sglang's Req in the server)
     image_runs: tuple[tuple[int, int], ...] = ()
     image_embeds: torch.Tensor | None = None  # [num image tokens, H]
+    # what the request asks of its canvases beyond free generation (runtime/constraints.py)
+    grammar: object = None  # a grammar matcher (sglang's BaseGrammarObject) the committed tokens must follow
+    logprobs: int | None = None  # logprobs of committed tokens with this many top alternatives; None: none
+    score_from: int | None = None  # score the prompt tokens after this position (None: no prompt scores)
+    banned: tuple[int, ...] = ()  # token ids never produced (EOS inside infill holes)
     # set by the policy
     slots: torch.Tensor | None = field(default=None, init=False)  # [committed context] KV slots
     pending: list[int] = field(default_factory=list, init=False)  # tokens to encode next forward
     state: CanvasState | None = field(default=None, init=False)
     output_ids: list[int] = field(default_factory=list, init=False)
     finished: bool = field(default=False, init=False)  # output complete; may still encode its last canvas
+    output_logprobs: TokenLogprobs | None = field(default=None, init=False)  # one entry per output token
+    prompt_logprobs: TokenLogprobs | None = field(default=None, init=False)  # prompt tokens after score_from + 1
+    canvas_logprobs: TokenLogprobs | None = field(default=None, init=False)  # the canvas being committed
+    scoring: list[CanvasState] | None = field(default=None, init=False)  # prompt-scoring canvases in flight
+    grammar_prefix: list[int] = field(default_factory=list, init=False)  # current canvas, accepted by the grammar
+    repairs: int = field(default=0, init=False)  # grammar repairs of the current canvas so far
+    grammar_fallbacks: int = field(default=0, init=False)  # positions whose top-k held no allowed token
 
     @property
     def context_len(self) -> int:
@@ -131,7 +145,7 @@ class CanvasScheduler:
             for seg in segments:
                 if seg.writes_kv:
                     self.kv.encoded(reqs[seg.req_index])
-            out = self._apply(reqs, segments, done)
+            out = self._apply(reqs, segments, states, done)
             out.starved = starved
         for req in list(self.running):
             if req.finished and not req.pending:  # its last canvas is encoded (or never will be)
@@ -169,6 +183,16 @@ class CanvasScheduler:
                 continue
             if req.slots is None:  # an empty prompt: the canvas attends to itself only
                 req.slots = torch.empty(0, dtype=torch.long, device=self.device)
+            if req.score_from is not None and req.scoring is None and not encode_only:
+                # one-step canvases over each prompt prefix; they read the prefill this forward writes
+                req.scoring = []
+                for context, state in constraints.scoring_states(req, self.canvas_length, self.vocab_size,
+                                                                 self.device):
+                    segments.append(Segment("canvas", len(reqs), self.canvas_length, context, req.slots[:context]))
+                    states.append(state)
+                    req.scoring.append(state)
+                if not req.scoring:  # only the first entry, which is null
+                    req.prompt_logprobs = TokenLogprobs([], [], [])
             if req.max_new_tokens <= 0:
                 reqs.append(req)  # prefill only (the DSL's prefix caching)
                 continue
@@ -178,7 +202,9 @@ class CanvasScheduler:
                 continue
             if req.state is None:
                 gen = make_generator(req.params.seed, self.device)
-                req.state = CanvasState.first(req.params, gen, self.canvas_length, self.vocab_size, self.device)
+                req.state = constraints.dress(
+                    req, CanvasState.first(req.params, gen, self.canvas_length, self.vocab_size, self.device),
+                    self.canvas_length)
             segments.append(Segment("canvas", len(reqs), self.canvas_length, req.context_len, req.slots))
             states.append(req.state)
             reqs.append(req)
@@ -199,25 +225,34 @@ class CanvasScheduler:
                     images.append(req.images_after(seg.start_pos)[1])
         return CanvasBatch(segments, torch.cat(pieces), soft, torch.cat(images) if images else None)
 
-    def _apply(self, reqs, segments, done) -> StepOutput:
+    def _apply(self, reqs, segments, states, done) -> StepOutput:
         committed, finished = [], []
         canvas_reqs = [reqs[seg.req_index] for seg in segments if seg.kind == "canvas"]
-        for req, is_done in zip(canvas_reqs, done, strict=True):
+        model = self.runner.model
+        for req, state, is_done in zip(canvas_reqs, states, done, strict=True):
+            if state is not req.state:  # one of its prompt-scoring canvases (collected below)
+                continue
             if not is_done:
                 continue
-            canvas = req.state.argmax.tolist()
+            canvas = constraints.finish_canvas(req, model)
+            if canvas is None:  # a grammar repair: the canvas denoises on with its valid prefix fixed
+                continue
             kept, is_finished = self.sink(req, canvas)
+            constraints.record_logprobs(req, len(kept))
             req.output_ids.extend(kept)
             committed.append((req, kept))
             if is_finished:
-                req.finished, req.state = True, None
+                req.finished, req.state, req.grammar = True, None, None
                 finished.append(req)
                 if self.kv.caches_prefixes:
                     req.pending = kept  # committed in the next forward, after the answer has been streamed
             else:
+                assert len(canvas) == self.canvas_length, "only a finished request commits a partial canvas"
                 req.pending = canvas  # committed causally in the next forward
-                req.state = req.state.next_canvas(self.vocab_size)
+                req.state = constraints.dress(req, req.state.next_canvas(self.vocab_size), self.canvas_length)
         for req in reqs:
+            if req.scoring:
+                constraints.collect_scores(req, model)
             if req.max_new_tokens <= 0 and not req.finished:
                 req.finished = True
                 finished.append(req)
@@ -229,7 +264,9 @@ class CanvasScheduler:
         if req.slots is not None:
             self.kv.release(req, cache)
             req.slots = None
-        req.state = None
+        # NOTE: the grammar matcher is the request's own copy (sglang's cache hands out copies): dropping it frees
+        # its state, including the prefix of a canvas being repaired, which never reached the output
+        req.state, req.grammar, req.grammar_prefix = None, None, []
 
 
 def eos_sink(eos_token_ids) -> CanvasSink:

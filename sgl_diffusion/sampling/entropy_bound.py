@@ -8,6 +8,14 @@ Per request and step, the RNG calls are exactly HF's (batch size 1):
   1. `torch.multinomial(probs [C, V], 1)`  - the candidate token at every position
   2. `torch.randint(0, V, (1, C))`         - fresh noise for the positions not accepted
 and `torch.randint(0, V, (1, C))` once before a canvas's first step (`init_canvas_noise`).
+
+Fixed positions (infill templates, a grammar-repaired prefix, see runtime/constraints.py) ride on the same calls:
+a row may fix some positions to given tokens. They are drawn like any other position (so the RNG stream is the
+same) and then overridden: never renoised (the next canvas holds their token), always accepted (their entropy
+counts as 0, so they neither spend nor block the entropy bound), their argmax is their token, and the mean entropy
+of the stopping rule is taken over the free positions. The next step's self-conditioning input at a fixed position
+is the one-hot of its token (what a position the model has settled on looks like), not the model's disagreeing
+probabilities. Rows with no fixed position and no banned token are bit-identical to rows of a batch without any.
 """
 
 from __future__ import annotations
@@ -87,6 +95,9 @@ class SamplerRow(NamedTuple):
     params: DiffusionParams
     step_remaining: int  # N on the first step of a canvas, 1 on the last
     history: torch.Tensor  # [params.stability_threshold, C] int64, previous argmax canvases, oldest first
+    fixed: torch.Tensor | None = None  # [C] bool, positions whose token is given (None: all free)
+    fixed_tokens: torch.Tensor | None = None  # [C] int64, the tokens of the fixed positions (others ignored)
+    banned: tuple[int, ...] = ()  # token ids never drawn nor chosen anywhere on the row (EOS inside infill holes)
 
 
 class SamplingArgs(NamedTuple):
@@ -98,6 +109,9 @@ class SamplingArgs(NamedTuple):
     stability_threshold: torch.Tensor  # [B] int64, k_b <= K
     is_last_step: torch.Tensor  # [B] bool
     history: torch.Tensor  # [B, K, C] int64, K = max k_b; row b's last k_b slots are its history, the rest -1
+    fixed: torch.Tensor | None = None  # [B, C] bool; None when no row fixes a position
+    fixed_tokens: torch.Tensor | None = None  # [B, C] int64, meaningful where `fixed`
+    banned: torch.Tensor | None = None  # [2, n] int64 (row, token id) pairs; None when no row bans a token
 
 
 class StepResult(NamedTuple):
@@ -132,7 +146,16 @@ def prepare(rows: Sequence[SamplerRow]) -> SamplingArgs:
         assert k == r.params.stability_threshold, (k, r.params.stability_threshold)
         if k:
             history[b, max_k - k :] = r.history
-    return SamplingArgs(temp, bounds[0], bounds[1], ints[0], ints[1] == 1, history)
+    fixed = fixed_tokens = banned = None
+    if any(r.fixed is not None for r in rows):
+        fixed = torch.zeros(len(rows), canvas_length, dtype=torch.bool, device=device)
+        fixed_tokens = torch.zeros(len(rows), canvas_length, dtype=torch.long, device=device)
+        for b, r in enumerate(rows):
+            if r.fixed is not None:
+                fixed[b], fixed_tokens[b] = r.fixed, r.fixed_tokens
+    if any(r.banned for r in rows):
+        banned = torch.tensor([(b, t) for b, r in enumerate(rows) for t in r.banned], dtype=torch.long).T.to(device)
+    return SamplingArgs(temp, bounds[0], bounds[1], ints[0], ints[1] == 1, history, fixed, fixed_tokens, banned)
 
 
 def step(
@@ -155,6 +178,8 @@ def step(
     # NOTE: `temperature` is a device tensor, never a CPU scalar: CUDA turns division by a CPU scalar into a
     # multiplication by its reciprocal, which rounds differently from HF's division.
     scaled = logits / args.temperature[:, None, None]  # [B, C, V] fp32, HF's processed_logits
+    if args.banned is not None:
+        scaled[args.banned[0], :, args.banned[1]] = float("-inf")
     argmax = scaled.argmax(dim=-1)  # [B, C]
     probs = torch.softmax(scaled, dim=-1, dtype=torch.float32)  # [B, C, V]
 
@@ -170,6 +195,8 @@ def step(
 
     entropy = _categorical_entropy_(scaled)  # [B, C]; consumes `scaled`
     del scaled
+    if args.fixed is not None:
+        entropy = entropy.masked_fill(args.fixed, 0.0)  # certain: accepted first, at no cost to the bound
     accepted = _accept(entropy, args.entropy_bound)
 
     # RNG phase 2: HF renoises the full canvas every step, accepted positions included.
@@ -179,9 +206,27 @@ def step(
     next_canvas = torch.where(accepted, sampled, noise)
 
     mean_entropy = entropy.mean(dim=-1)
+    if args.fixed is not None:
+        next_canvas, argmax, mean_entropy = _hold_fixed(args, next_canvas, argmax, entropy, mean_entropy, sc_probs)
     stable = _stable(args.history, args.stability_threshold, argmax)
     done = (stable & (mean_entropy < args.confidence_threshold)) | args.is_last_step
     return StepResult(next_canvas, argmax, sc_probs, accepted, mean_entropy, stable, done)
+
+
+def _hold_fixed(args: SamplingArgs, next_canvas, argmax, entropy, mean_entropy, sc_probs):
+    """Fixed positions keep their token in the next canvas and the argmax, and feed a one-hot of it to the next
+    step's self-conditioning (``sc_probs`` [B, C, V] is overwritten there); the stopping rule's mean entropy is
+    over the free positions (0 on a row with none). Rows without fixed positions keep their values bit for bit."""
+    fixed, tokens = args.fixed, args.fixed_tokens
+    next_canvas = torch.where(fixed, tokens, next_canvas)
+    argmax = torch.where(fixed, tokens, argmax)
+    free = (~fixed).sum(dim=-1)  # [B]
+    free_mean = entropy.sum(dim=-1) / free.clamp(min=1)  # entropy is 0 at fixed positions already
+    mean_entropy = torch.where(fixed.any(dim=-1), free_mean, mean_entropy)
+    rows, cols = fixed.nonzero(as_tuple=True)
+    sc_probs[rows, cols] = 0
+    sc_probs[rows, cols, tokens[rows, cols]] = 1
+    return next_canvas, argmax, mean_entropy
 
 
 def _self_conditioning_probs(scaled: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -71,12 +71,20 @@ class DiffusionParams:
     seed: int | None = None  # None: the device's global RNG
     init_canvas: tuple[int, ...] | None = None  # overwrites a prefix of the first canvas's noise
     stream_drafts: bool = False  # stream the argmax canvas after every round (runtime/drafts.py)
+    # the output's positions from diffusion.infill.template (sampling/infill.py): token ids fixed, -1 free
+    infill: tuple[int, ...] | None = None
+    # a grammar-constrained canvas whose commit changed a token is re-denoised this many steps with the valid
+    # prefix fixed (at most max_denoising_steps), before the rest is committed (runtime/constraints.py); 0: at once
+    grammar_repair_steps: int = 0
 
     @classmethod
     def from_request(
-        cls, raw: dict | None, defaults: DiffusionDefaults, *, vocab_size: int, canvas_length: int
+        cls, raw: dict | None, defaults: DiffusionDefaults, *, vocab_size: int, canvas_length: int, tokenizer=None
     ) -> DiffusionParams:
-        """Validate a request's `diffusion` object; missing keys take `defaults`. Raises InvalidDiffusionParams."""
+        """Validate a request's `diffusion` object; missing keys take `defaults`. Raises InvalidDiffusionParams.
+
+        ``tokenizer`` (``encode(text, add_special_tokens=False)``, ``decode(ids)``) lays out an infill template;
+        without one, ``infill`` is refused."""
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):
@@ -101,7 +109,16 @@ class DiffusionParams:
 
         stream_drafts = raw.get("stream_drafts", False)
         _check_type("diffusion.stream_drafts", stream_drafts, bool)
-        return cls(**values, seed=seed, init_canvas=init_canvas, stream_drafts=stream_drafts)
+        repair = raw.get("grammar_repair_steps", 0)
+        _check_type("diffusion.grammar_repair_steps", repair, int)
+        if not 0 <= repair <= MAX_DENOISING_STEPS:
+            raise InvalidDiffusionParams(f"diffusion.grammar_repair_steps must be in [0, {MAX_DENOISING_STEPS}] "
+                                         f"(got {repair})")
+        infill = _infill_layout(raw["infill"], tokenizer, vocab_size) if "infill" in raw else None
+        if infill is not None and init_canvas is not None:
+            raise InvalidDiffusionParams("diffusion.infill and diffusion.init_canvas both set the first canvas: use one")
+        return cls(**values, seed=seed, init_canvas=init_canvas, stream_drafts=stream_drafts, infill=infill,
+                   grammar_repair_steps=repair)
 
     def to_json(self) -> str:
         """Compact JSON, so the params can ride in sglang's `custom_params` as one string."""
@@ -111,8 +128,9 @@ class DiffusionParams:
     def from_json(cls, s: str) -> DiffusionParams:
         """Inverse of `to_json`; trusts its input (it was validated before `to_json`)."""
         d = json.loads(s)
-        if d["init_canvas"] is not None:
-            d["init_canvas"] = tuple(d["init_canvas"])
+        for key in ("init_canvas", "infill"):
+            if d[key] is not None:
+                d[key] = tuple(d[key])
         return cls(**d)
 
 
@@ -156,6 +174,22 @@ def _check_numeric(values: dict, prefix: str) -> dict:
         fail("{p}.stability_threshold must be in [0, {p}.max_denoising_steps={max_denoising_steps}] "
              "(got {stability_threshold})")
     return out
+
+
+def _infill_layout(raw, tokenizer, vocab_size: int) -> tuple[int, ...]:
+    from .infill import layout, parse_template
+
+    if not isinstance(raw, dict) or set(raw) != {"template"}:
+        raise InvalidDiffusionParams(f"diffusion.infill must be an object {{\"template\": \"...\"}} (got {raw!r:.80})")
+    pieces = parse_template(raw["template"])
+    if tokenizer is None:
+        raise InvalidDiffusionParams("diffusion.infill needs the server's tokenizer (not with --skip-tokenizer-init)")
+    ids = layout(pieces, lambda text: tokenizer.encode(text, add_special_tokens=False),
+                 lambda ids: tokenizer.decode(ids, clean_up_tokenization_spaces=False))
+    if any(t >= vocab_size for t in ids):
+        raise InvalidDiffusionParams(f"diffusion.infill.template tokenizes to ids outside the model's vocabulary "
+                                     f"[0, {vocab_size})")
+    return ids
 
 
 def _check_init_canvas(ids, vocab_size: int, canvas_length: int) -> tuple[int, ...]:

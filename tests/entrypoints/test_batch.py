@@ -299,3 +299,33 @@ def test_bodies_read_local_media_only_beside_the_input(tiny_checkpoint_dir, tmp_
     assert {key: _status(row) for key, row in rows.items()} == {"beside": 200, "passwd": 400, "elsewhere": 400}
     assert rows["passwd"]["response"]["body"]["message"] == rows["elsewhere"]["response"]["body"]["message"]
     assert LOCAL_REFUSED in rows["passwd"]["response"]["body"]["message"]
+
+
+@pytest.mark.slow
+def test_infill_structured_output_and_logprobs_lines(tiny_checkpoint_dir, tmp_path):
+    """Batch bodies take what the server's routes take: a diffusion.infill template (fixed pieces back verbatim), a
+    completions suffix, a response_format json_schema, logprobs."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    template = "def f(x):\n    {{hole:12}}\n    return y\n"
+    lines = [
+        line("infill", COMPLETIONS, {"model": "tiny", "prompt": "Code:\n", "max_tokens": 64,
+                                     "diffusion": {"infill": {"template": template}, "seed": 1}}),
+        line("suffix", COMPLETIONS, {"model": "tiny", "prompt": "a = ", "suffix": "\nprint(a)", "max_tokens": 5,
+                                     **steps1(2)}),
+        line("json", CHAT, {"model": "tiny", "messages": MESSAGES, "max_tokens": 64, "diffusion": {"seed": 3},
+                            "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}}),
+        line("logprobs", COMPLETIONS, {"model": "tiny", "prompt": "Hi", "max_tokens": 4, "logprobs": 2, **steps1(4)}),
+    ]  # fmt: skip
+    input_path, out = write_lines(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl"
+    proc = run_cli(tiny_checkpoint_dir, input_path, out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = by_key(read_rows(out))
+    assert {key: _status(row) for key, row in rows.items()} == dict.fromkeys(("infill", "suffix", "json", "logprobs"), 200)
+    text = rows["infill"]["response"]["body"]["choices"][0]["text"]
+    assert text.startswith("def f(x):\n    ") and text.endswith("\n    return y\n")
+    assert rows["suffix"]["response"]["body"]["usage"]["completion_tokens"] == 5
+    choice = rows["json"]["response"]["body"]["choices"][0]
+    if choice["finish_reason"] == "stop":
+        assert set(json.loads(choice["message"]["content"], strict=False)) == {"ok"}
+    logprobs = rows["logprobs"]["response"]["body"]["choices"][0]["logprobs"]
+    assert len(logprobs["token_logprobs"]) == 4 and all(v <= 0 for v in logprobs["token_logprobs"])

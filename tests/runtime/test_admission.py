@@ -2,14 +2,14 @@
 
 import pytest
 
-from sgl_diffusion.runtime.admission import GREEDY_TEMPERATURE, check_request
+from sgl_diffusion.runtime.admission import GREEDY_TEMPERATURE, check_logprobs, check_request
 from sgl_diffusion.sampling.params import DiffusionDefaults
 
 DEFAULTS = DiffusionDefaults.from_generation_config({})
 
 
-def check(sampling, raw=None, logprob=False):
-    return check_request(sampling, logprob, raw, DEFAULTS, vocab_size=100, canvas_length=32)
+def check(sampling, raw=None, logprob=False, tokenizer=None):
+    return check_request(sampling, logprob, raw, DEFAULTS, vocab_size=100, canvas_length=32, tokenizer=tokenizer)
 
 
 def test_defaults_pass_through():
@@ -20,22 +20,59 @@ def test_defaults_pass_through():
 
 @pytest.mark.parametrize(
     "sampling, word",
-    [({"regex": "a+"}, "regex"), ({"json_schema": "{}"}, "json_schema"), ({"ebnf": "x"}, "ebnf"),
-     ({"frequency_penalty": 0.5}, "frequency_penalty"), ({"presence_penalty": -1}, "presence_penalty"),
+    [({"frequency_penalty": 0.5}, "frequency_penalty"), ({"presence_penalty": -1}, "presence_penalty"),
      ({"repetition_penalty": 1.2}, "repetition_penalty"), ({"min_new_tokens": 4}, "min_new_tokens"),
      ({"top_p": 0.9}, "top_p"), ({"top_k": 20}, "top_k"), ({"min_p": 0.1}, "min_p"),
      ({"logit_bias": {"3": 1.0}}, "logit_bias")],
 )  # fmt: skip
 def test_unsupported_features_are_refused(sampling, word):
-    """Grammars, penalties and token-sampler filters raise ValueError naming the parameter."""
+    """Penalties and token-sampler filters raise ValueError naming the parameter."""
     with pytest.raises(ValueError, match=word):
         check(sampling)
 
 
-def test_logprobs_refused():
-    """return_logprob is refused until committed-token logprobs exist."""
-    with pytest.raises(ValueError, match="logprobs"):
-        check({}, logprob=True)
+def test_grammars_and_logprobs_pass():
+    """Grammars and logprobs act on the canvas: a request with them is accepted here (compiled by sglang later)."""
+    for sampling in ({"regex": "a+"}, {"json_schema": "{}"}, {"ebnf": "root ::= x"}, {"structural_tag": "{}"}):
+        check(sampling, logprob=True)
+
+
+@pytest.mark.parametrize("start, prompt_len, images, word", [
+    (-1, 500, True, None), (None, 10, False, None), (10, 10, True, None),  # output logprobs only
+    (5, 10, False, None), (435, 500, False, None),  # 64 scored prompt tokens at most
+    (434, 500, False, "one canvas forward per scored token"), (0, 10, True, "with images"),
+])  # fmt: skip
+def test_prompt_logprobs_are_bounded(start, prompt_len, images, word):
+    """Prompt scores cost a canvas forward each: at most 64 (after the null first entry); none with images."""
+    if word is None:
+        check_logprobs(True, start, None, prompt_len, images)
+    else:
+        with pytest.raises(ValueError, match=word):
+            check_logprobs(True, start, None, prompt_len, images)
+    check_logprobs(False, 0, [1], 10_000, True)  # nothing asked, nothing checked
+    with pytest.raises(ValueError, match="token_ids_logprob"):
+        check_logprobs(True, -1, [1], 10, False)
+
+
+class _Chars:
+    """A character tokenizer: id = ord(c) (the vocabulary is 100 ids here)."""
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) for c in text]
+
+    def decode(self, ids, **kwargs):
+        return "".join(map(chr, ids))
+
+
+def test_infill_checks():
+    """An infill template is laid out with the tokenizer; with a grammar, or holding an EOS id, it is refused."""
+    raw = {"infill": {"template": "ab{{hole:2}}"}}
+    assert check({}, raw, tokenizer=_Chars()).infill == (97, 98, -1, -1)
+    with pytest.raises(ValueError, match="cannot be combined with a grammar"):
+        check({"regex": "a+"}, raw, tokenizer=_Chars())
+    defaults = DiffusionDefaults.from_generation_config({"eos_token_id": [98]})
+    with pytest.raises(ValueError, match="end-of-sequence"):
+        check_request({}, False, raw, defaults, vocab_size=100, canvas_length=32, tokenizer=_Chars())
 
 
 def test_temperature_scales_the_schedule_and_zero_is_greedy():

@@ -109,9 +109,9 @@ def test_multi_turn_chat(backend, gemma_backend, template):
     assert state.messages()[2]["content"] == state["a1"].lstrip() and state.messages()[4]["content"] == state["a2"].lstrip()
     first, second = state.get_meta_info("a1"), state.get_meta_info("a2")
     for meta in (first, second):
-        # unseeded random answers: the template's stop string ("<turn|>" is a token here) may end one early
+        # unseeded random answers: the stop string ("<turn|>", one token here) may end one, even as its 6th token
         assert (meta["completion_tokens"], meta["finish_reason"]["type"]) == (6, "length") or (
-            meta["completion_tokens"] < 6 and meta["finish_reason"]["type"] == "stop"), meta
+            meta["completion_tokens"] <= 6 and meta["finish_reason"]["type"] == "stop"), meta
     assert second["cached_tokens"] >= first["prompt_tokens"]
 
 
@@ -207,58 +207,26 @@ def test_frontend_chat_template_for_the_real_checkpoint(path):
 
 
 @sgl.function
-def pick_select(s):
-    s += "Pick one:" + sgl.select("c", choices=["yes", "no"])
-
-
-@sgl.function
-def pick_gen_choices(s):
-    s += "Pick one:" + sgl.gen("c", choices=["yes", "no"])
-
-
-@pytest.mark.parametrize("program", [pick_select, pick_gen_choices], ids=["select", "gen_choices"])
-def test_select_fails_fast_with_a_clear_error(backend, program):
-    """select/choices need prompt logprobs: the program ends quickly with the server's 400 as its error, no hang."""
-    with pytest.warns(UserWarning, match="logprobs are not supported"):
-        state = run_with_timeout(program, timeout=60, backend=backend)  # fails if the program hangs
-    assert isinstance(state.error(), RuntimeError)
-    assert "logprobs are not supported for DiffusionGemma" in str(state.error())
-    with pytest.raises(KeyError):
-        state["c"]  # the variable was never set; reading it does not block
-
-
-@sgl.function
 def gen_with(s, kwargs):
     s += "Q:"
     s += sgl.gen("a", max_tokens=4, **kwargs)
 
 
-@sgl.function
-def gen_integer(s):
-    s += "Number:" + sgl.gen_int("n", max_tokens=4)
-
-
 @pytest.mark.parametrize(
     "kwargs, word",
     [
-        ({"regex": "[ab]+"}, "grammars (regex)"),
-        ({"json_schema": '{"type": "string"}'}, "grammars (json_schema"),
         ({"top_p": 0.5}, "top_p"),
         ({"top_k": 5}, "top_k"),
         ({"min_tokens": 2}, "min_new_tokens"),
         ({"frequency_penalty": 0.5}, "frequency_penalty"),
         ({"stop_regex": "x"}, "stop_regex"),
-        ({"return_logprob": True}, "logprobs"),
-        ("gen_int", "grammars (regex)"),
     ],
 )
 def test_refused_dsl_parameters(backend, kwargs, word):
-    """DSL parameters the canvas sampler cannot honour end the program with the server's 400 naming them."""
+    """DSL parameters the canvas sampler cannot honour end the program with the server's 400 naming them (select,
+    regex, gen_int and logprobs work: tests/server/test_structured.py)."""
     with pytest.warns(UserWarning, match="Error in stream_executor"):
-        if kwargs == "gen_int":
-            state = run_with_timeout(gen_integer, timeout=60, backend=backend)
-        else:
-            state = run_with_timeout(gen_with, timeout=60, kwargs=kwargs, backend=backend)
+        state = run_with_timeout(gen_with, timeout=60, kwargs=kwargs, backend=backend)
     assert isinstance(state.error(), RuntimeError) and word in str(state.error())
 
 

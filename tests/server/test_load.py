@@ -427,7 +427,26 @@ def _fixed_cases():
         Case("gen:temperature -1", GEN, _with(GEN, **{"sampling_params.temperature": -1})),
         Case("gen:temperature string", GEN, _with(GEN, **{"sampling_params.temperature": "hot"})),
         Case("gen:stop int", GEN, _with(GEN, **{"sampling_params.stop": 5})),
-        Case("gen:return_logprob", GEN, _with(GEN, return_logprob=True)),
+        Case("gen:token_ids_logprob", GEN, _with(GEN, return_logprob=True, token_ids_logprob=[5])),
+        Case("gen:logprob_start_len past the prompt", GEN, _with(GEN, return_logprob=True, logprob_start_len=99)),
+        Case("gen:prompt logprobs of too many tokens", GEN, _with(GEN, text="x " * 200, return_logprob=True,
+                                                                  logprob_start_len=0)),
+        Case("gen:regex does not compile", GEN, _with(GEN, **{"sampling_params.regex": "[a-"})),
+        Case("gen:json_schema not json", GEN, _with(GEN, **{"sampling_params.json_schema": "{oops"})),
+        Case("gen:ebnf without root", GEN, _with(GEN, **{"sampling_params.ebnf": 'expr ::= "a"'})),
+        Case("gen:infill not an object", GEN, _with(GEN, **{"sampling_params.diffusion.infill": "{{hole}}"})),
+        Case("gen:infill no hole", GEN, _with(GEN, **{"sampling_params.diffusion.infill": {"template": "abc"}})),
+        Case("gen:infill unknown marker", GEN, _with(GEN, **{"sampling_params.diffusion.infill": {
+            "template": "{{gap:3}}"}})),
+        Case("gen:infill bad length", GEN, _with(GEN, **{"sampling_params.diffusion.infill": {
+            "template": "{{hole:-3}}"}})),
+        Case("gen:infill extra key", GEN, _with(GEN, **{"sampling_params.diffusion.infill": {
+            "template": "{{hole}}", "holes": 2}})),
+        Case("gen:infill past the context", GEN, {"text": "Hi", "sampling_params": {"diffusion": {
+            "infill": {"template": "{{hole:5000}}"}}}}),
+        Case("gen:infill with a regex", GEN, _with(GEN, **{"sampling_params.regex": "[a-z]+",
+                                                           "sampling_params.diffusion.infill": {"template": "{{hole}}"}})),
+        Case("gen:grammar_repair_steps -1", GEN, _with(GEN, **{"sampling_params.diffusion.grammar_repair_steps": -1})),
         Case("gen:rid int", GEN, _with(GEN, rid=5)),
         # batch form
         Case("gen:batch one bad diffusion", GEN, {"text": ["Hi", "Yo"], "sampling_params": [
@@ -450,7 +469,7 @@ def _fixed_cases():
         Case("comp:max_tokens string", COMP, _with(COMP, max_tokens="many")),
         Case("comp:diffusion string", COMP, _with(COMP, diffusion="fast")),
         Case("comp:diffusion list", COMP, _with(COMP, diffusion=[1, 2])),
-        Case("comp:logprobs", COMP, _with(COMP, logprobs=3)),
+        Case("comp:suffix and infill", COMP, _with(COMP, suffix="x", diffusion={"infill": {"template": "{{hole}}"}})),
         Case("comp:n 0", COMP, _with(COMP, n=0)),
         Case("comp:temperature -1", COMP, _with(COMP, temperature=-1)),
         Case("comp:invalid json", COMP, raw=b'{"model": "tiny", "prompt": '),
@@ -469,9 +488,9 @@ def _fixed_cases():
             {"type": "text", "text": "what?"}]}])),
         Case("chat:diffusion nested garbage", CHAT, _with(CHAT, diffusion={"t_min": {"$gt": [None, {"x": []}]}})),
         Case("chat:diffusion null steps", CHAT, _with(CHAT, diffusion={"max_denoising_steps": None})),
-        Case("chat:response_format json", CHAT, _with(CHAT, response_format={"type": "json_object"})),
+        Case("chat:response_format bad schema", CHAT, _with(CHAT, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}})),
         Case("chat:tools garbage", CHAT, _with(CHAT, tools="all of them")),
-        Case("chat:top_logprobs", CHAT, _with(CHAT, logprobs=True, top_logprobs=3)),
         Case("chat:max_tokens -1", CHAT, _with(CHAT, max_tokens=-1)),
         Case("chat:wrong content-type", CHAT, raw=b"messages=Hi", content_type="text/plain"),
         Case("chat:GET", CHAT, raw=b"", method="GET"),
@@ -496,6 +515,12 @@ ODD_CASES = [
     Case("gen:stream string", GEN, _with(GEN, stream="yes")),  # pydantic reads "yes" as true
     Case("comp:stream string", COMP, _with(COMP, stream="yes")),
     Case("chat:empty content", CHAT, _with(CHAT, messages=[{"role": "user", "content": ""}])),
+    # accepted since structured output and logprobs act on canvases (tests/server/test_structured.py)
+    Case("gen:return_logprob", GEN, _with(GEN, return_logprob=True)),
+    Case("comp:logprobs", COMP, _with(COMP, logprobs=3)),
+    Case("chat:response_format json", CHAT, _with(CHAT, response_format={"type": "json_object"})),
+    Case("chat:top_logprobs", CHAT, _with(CHAT, logprobs=True, top_logprobs=3)),
+    Case("comp:suffix", COMP, _with(COMP, suffix=" end")),
 ]
 
 # Inputs that give a 5xx today, each a strict xfail (remove it once the input gets a 4xx). Fixed since this file
@@ -576,7 +601,7 @@ def test_odd_but_accepted_input_is_never_a_5xx(server, case):
 def test_fuzz_set_is_bounded_and_varied():
     names = [c.name for c in FUZZ_CASES]
     assert len(names) == len(set(names))
-    assert 60 <= len(FUZZ_CASES) <= 110
+    assert 60 <= len(FUZZ_CASES) <= 130
     assert {c.path for c in FUZZ_CASES} == {GEN, CHAT, COMP}
 
 

@@ -362,16 +362,6 @@ def test_tools_with_auto_tool_choice_answer(parser_client):
     assert resp.usage.prompt_tokens > 100  # the tool declaration was rendered into the prompt
 
 
-@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
-def test_forced_tool_choice_is_refused_by_name(parser_server, parser_client, tool_choice):
-    """tool_choice='required' / a named function needs constrained decoding: a 400 that names tool_choice."""
-    with pytest.raises(openai.BadRequestError, match="tool_choice='required' or a named function"):
-        parser_client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Weather?"}],
-                                              tools=TOOLS, tool_choice=tool_choice, max_tokens=20,
-                                              extra_body=diffusion(1))
-    assert parser_server.healthy()
-
-
 def test_earlier_thoughts_are_dropped_from_history(client, tokenizer):
     """An earlier assistant turn's thought (inline or as reasoning_content) is not sent back to the model: the
     prompt is the one without it, as the checkpoint's Gemma 4 template renders history."""

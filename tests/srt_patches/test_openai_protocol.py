@@ -146,3 +146,31 @@ def test_usage_reports_diffusion_figures(applied):
     assert usage.completion_tokens == 42 and "diffusion" in usage.model_dump()
     plain = UsageProcessor.calculate_response_usage([{"meta_info": {"prompt_tokens": 1, "completion_tokens": 1}}])
     assert plain.diffusion is None
+
+
+def _completion_serving(architecture):
+    from types import SimpleNamespace
+
+    from sglang.srt.entrypoints.openai.serving_completions import OpenAIServingCompletion
+
+    serving = object.__new__(OpenAIServingCompletion)
+    serving.template_manager = SimpleNamespace(completion_template_name=None)
+    hf_config = SimpleNamespace(architectures=[architecture])
+    serving.tokenizer_manager = SimpleNamespace(model_config=SimpleNamespace(hf_config=hf_config))
+    return serving
+
+
+def test_completion_suffix_becomes_an_infill(protocol):
+    """suffix on DiffusionGemma: a hole of max_tokens, then the suffix (its braces escaped) as fixed context; other
+    models keep sglang's handling; suffix together with diffusion.infill is an error."""
+    from sgl_diffusion.sampling.infill import parse_template
+
+    request = protocol.CompletionRequest(model="m", prompt="a", max_tokens=6, suffix="}} x {{y", diffusion={"seed": 2})
+    params = _completion_serving("DiffusionGemmaForBlockDiffusion")._build_sampling_params(request)
+    assert params["diffusion"]["seed"] == 2
+    assert parse_template(params["diffusion"]["infill"]["template"]) == [6, "}} x {{y"]
+    assert "diffusion" not in _completion_serving("LlamaForCausalLM")._build_sampling_params(
+        protocol.CompletionRequest(model="m", prompt="a", suffix="z"))
+    both = protocol.CompletionRequest(model="m", prompt="a", suffix="z", diffusion={"infill": {"template": "{{hole}}"}})
+    with pytest.raises(ValueError, match="either suffix or diffusion.infill"):
+        _completion_serving("DiffusionGemmaForBlockDiffusion")._build_sampling_params(both)

@@ -10,22 +10,12 @@ EXPECTED_PARAMETERS = {
     "sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat.__init__": [
         ("self", EMPTY), ("tokenizer_manager", EMPTY), ("template_manager", EMPTY),
     ],
-    "sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat._validate_request": [
-        ("self", EMPTY), ("request", EMPTY),
-    ],
 }  # fmt: skip
-TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
 
 
 def _serving(architecture):
     hf_config = SimpleNamespace(architectures=[architecture], model_type="x")
     return SimpleNamespace(tokenizer_manager=SimpleNamespace(model_config=SimpleNamespace(hf_config=hf_config)))
-
-
-def _request(**kwargs):
-    from sglang.srt.entrypoints.openai.protocol import ChatCompletionRequest
-
-    return ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], **kwargs)
 
 
 def test_every_target_has_an_expected_signature():
@@ -58,17 +48,3 @@ def test_diffusion_gemma_chat_is_served_as_gemma4():
         serving.is_gemma4 = False
         serving_chat.after_init(None, serving, None, None)
     assert ours.is_gemma4 is True and other.is_gemma4 is False
-
-
-@pytest.mark.parametrize("tool_choice, refused", [
-    ("required", True), ({"type": "function", "function": {"name": "f"}}, True), ("auto", False), ("none", False),
-    (None, False),
-])  # fmt: skip
-def test_forced_tool_choice_refused_by_name(tool_choice, refused):
-    """tool_choice required / named gives an error naming tool_choice; auto, none and no tools pass."""
-    request = _request(tools=TOOLS, tool_choice=tool_choice)
-    error = serving_chat.after_validate_request(None, _serving("DiffusionGemmaForBlockDiffusion"), request)
-    assert (error == serving_chat.FORCED_TOOL_CHOICE_ERROR) is refused
-    assert "tool_choice" in serving_chat.FORCED_TOOL_CHOICE_ERROR
-    assert serving_chat.after_validate_request(None, _serving("LlamaForCausalLM"), request) is None
-    assert serving_chat.after_validate_request("upstream error", _serving("X"), request) == "upstream error"

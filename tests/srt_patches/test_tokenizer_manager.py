@@ -51,6 +51,8 @@ def _manager(hf_config, model_path, preferred=None):
         model_config=SimpleNamespace(hf_config=hf_config),
         server_args=SimpleNamespace(model_path=str(model_path)),
         preferred_sampling_params=preferred,
+        tokenizer=None,  # what sglang's manager has with --skip-tokenizer-init (infill then needs one)
+        context_len=4096,
     )
 
 
@@ -356,3 +358,42 @@ def test_parallel_sample_copies_get_consecutive_seeds(seed, expected):
     assert seeds == [seed, *expected, seed]
     assert all(t.sampling_params.custom_params["x"] == 1 for t in sent)
     assert DiffusionParams.from_json(shared.custom_params["sgl_diffusion"]).seed == seed  # shared object untouched
+
+
+def test_infill_is_laid_out_with_the_servers_tokenizer(hf_config, tiny_checkpoint_dir):
+    """diffusion.infill is tokenized here: the params carry the layout (-1 at holes); without max_new_tokens the
+    request is the whole template; a template past the context, or no tokenizer, is a ValueError (400)."""
+    from transformers import AutoTokenizer
+
+    manager = _manager(hf_config, tiny_checkpoint_dir)
+    manager.tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint_dir)
+    original = Recorder()
+    obj = SimpleNamespace(sampling_params={"diffusion": {"infill": {"template": "ab{{hole:3}}c"}}})
+    tokenizer_manager.create_tokenized_object(original, manager, obj, "hi", [1, 2])
+    [(seen, _, _)] = original.calls
+    layout = _params_from(seen).infill
+    assert layout == (*manager.tokenizer.encode("ab", add_special_tokens=False), -1, -1, -1,
+                      *manager.tokenizer.encode("c", add_special_tokens=False))
+    assert seen["max_new_tokens"] == len(layout)
+    manager.context_len = 5
+    with pytest.raises(ValueError, match="longer than the context"):
+        tokenizer_manager.create_tokenized_object(original, manager, obj, "hi", [1, 2])
+    manager.tokenizer = None
+    with pytest.raises(ValueError, match="needs the server's tokenizer"):
+        tokenizer_manager.create_tokenized_object(original, manager, obj, "hi", [1, 2])
+
+
+@pytest.mark.parametrize("fields, word", [
+    ({"logprob_start_len": 0}, None), ({"logprob_start_len": -1}, None),
+    ({"token_ids_logprob": [3]}, "token_ids_logprob"),
+])  # fmt: skip
+def test_logprob_requests(hf_config, tiny_checkpoint_dir, fields, word):
+    """return_logprob passes (prompt scoring of a short prompt too); token_ids_logprob is refused by name."""
+    obj = SimpleNamespace(sampling_params={"max_new_tokens": 4}, return_logprob=True, **fields)
+    call = lambda: tokenizer_manager.create_tokenized_object(  # noqa: E731
+        Recorder(), _manager(hf_config, tiny_checkpoint_dir), obj, "hi", [1, 2])
+    if word is None:
+        call()
+    else:
+        with pytest.raises(ValueError, match=word):
+            call()

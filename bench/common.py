@@ -1,0 +1,122 @@
+"""Helpers shared by the bench scripts: a server subprocess, the machine's load, medians with their spread."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+# What a DiffusionGemma server on the CPU runs with (the flags it would pick by itself, spelled out).
+CPU_FLAGS = ("--device", "cpu", "--max-total-tokens", "8192", "--skip-server-warmup", "--sleep-on-idle",
+             "--disable-overlap-schedule")  # fmt: skip
+# sglang serves ordinary models on the CPU only with its CPU engine and an importable sgl_kernel
+# (reference/cpu_feasibility.md); bench/stubs holds an import-only sgl_kernel.
+STUBS = Path(__file__).resolve().parent / "stubs"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model_dir, log_path, extra=(), threads: int = 0, env: dict[str, str] | None = None,
+                 timeout: float = 300) -> tuple[subprocess.Popen, str]:
+    """``python -m sglang.launch_server`` on ``model_dir`` (CPU flags, a free port); returns (process, URL) once
+    /health answers. ``threads`` > 0 sets OMP_NUM_THREADS (torch's intra-op threads in the scheduler)."""
+    proc, url = launch_server(model_dir, log_path, extra, threads, env)
+    wait_healthy(proc, url, log_path, timeout)
+    return proc, url
+
+
+def launch_server(model_dir, log_path, extra=(), threads: int = 0, env: dict[str, str] | None = None):
+    """Start the server without waiting (start several, then ``wait_healthy`` on each): (process, URL)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_dir), "--host", "127.0.0.1",
+           "--port", str(port), *CPU_FLAGS, *extra]  # fmt: skip
+    full_env = dict(os.environ) | (env or {})
+    if threads > 0:
+        full_env["OMP_NUM_THREADS"] = str(threads)
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=full_env)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, log_path, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}; see {log_path}")
+        try:
+            if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    stop_server(proc)
+    raise SystemExit(f"server not healthy after {timeout:.0f} s; see {log_path}")
+
+
+def ar_server_env() -> dict[str, str]:
+    """Environment for sglang's own token-by-token server on the CPU (an ordinary model such as Llama)."""
+    path = os.environ.get("PYTHONPATH")
+    return {"SGLANG_USE_CPU_ENGINE": "1", "PYTHONPATH": str(STUBS) + (os.pathsep + path if path else "")}
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def load_average() -> str:
+    """Other processes on the machine skew CPU timings; the load average makes that visible."""
+    return "loadavg " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def median_spread(values) -> tuple[float, float, float]:
+    """(median, min, max)."""
+    values = list(values)
+    return statistics.median(values), min(values), max(values)
+
+
+def fmt_spread(values, scale: float = 1.0, digits: int = 1) -> str:
+    med, lo, hi = median_spread(v * scale for v in values)
+    return f"{med:.{digits}f} [{lo:.{digits}f}..{hi:.{digits}f}]"
+
+
+# ---- tiny random models (bench_rounds.py) -------------------------------------------------------------------------
+
+# HF's generation config requires confidence_threshold > 0; mean entropy never gets below this on a random model.
+NO_EARLY_STOP = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny
+
+
+def make_pair(args):
+    """transformers' model and ours on the same random tiny weights (build_tiny_model(args.seed, args.preset))."""
+    from sgl_diffusion.entrypoints.tiny_checkpoint import build_tiny_model
+    from sgl_diffusion.models.diffusion_gemma import DiffusionGemmaForBlockDiffusion
+
+    hf = build_tiny_model(args.seed, args.preset, **args.overrides)
+    if args.canvas_length is not None:
+        hf.config.canvas_length = args.canvas_length  # read by HF generate and by our config; no weight depends on it
+    ours = DiffusionGemmaForBlockDiffusion(hf.config).eval()
+    ours.load_weights(hf.state_dict().items())
+    return hf, ours
+
+
+def prompt_ids(length: int, vocab: int, seed: int) -> list[int]:
+    import torch
+
+    # NOTE: ids 0..23 are special tokens (pad, eos, image, ...); a prompt of ordinary tokens avoids image handling.
+    return torch.randint(24, vocab, (length,), generator=torch.Generator().manual_seed(seed)).tolist()

@@ -1,0 +1,445 @@
+"""Our server against transformers and against sglang's token-by-token decode, on the trained tiny checkpoint.
+
+    .venv/bin/python bench/compare.py [--quick] [--write-results]
+
+One run, one machine, one checkpoint (the trained tiny DiffusionGemma, tiny_training.py, built once and cached),
+the checkpoint's default sampler settings (48 steps at most, Entropy-Bound 0.1, adaptive stopping), prompts of
+the generated tasks (tiny_tasks.py), a seed per request. Both sides of every ratio run in this process's time
+window, one after the other, repeated (--repeats, interleaved), and each figure is a median with its [min..max].
+
+- speedup_vs_hf_n1: wall time of transformers' ``generate`` (its own loop; ``torch.manual_seed(seed)`` first)
+  over our server's ``/generate`` for one request;
+- speedup_vs_hf_n16: the same for 16 requests, transformers at its better of one request at a time and one
+  batched (left-padded) call, ours with all 16 sent at once;
+- tokens_per_forward: committed tokens / model forwards (each canvas's denoise steps, from meta_info, plus its
+  commit forward), over the 16 requests;
+- batch8_over_batch1: aggregate tokens/s of 8 requests sent together over the same 8 sent one after another;
+- forwards_vs_ar: model forwards per output token, ours over sglang's own decode of a tiny Llama of the same
+  width and active size (random weights; sglang's CPU engine), and the wall time per token of both;
+- overhead_ratio_b1 / _b8: wall time of one denoise round (forward, LM head, sampler) on 1 / 8 canvases over the
+  time of the same round's GEMM and attention kernels alone (self time of aten::mm/addmm/bmm/_grouped_mm and the
+  SDPA kernels in a torch.profiler trace): how far from the machine's compute limit the round is;
+- peak_mem_per_canvas_mb: growth of a process's peak RSS per additional canvas in flight (a round at 1 and at
+  --mem-batch canvases, each in a fresh process).
+
+The server runs with OMP_NUM_THREADS=--threads and transformers in this process with as many torch threads.
+Tokens of our server and of transformers are compared (same seeds, same tokens expected on a confident model),
+and task accuracy is reported for both. With --write-results the full run rewrites bench/RESULTS.md's compare
+section. --quick runs 1 repeat and fewer probe rounds (under 2 minutes once the checkpoint is cached).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    ar_server_env, fmt_spread, launch_server, load_average, median_spread, stop_server, wait_healthy,
+)
+
+MAX_NEW_TOKENS = 64  # two canvases of the tiny checkpoint; every answer (56 tokens with <eos>) fits
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+KERNELS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_grouped_mm", "aten::baddbmm",
+           "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math")  # fmt: skip
+
+
+def main() -> None:
+    args = parse_args()
+    if args.memory_probe:
+        return memory_probe(*args.memory_probe)
+    torch.set_num_threads(args.threads)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    load_before = load_average()
+    from sgl_diffusion.entrypoints import tiny_tasks
+    from sgl_diffusion.entrypoints.tiny_checkpoint import build_tiny_tokenizer
+
+    model_dir = Path(args.model_dir) if args.model_dir else trained_dir()
+    tok = build_tiny_tokenizer()
+    n = args.requests
+    examples = tiny_tasks.eval_examples(n, seed=args.seed)
+    prompts = [tiny_tasks.prompt_ids(tok, e) for e in examples]
+    seeds = [args.seed + i for i in range(n)]
+    steps = "default sampler settings" if args.max_steps is None else f"at most {args.max_steps} steps per canvas"
+    print(f"checkpoint {model_dir} | {n} prompts, max_new_tokens {MAX_NEW_TOKENS}, {steps} | "
+          f"threads {args.threads}, repeats {args.repeats} | {load_before}", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="bench-compare-") as tmp:
+        tmp = Path(tmp)
+        ar_dir = build_ar_baseline(model_dir, tmp / "ar")
+        # NOTE: both servers start at once (start-up is mostly imports); an idle one sleeps (--sleep-on-idle)
+        servers = [launch_server(model_dir, tmp / "ours.log", ["--dtype", "float32"], threads=args.threads),
+                   launch_server(ar_dir, tmp / "ar.log", ["--dtype", "float32"], threads=args.threads,
+                                 env=ar_server_env())]  # fmt: skip
+        try:
+            hf = HfSide(model_dir, prompts, seeds, args.max_steps)
+            for (proc, url), log in zip(servers, ("ours.log", "ar.log")):
+                wait_healthy(proc, url, tmp / log)
+            srv = ServerSide(servers[0][1], prompts, seeds, args.max_steps)
+            hf.one(0), srv.one(0)  # warm-up
+            hf.many_sequential(2), hf.many_batched(2), srv.many(2)
+            r = run_rounds(args, hf, srv)
+            ar = ar_per_token(servers[1][1], prompts[0], r["tokens_n1"], args.repeats)
+        finally:
+            for proc, _ in servers:
+                stop_server(proc)
+    overhead = {b: overhead_ratio(model_dir, prompts, b, 3 if args.quick else 8) for b in (1, 8)}
+    mem = peak_memory_per_canvas(model_dir, args.mem_batch)
+    load_after = load_average()
+
+    acc_ours = sum(tiny_tasks.score_ids(tok, e, o) for e, o in zip(examples, r["out_ours"])) / n
+    acc_hf = sum(tiny_tasks.score_ids(tok, e, o) for e, o in zip(examples, r["out_hf"])) / n
+    same = sum(a == b for a, b in zip(r["out_ours"], r["out_hf"]))
+    ours_fwd_per_tok = 1 / r["tpf"]
+    lines = {
+        "speedup_vs_hf_n1": r["speedup_n1"],
+        f"speedup_vs_hf_n{n}": r["speedup_n16"],
+        "tokens_per_forward": r["tpf"],
+        "batch8_over_batch1": r["b8_over_b1"],
+        "forwards_vs_ar": ours_fwd_per_tok / 1.0,
+        "wall_per_token_ms_ours": r["t_ours_n1"] / r["tokens_n1"] * 1e3,
+        "wall_per_token_ms_ar": ar,
+        "overhead_ratio_b1": overhead[1][0],
+        "overhead_ratio_b8": overhead[8][0],
+        "peak_mem_per_canvas_mb": mem,
+        "mean_steps_per_canvas": r["steps_per_canvas"],
+        "accuracy_ours": acc_ours,
+        "accuracy_hf": acc_hf,
+    }
+    table = report(args, r, overhead, ar, mem, same, lines, load_before, load_after)
+    print(table)
+    for key, value in lines.items():
+        print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")
+    if args.write_results:
+        write_results(args, table, lines, started, load_before, load_after)
+
+
+# ---- the two sides ---------------------------------------------------------------------------------------------
+
+
+class HfSide:
+    """transformers' generate on the checkpoint, float32, in this process."""
+
+    def __init__(self, model_dir, prompts, seeds, max_steps):
+        from transformers import DiffusionGemmaForBlockDiffusion
+        from transformers.models.diffusion_gemma.generation_diffusion_gemma import DiffusionGemmaGenerationConfig
+
+        self.model = DiffusionGemmaForBlockDiffusion.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.gen = DiffusionGemmaGenerationConfig.from_pretrained(model_dir)
+        self.gen.max_new_tokens = MAX_NEW_TOKENS
+        if max_steps is not None:
+            self.gen.max_denoising_steps = max_steps
+        self.prompts, self.seeds = prompts, seeds
+        self.eos, self.pad = set(self.gen.eos_token_id), self.gen.pad_token_id
+
+    def _cut(self, new: list[int]) -> list[int]:
+        for i, t in enumerate(new):
+            if t in self.eos:
+                return new[: i + 1]
+        return new
+
+    def one(self, i) -> list[int]:
+        torch.manual_seed(self.seeds[i])
+        with torch.no_grad():
+            out = self.model.generate(torch.tensor([self.prompts[i]]), generation_config=self.gen)
+        return self._cut(out.sequences[0, len(self.prompts[i]) :].tolist())
+
+    def many_sequential(self, n) -> list[list[int]]:
+        return [self.one(i) for i in range(n)]
+
+    def many_batched(self, n) -> list[list[int]]:
+        width = max(len(p) for p in self.prompts[:n])
+        ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in self.prompts[:n]])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in self.prompts[:n]])
+        torch.manual_seed(self.seeds[0])
+        with torch.no_grad():
+            out = self.model.generate(ids, attention_mask=mask, generation_config=self.gen)
+        return [self._cut(row[width:].tolist()) for row in out.sequences]
+
+
+class ServerSide:
+    """Our server's native /generate, one HTTP request per prompt."""
+
+    def __init__(self, url, prompts, seeds, max_steps):
+        self.url, self.prompts, self.seeds = url, prompts, seeds
+        self.diffusion = {} if max_steps is None else {"max_denoising_steps": max_steps}
+        self.session = requests.Session()
+
+    def _post(self, i, session=None):
+        body = {"input_ids": self.prompts[i], "sampling_params": {
+            "max_new_tokens": MAX_NEW_TOKENS, "diffusion": self.diffusion | {"seed": self.seeds[i]}}}
+        resp = (session or requests).post(f"{self.url}/generate", json=body, timeout=600)
+        resp.raise_for_status()
+        out = resp.json()
+        return out["output_ids"], out["meta_info"]["diffusion_steps"]
+
+    def one(self, i):
+        return self._post(i, self.session)
+
+    def many(self, n):
+        with concurrent.futures.ThreadPoolExecutor(n) as pool:
+            return list(pool.map(self._post, range(n)))
+
+    def sequential(self, n):
+        return [self._post(i, self.session) for i in range(n)]
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def run_rounds(args, hf: HfSide, srv: ServerSide) -> dict:
+    """Every comparison, repeated and interleaved so that outside load hits both sides alike."""
+    t = {k: [] for k in ("hf1", "ours1", "hf_seq", "hf_batch", "ours16", "ours8_seq", "ours8")}
+    for _ in range(args.repeats):
+        dt, out_hf1 = timed(lambda: hf.one(0))
+        t["hf1"].append(dt)
+        dt, (out_ours1, _) = timed(lambda: srv.one(0))
+        t["ours1"].append(dt)
+        dt, out_hf = timed(lambda: hf.many_sequential(args.requests))
+        t["hf_seq"].append(dt)
+        dt, out_hf_batch = timed(lambda: hf.many_batched(args.requests))
+        t["hf_batch"].append(dt)
+        dt, ours16 = timed(lambda: srv.many(args.requests))
+        t["ours16"].append(dt)
+        dt, seq8 = timed(lambda: srv.sequential(min(8, args.requests)))
+        t["ours8_seq"].append(dt)
+        dt, par8 = timed(lambda: srv.many(min(8, args.requests)))
+        t["ours8"].append(dt)
+    med = {k: median_spread(v)[0] for k, v in t.items()}
+    out_ours = [o for o, _ in ours16]
+    steps = [s for _, meta in ours16 for s in meta if s]
+    tokens = sum(len(o) for o in out_ours)
+    hf_best = min(med["hf_seq"], med["hf_batch"])
+    tok8 = sum(len(o) for o, _ in par8), sum(len(o) for o, _ in seq8)
+    return {
+        "times": t, "out_ours": out_ours, "out_hf": out_hf, "out_hf_batch": out_hf_batch,
+        "speedup_n1": med["hf1"] / med["ours1"], "t_ours_n1": med["ours1"], "tokens_n1": len(out_ours1),
+        "speedup_n16": hf_best / med["ours16"], "hf_mode": "one at a time" if hf_best == med["hf_seq"] else "batched",
+        "tpf": tokens / (sum(steps) + len(steps)), "steps_per_canvas": sum(steps) / len(steps),
+        "canvases": len(steps), "tokens": tokens,
+        "b8_over_b1": (tok8[0] / med["ours8"]) / (tok8[1] / med["ours8_seq"]),
+        "same_n1": out_hf1 == out_ours1,
+    }  # fmt: skip
+
+
+# ---- token-by-token baseline -----------------------------------------------------------------------------------
+
+
+def build_ar_baseline(model_dir: Path, out: Path) -> Path:
+    """A Llama as wide as the checkpoint, with as many layers and heads and the same active MLP parameters per
+    token (dense MLP + top-k experts), the same tokenizer; random weights (seed 0): only its speed is measured."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sgl_diffusion.entrypoints.tiny_checkpoint import build_tiny_tokenizer
+
+    text = json.loads((model_dir / "config.json").read_text())["text_config"]
+    cfg = LlamaConfig(
+        vocab_size=text["vocab_size"], hidden_size=text["hidden_size"], num_hidden_layers=text["num_hidden_layers"],
+        intermediate_size=text["intermediate_size"] + text["top_k_experts"] * text["moe_intermediate_size"],
+        num_attention_heads=text["num_attention_heads"], num_key_value_heads=text["num_key_value_heads"],
+        head_dim=text["head_dim"], max_position_embeddings=4096, tie_word_embeddings=True,
+        bos_token_id=text["bos_token_id"], eos_token_id=text["eos_token_id"], pad_token_id=text["pad_token_id"],
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        LlamaForCausalLM(cfg).float().save_pretrained(out)
+    build_tiny_tokenizer().save_pretrained(out)
+    return out
+
+
+def ar_per_token(url: str, prompt: list[int], tokens: int, repeats: int) -> float:
+    """Median ms per output token of one request of ``tokens`` tokens (ignore_eos) on sglang's decode loop."""
+    body = {"input_ids": prompt, "sampling_params": {"max_new_tokens": tokens, "ignore_eos": True, "temperature": 0}}
+    requests.post(f"{url}/generate", json=body, timeout=600).raise_for_status()
+    times = []
+    for _ in range(max(repeats, 3)):
+        dt, resp = timed(lambda: requests.post(f"{url}/generate", json=body, timeout=600))
+        resp.raise_for_status()
+        assert len(resp.json()["output_ids"]) == tokens
+        times.append(dt / tokens * 1e3)
+    return median_spread(times)[0]
+
+
+# ---- in-process probes -----------------------------------------------------------------------------------------
+
+
+def load_ours(model_dir):
+    from transformers import AutoConfig
+
+    from sgl_diffusion.models.diffusion_gemma import DiffusionGemmaForBlockDiffusion
+    from safetensors.torch import load_file
+
+    model = DiffusionGemmaForBlockDiffusion(AutoConfig.from_pretrained(model_dir)).eval()
+    model.load_weights(load_file(Path(model_dir) / "model.safetensors").items())
+    return model
+
+
+def round_inputs(model, prompts, batch: int):
+    """An engine whose ``batch`` requests are past their prefill: every later round is denoise-only."""
+    from sgl_diffusion.runtime.offline import OfflineEngine
+    from sgl_diffusion.runtime.scheduler_policy import DiffusionRequest
+    from sgl_diffusion.sampling.params import DiffusionParams
+
+    steps = 1024  # never reached: the rounds below stop long before
+    params = [DiffusionParams(steps, 0.1, 0.4, 0.8, 0.0, 1, seed=i) for i in range(batch)]
+    engine = OfflineEngine(model)
+    for i in range(batch):
+        engine.scheduler.add(DiffusionRequest(prompts[i % len(prompts)], params[i], 10**6))
+    engine.scheduler.step()  # prefills + first steps
+    return engine
+
+
+def overhead_ratio(model_dir, prompts, batch: int, rounds: int) -> tuple[float, float, float]:
+    """(wall / GEMM+attention kernel time, wall ms per round, kernel ms per round) of denoise-only rounds."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = load_ours(model_dir)
+    with torch.inference_mode():
+        engine = round_inputs(model, prompts, batch)
+        for _ in range(2):
+            engine.scheduler.step()
+        walls = []
+        for _ in range(rounds * 3):
+            dt, _ = timed(engine.scheduler.step)
+            walls.append(dt)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(rounds):
+                engine.scheduler.step()
+    kernels = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in KERNELS) / 1e6 / rounds
+    wall = median_spread(walls)[0]
+    return wall / kernels, wall * 1e3, kernels * 1e3
+
+
+def memory_probe(model_dir: str, batch: str) -> None:
+    """(--memory-probe) Peak RSS growth in MB while ``batch`` requests run their first two rounds (prefill and first
+    denoise step, then a second step), in a fresh process whose KV pool is already allocated.
+
+    NOTE: the kernel's high-water mark is reset first (/proc/self/clear_refs, Linux): the lifetime peak comes from
+    importing and loading. The parent sets glibc's mmap and trim thresholds low, so freed memory leaves the RSS.
+    """
+    from sgl_diffusion.entrypoints import tiny_tasks
+    from sgl_diffusion.entrypoints.tiny_checkpoint import build_tiny_tokenizer
+    from sgl_diffusion.runtime.offline import OfflineEngine
+    from sgl_diffusion.runtime.scheduler_policy import DiffusionRequest
+    from sgl_diffusion.sampling.params import DiffusionParams
+
+    tok = build_tiny_tokenizer()
+    prompts = [tiny_tasks.prompt_ids(tok, e) for e in tiny_tasks.eval_examples(8)]
+    params = [DiffusionParams(1024, 0.1, 0.4, 0.8, 0.0, 1, seed=i) for i in range(int(batch))]
+    with torch.inference_mode():
+        engine = OfflineEngine(load_ours(model_dir))
+        warm = DiffusionRequest(prompts[0], params[0], 1)
+        engine.generate([warm])  # first-call allocations (BLAS buffers, caches) out of the way
+        before = _status_kb("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        for i, p in enumerate(params):
+            engine.scheduler.add(DiffusionRequest(prompts[i % len(prompts)], p, 10**6))
+        engine.scheduler.step()
+        engine.scheduler.step()
+    print((_status_kb("VmHWM") - before) / 1024)
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def peak_memory_per_canvas(model_dir, batch: int) -> float:
+    def peak(b):
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+        out = subprocess.run([sys.executable, __file__, "--memory-probe", str(model_dir), str(b)], check=True,
+                             capture_output=True, text=True, env=env)
+        return float(out.stdout.strip().splitlines()[-1])
+
+    return (peak(batch) - peak(1)) / (batch - 1)
+
+
+# ---- output ----------------------------------------------------------------------------------------------------
+
+
+def trained_dir() -> Path:
+    from sgl_diffusion.entrypoints.tiny_training import trained_checkpoint
+
+    return trained_checkpoint(log=lambda m: print(m, flush=True))
+
+
+def report(args, r, overhead, ar, mem, same, lines, load_before, load_after) -> str:
+    t, n = r["times"], args.requests
+    ms = lambda k: fmt_spread(t[k], 1e3, 0)  # noqa: E731
+    rows = [
+        f"{'measurement':44} {'median [min..max] over ' + str(args.repeats) + ' repeats':>40}",
+        f"{'transformers generate, 1 request (ms)':44} {ms('hf1'):>40}",
+        f"{'our server, 1 request (ms)':44} {ms('ours1'):>40}",
+        f"{f'transformers, {n} one at a time (ms)':44} {ms('hf_seq'):>40}",
+        f"{f'transformers, {n} in one batched call (ms)':44} {ms('hf_batch'):>40}",
+        f"{f'our server, {n} sent together (ms)':44} {ms('ours16'):>40}",
+        f"{'our server, 8 one after another (ms)':44} {ms('ours8_seq'):>40}",
+        f"{'our server, 8 sent together (ms)':44} {ms('ours8'):>40}",
+        f"{'sglang token-by-token (tiny Llama), ms/token':44} {ar:>40.2f}",
+        f"{'denoise round, 1 canvas: wall / kernels (ms)':44} {overhead[1][1]:>30.2f} / {overhead[1][2]:.2f}",
+        f"{'denoise round, 8 canvases: wall / kernels (ms)':44} {overhead[8][1]:>30.2f} / {overhead[8][2]:.2f}",
+    ]  # fmt: skip
+    notes = (f"{n} requests: {r['tokens']} tokens in {r['canvases']} canvases, "
+             f"{r['steps_per_canvas']:.2f} denoise steps "
+             f"per canvas (of 48); transformers' better N={n} mode: {r['hf_mode']}; our tokens equal transformers' "
+             f"(one at a time, same seeds) for {same}/{args.requests} requests; "
+             f"accuracy ours {lines['accuracy_ours']:.2f}, "
+             f"transformers {lines['accuracy_hf']:.2f}; {load_before} before, {load_after} after")  # fmt: skip
+    return "\n".join(rows) + "\n" + notes
+
+
+def write_results(args, table, lines, started, load_before, load_after) -> None:
+    text = RESULTS.read_text() if RESULTS.exists() else ""
+    begin, end = "<!-- compare.py: begin -->", "<!-- compare.py: end -->"
+    cmd = "python bench/compare.py " + " ".join(sys.argv[1:])
+    block = (f"{begin}\n- **Command:** `.venv/bin/{cmd.strip()}`\n- **Date:** {started:%Y-%m-%d %H:%M} UTC\n"
+             f"- **Machine:** {platform.machine()}, {platform.processor() or 'cpu'}, {torch.get_num_threads()} torch "
+             f"threads, torch {torch.__version__}\n- **Load:** {load_before} before, {load_after} after\n\n"
+             f"```\n{table}\n" + "\n".join(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}"
+                                       for k, v in lines.items()) + f"\n```\n{end}")  # fmt: skip
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    RESULTS.write_text(text)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="one repeat, fewer probe rounds")
+    p.add_argument("--repeats", type=int, default=None, help="default 5 (1 with --quick)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads on both sides (1 is steadier on a busy machine)")
+    p.add_argument("--seed", type=int, default=1000)
+    p.add_argument("--requests", type=int, default=16, help="N of the many-request comparison")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="max_denoising_steps on both sides (default: the checkpoint's, 48; smoke runs on random weights)")
+    p.add_argument("--model-dir", help="a DiffusionGemma checkpoint (default: the trained tiny one, cached)")
+    p.add_argument("--mem-batch", type=int, default=33, help="canvases of the larger memory probe")
+    p.add_argument("--write-results", action="store_true", help="rewrite bench/RESULTS.md's compare.py section")
+    p.add_argument("--memory-probe", nargs=2, metavar=("MODEL_DIR", "BATCH"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 5
+    return args
+
+
+if __name__ == "__main__":
+    main()

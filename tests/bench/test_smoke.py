@@ -1,0 +1,80 @@
+"""Every script under bench/ runs at tiny sizes and prints what it promises, so a benchmark cannot rot unnoticed.
+
+Figures are not checked (they are timings on a shared machine); the keys and the exit code are.
+"""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def run(script, *args, timeout=300):
+    proc = subprocess.run([sys.executable, str(BENCH / script), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=BENCH.parent)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def keys(out: str) -> dict[str, float]:
+    return {m[1]: float(m[2]) for m in re.finditer(r"^(\w+): (-?[\d.e+-]+|nan|inf)$", out, re.M)}
+
+
+def test_every_bench_script_has_a_smoke_test():
+    """A new bench script needs a smoke test: some test module runs it by name (here, or beside what it measures,
+    as tests/attention/test_bench_attention.py does)."""
+    scripts = {p.name for p in BENCH.glob("*.py")} - {"common.py"}
+    tests = "\n".join(p.read_text() for p in BENCH.parent.joinpath("tests").rglob("test_*.py"))
+    assert not {s for s in scripts if f'"{s}"' not in tests}, scripts
+
+
+def test_roofline_default_and_from_a_config(tiny_checkpoint_dir):
+    """The 26B floor: an H100 FP8 forward at batch 1 is HBM-bound at ~8 ms, and vLLM's 1,008 tok/s sits below the
+    bound; a checkpoint's config.json is read too."""
+    out = keys(run("roofline.py"))
+    assert 5 < out["floor_ms_per_forward_h100_fp8_b1"] < 12
+    assert 0 < out["vllm_fraction_of_bound"] < 1
+    tiny = run("roofline.py", "--config", tiny_checkpoint_dir / "config.json", "--batches", "1,8")
+    assert "hidden 64, 6 layers (1 full)" in tiny
+
+
+def test_bench_rounds_runs():
+    """Mixed vs homogeneous rounds, steps per round, last-canvas commit: three sections at tiny sizes."""
+    out = run("bench_rounds.py", "--preset", "default", "--requests", "3", "--arrival-gap", "1", "--max-steps", "3",
+              "--repeats", "1", "--threads", "1")
+    assert "mixed / homogeneous throughput" in out and "2. K=8" in out and "committed / dropped throughput" in out
+
+
+@pytest.mark.slow
+def test_bench_serving_runs(tiny_checkpoint_dir):
+    """A real server and sglang's bench_serving client, two concurrencies, one repeat."""
+    out = run("bench_serving.py", "--model-dir", tiny_checkpoint_dir, "--concurrencies", "1,2", "--num-prompts",
+              "2", "--output-len", "32", "--steps", "1", "--repeats", "1", timeout=600)
+    assert re.search(r"^\s+2\s+[\d.]+\s+[\d.]+x", out, re.M), out
+
+
+@pytest.mark.slow
+def test_compare_prints_every_key(tiny_checkpoint_dir):
+    """compare.py --quick on the random tiny checkpoint with 2 steps per canvas and 2 requests: both servers start
+    and every key is printed last."""
+    out = run("compare.py", "--quick", "--model-dir", tiny_checkpoint_dir, "--requests", "2", "--max-steps", "2",
+              "--mem-batch", "5", timeout=900)
+    got = keys(out)
+    expected = {"speedup_vs_hf_n1", "speedup_vs_hf_n2", "tokens_per_forward", "batch8_over_batch1", "forwards_vs_ar",
+                "wall_per_token_ms_ours", "wall_per_token_ms_ar", "overhead_ratio_b1", "overhead_ratio_b8",
+                "peak_mem_per_canvas_mb", "mean_steps_per_canvas", "accuracy_ours", "accuracy_hf"}  # fmt: skip
+    assert expected <= got.keys(), out
+    assert got["mean_steps_per_canvas"] == 2.0  # a random model never stops early
+    last = out.strip().splitlines()[-len(expected) :]
+    assert all(re.fullmatch(r"\w+: \S+", line) for line in last), last  # the keys come last
+
+
+def test_bench_round_runs(tiny_checkpoint_dir):
+    """Rounds at two batch sizes and transformers' step, on a few rounds."""
+    out = run("bench_round.py", "--model-dir", tiny_checkpoint_dir, "--batches", "1,2", "--rounds", "2",
+              "--repeats", "1")
+    assert re.search(r"^ours batch 2: [\d.]+ \[", out, re.M) and "transformers batch 1:" in out, out
