@@ -154,7 +154,9 @@ class FlashInferBackend(BaseAttnBackend):
     # ---- planning -------------------------------------------------------------------------------
 
     def _common(self, group: LayerGroup, paged: bool = True) -> dict:
-        kv_dtype = self.kv.buffers(group.layer_ids[0])[0].dtype
+        # paged wrappers read the pool (fp8 with --kv-cache-dtype fp8_e4m3); the ragged one the canvas's own K/V,
+        # which come straight from the model in its dtype
+        kv_dtype = self.kv.buffers(group.layer_ids[0])[0].dtype if paged else self.dtype
         common = dict(num_qo_heads=group.num_heads, num_kv_heads=group.num_kv_heads, head_dim_qk=group.head_dim,
                       head_dim_vo=group.head_dim, sm_scale=1.0,  # q and k are RMS-normed (Gemma 4)
                       q_data_type=self.dtype, kv_data_type=kv_dtype)  # fmt: skip

@@ -61,6 +61,19 @@ def test_one_plan_per_forward_and_dense_masks_only_for_images():
     assert runs == ["run", "run", "run", "run", "merge_state_in_place"] * len(case.layers)  # encode, image, canvas x 2
 
 
+def test_canvas_own_kv_is_planned_in_the_model_dtype_over_an_fp8_pool():
+    """With an fp8 KV pool the paged plans declare fp8 and the ragged canvas plan the model's dtype: the canvas's
+    own K/V are never written to the pool."""
+    api = flashinfer_emulator.api()
+    case = cases.make_case("mixed", GEOMETRIES["unit"])
+    pool_buffers = case.kv.buffers
+    case.kv.buffers = lambda layer: tuple(b.to(torch.float8_e4m3fn) for b in pool_buffers(layer))
+    emulated(api)(case.kv, case.layers).plan(case.batch)
+    dtypes = {(name.split(".")[0], a["kv_data_type"]) for name, a in api.calls if name.endswith(".plan")}
+    assert dtypes == {("BatchPrefillWithPagedKVCacheWrapper", torch.float8_e4m3fn),
+                      ("BatchPrefillWithRaggedKVCacheWrapper", torch.float32)}, dtypes
+
+
 def test_forward_never_syncs_the_host():
     """Per layer, the backend itself reads no tensor value on the host (no .item(), .tolist(), boolean indexing)."""
     case = cases.make_case("mixed", GEOMETRIES["unit"])
