@@ -22,6 +22,18 @@ window, one after the other, repeated (--repeats, interleaved), and each figure 
 - peak_mem_per_canvas_mb: growth of a process's peak RSS per additional canvas in flight (a round at 1 and at
   --mem-batch canvases, each in a fresh process).
 
+Then the keys that bound the targets (bench/RESULTS.md, "Targets"), from the same profiles:
+- kernel_ms_{ours,hf}_n1 / _n{N}: GEMM + attention kernel time of the whole N=1 and N workloads (ours: the offline
+  engine, the server's policy and model without HTTP; transformers: its better N mode); speedup_vs_hf_*_zero_overhead:
+  transformers' wall time over our kernel time, the speedup if our host overhead were nil;
+- eager_ops_per_round_b1 (top-level non-view aten calls of a 1-canvas round), dispatch_us (the cheapest aten call on
+  this machine), rounds_n1 (our rounds for request 0), speedup_vs_hf_n1_eager_floor: transformers' wall over our
+  kernel time plus that many calls at that cost per round (the floor while the forward issues those calls);
+- forward_ratio_b8 (model forward wall / kernels of the whole round: the ratio if nothing outside models/ cost
+  anything), all_ops_ratio_b8 (self time of every aten op / kernels: the ratio if Python cost nothing);
+- batch8_over_batch1_zero_overhead (8 x 1-canvas kernels / 8-canvas kernels) and batch8_over_batch1_max_at_1_5
+  (the most batch8_over_batch1 can be while overhead_ratio_b8 <= 1.5, given those kernels; see round_bounds).
+
 The server runs with OMP_NUM_THREADS=--threads and transformers in this process with as many torch threads.
 Tokens of our server and of transformers are compared (same seeds, same tokens expected on a confident model),
 and task accuracy is reported for both. With --write-results the full run rewrites bench/RESULTS.md's compare
@@ -52,6 +64,10 @@ from common import (  # noqa: E402
 
 MAX_NEW_TOKENS = 64  # two canvases of the tiny checkpoint; every answer (56 tokens with <eos>) fits
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+VIEW_OPS = {"aten::" + op for op in (
+    "view", "reshape", "slice", "select", "transpose", "t", "unsqueeze", "squeeze", "expand", "as_strided", "narrow",
+    "split", "split_with_sizes", "chunk", "unbind", "permute", "detach", "alias", "_unsafe_view", "view_as", "flatten",
+    "unflatten", "contiguous", "expand_as", "type_as", "to", "result_type", "lift_fresh")}  # metadata only (or no-ops)
 KERNELS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_grouped_mm", "aten::baddbmm",
            "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math")  # fmt: skip
 
@@ -96,6 +112,7 @@ def main() -> None:
             for proc, _ in servers:
                 stop_server(proc)
     overhead = {b: overhead_ratio(model_dir, prompts, b, 3 if args.quick else 8) for b in (1, 8)}
+    budget = kernel_budget(model_dir, hf, prompts, seeds, args.max_steps, r["hf_mode"] == "batched")
     mem = peak_memory_per_canvas(model_dir, args.mem_batch)
     load_after = load_average()
 
@@ -111,13 +128,14 @@ def main() -> None:
         "forwards_vs_ar": ours_fwd_per_tok / 1.0,
         "wall_per_token_ms_ours": r["t_ours_n1"] / r["tokens_n1"] * 1e3,
         "wall_per_token_ms_ar": ar,
-        "overhead_ratio_b1": overhead[1][0],
-        "overhead_ratio_b8": overhead[8][0],
+        "overhead_ratio_b1": overhead[1]["ratio"],
+        "overhead_ratio_b8": overhead[8]["ratio"],
         "peak_mem_per_canvas_mb": mem,
         "mean_steps_per_canvas": r["steps_per_canvas"],
         "accuracy_ours": acc_ours,
         "accuracy_hf": acc_hf,
     }
+    lines |= bounds(r, overhead, budget, n)
     table = report(args, r, overhead, ar, mem, same, lines, load_before, load_after)
     print(table)
     for key, value in lines.items():
@@ -304,8 +322,10 @@ def round_inputs(model, prompts, batch: int):
     return engine
 
 
-def overhead_ratio(model_dir, prompts, batch: int, rounds: int) -> tuple[float, float, float]:
-    """(wall / GEMM+attention kernel time, wall ms per round, kernel ms per round) of denoise-only rounds."""
+def overhead_ratio(model_dir, prompts, batch: int, rounds: int) -> dict:
+    """Denoise-only rounds of ``batch`` canvases, ms per round: ``wall``, ``forward`` (the model forward's wall time
+    within it), ``kernels`` (GEMM + attention self time under the profiler), ``all_ops`` (self time of every aten op),
+    ``ops`` (top-level non-view aten calls), and ``ratio`` = wall / kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     model = load_ours(model_dir)
@@ -313,16 +333,116 @@ def overhead_ratio(model_dir, prompts, batch: int, rounds: int) -> tuple[float, 
         engine = round_inputs(model, prompts, batch)
         for _ in range(2):
             engine.scheduler.step()
-        walls = []
+        walls, forward = [], []
+        model_forward = model.forward
+
+        def timed_forward(*a, **k):
+            t0 = time.perf_counter()
+            out = model_forward(*a, **k)
+            forward.append(time.perf_counter() - t0)
+            return out
+
+        model.forward = timed_forward  # an instance attribute: nn.Module.__call__ looks it up there first
         for _ in range(rounds * 3):
             dt, _ = timed(engine.scheduler.step)
             walls.append(dt)
+        del model.forward
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(rounds):
                 engine.scheduler.step()
-    kernels = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in KERNELS) / 1e6 / rounds
     wall = median_spread(walls)[0]
-    return wall / kernels, wall * 1e3, kernels * 1e3
+    per_round = lambda us: us / 1e3 / rounds  # noqa: E731
+    events = prof.events()
+    aten = [e for e in events if e.name.startswith("aten::")]
+    top = [e for e in aten if not (e.cpu_parent and e.cpu_parent.name.startswith("aten::"))]
+    kernels = per_round(sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in KERNELS))
+    return {"ratio": wall * 1e3 / kernels, "wall": wall * 1e3, "forward": median_spread(forward)[0] * 1e3,
+            "kernels": kernels, "all_ops": per_round(sum(e.self_cpu_time_total for e in aten)),
+            "ops": sum(e.name not in VIEW_OPS for e in top) / rounds}  # fmt: skip
+
+
+def kernel_budget(model_dir, hf: HfSide, prompts, seeds, max_steps, hf_batched: bool) -> dict:
+    """GEMM + attention kernel time (ms, torch.profiler self time) of the N=1 and N workloads, ours and
+    transformers', our rounds for request 0, and the cost of the cheapest aten call (us).
+
+    Ours runs in the offline engine (the server's policy, runner and model without HTTP), on the same prompts, seeds
+    and settings as the server, so it does the same GEMMs.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    from sgl_diffusion.runtime.offline import OfflineEngine
+    from sgl_diffusion.runtime.scheduler_hook import load_defaults
+    from sgl_diffusion.runtime.scheduler_policy import DiffusionRequest
+    from sgl_diffusion.sampling.params import DiffusionParams
+
+    model = load_ours(model_dir)
+    defaults = load_defaults(str(model_dir))
+    raw = {} if max_steps is None else {"max_denoising_steps": max_steps}
+
+    def ours(n):
+        engine = OfflineEngine(model, eos_token_ids=defaults.eos_token_ids)
+        for i in range(n):
+            params = DiffusionParams.from_request(raw | {"seed": seeds[i]}, defaults, vocab_size=model.cfg.vocab_size,
+                                                  canvas_length=model.cfg.canvas_length)  # fmt: skip
+            engine.scheduler.add(DiffusionRequest(prompts[i], params, MAX_NEW_TOKENS))
+        rounds = 0
+        with torch.inference_mode():
+            while engine.scheduler.running:
+                engine.scheduler.step()
+                rounds += 1
+        return rounds
+
+    def kernel_ms(fn):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            out = fn()
+        return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in KERNELS) / 1e3, out
+
+    n = len(prompts)
+    ours(1)  # warm-up
+    k1, rounds1 = kernel_ms(lambda: ours(1))
+    kn, _ = kernel_ms(lambda: ours(n))
+    hk1, _ = kernel_ms(lambda: hf.one(0))
+    hkn, _ = kernel_ms(lambda: hf.many_batched(n) if hf_batched else hf.many_sequential(n))
+    x = torch.zeros(4)
+    calls = []
+    for _ in range(5):
+        dt, _ = timed(lambda: [torch.add(x, x) for _ in range(2000)])
+        calls.append(dt / 2000 * 1e6)
+    return {"ours_n1": k1, "ours_n": kn, "hf_n1": hk1, "hf_n": hkn, "rounds_n1": rounds1, "dispatch_us": min(calls)}
+
+
+def bounds(r, overhead, budget, n) -> dict:
+    """The keys that bound each target (see the module docstring and bench/RESULTS.md, "Targets")."""
+    t = {k: median_spread(v)[0] * 1e3 for k, v in r["times"].items()}
+    hf_best = min(t["hf_seq"], t["hf_batch"])
+    k1, k8 = overhead[1]["kernels"], overhead[8]["kernels"]
+    floor_n1 = budget["ours_n1"] + budget["rounds_n1"] * overhead[1]["ops"] * budget["dispatch_us"] / 1e3
+    return {
+        "kernel_ms_ours_n1": budget["ours_n1"],
+        "kernel_ms_hf_n1": budget["hf_n1"],
+        f"kernel_ms_ours_n{n}": budget["ours_n"],
+        f"kernel_ms_hf_n{n}": budget["hf_n"],
+        "speedup_vs_hf_n1_zero_overhead": t["hf1"] / budget["ours_n1"],
+        f"speedup_vs_hf_n{n}_zero_overhead": hf_best / budget["ours_n"],
+        "rounds_n1": budget["rounds_n1"],
+        "eager_ops_per_round_b1": overhead[1]["ops"],
+        "dispatch_us": budget["dispatch_us"],
+        "speedup_vs_hf_n1_eager_floor": t["hf1"] / floor_n1,
+        "forward_ratio_b8": overhead[8]["forward"] / k8,
+        "all_ops_ratio_b8": overhead[8]["all_ops"] / k8,
+        "batch8_over_batch1_zero_overhead": 8 * k1 / k8,
+        "batch8_over_batch1_max_at_1_5": round_bounds(k1, k8, 1.5),
+    }
+
+
+def round_bounds(k1: float, k8: float, ratio: float) -> float:
+    """The largest tokens/s ratio of 8-canvas over 1-canvas rounds while the 8-canvas round's wall T8 <= ratio * k8.
+
+    Per round, T1 = k1 + O1 and T8 = k8 + O8 with host overheads O1 <= O8 (an 8-canvas round does at least the host
+    work of a 1-canvas one). Then 8 T1 / T8 <= 8 (k1 + T8 - k8) / T8 = 8 (1 - (k8 - k1) / T8), largest at the
+    largest T8 = ratio * k8.
+    """
+    return 8 * (1 - (k8 - k1) / (ratio * k8))
 
 
 def memory_probe(model_dir: str, batch: str) -> None:
@@ -393,9 +513,12 @@ def report(args, r, overhead, ar, mem, same, lines, load_before, load_after) -> 
         f"{'our server, 8 one after another (ms)':44} {ms('ours8_seq'):>40}",
         f"{'our server, 8 sent together (ms)':44} {ms('ours8'):>40}",
         f"{'sglang token-by-token (tiny Llama), ms/token':44} {ar:>40.2f}",
-        f"{'denoise round, 1 canvas: wall / kernels (ms)':44} {overhead[1][1]:>30.2f} / {overhead[1][2]:.2f}",
-        f"{'denoise round, 8 canvases: wall / kernels (ms)':44} {overhead[8][1]:>30.2f} / {overhead[8][2]:.2f}",
     ]  # fmt: skip
+    for b in (1, 8):
+        o = overhead[b]
+        rows.append(f"{f'denoise round, {b} canvas(es): wall / forward / kernels / all aten ops (ms)':70} "
+                    f"{o['wall']:.2f} / {o['forward']:.2f} / {o['kernels']:.2f} / {o['all_ops']:.2f}; "
+                    f"{o['ops']:.0f} non-view aten calls")  # fmt: skip
     notes = (f"{n} requests: {r['tokens']} tokens in {r['canvases']} canvases, "
              f"{r['steps_per_canvas']:.2f} denoise steps "
              f"per canvas (of 48); transformers' better N={n} mode: {r['hf_mode']}; our tokens equal transformers' "

@@ -5,7 +5,7 @@ EntropyBoundSampler.accept_canvas/renoise_canvas, StableAndConfidentStoppingCrit
 seeded generator gives the same tokens as HF's `generate` after `torch.manual_seed(seed)`.
 
 Per request and step, the RNG calls are exactly HF's (batch size 1):
-  1. `torch.multinomial(probs [C, V], 1)`  - the candidate token at every position
+  1. `torch.multinomial(probs [C, V], 1)`  - the candidate token at every position (CPU: see multinomial_rows)
   2. `torch.randint(0, V, (1, C))`         - fresh noise for the positions not accepted
 and `torch.randint(0, V, (1, C))` once before a canvas's first step (`init_canvas_noise`).
 
@@ -20,6 +20,8 @@ probabilities. Rows with no fixed position and no banned token are bit-identical
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -170,7 +172,7 @@ def step(
     the model's dtype (HF rounds the scaled logits to it before the self-conditioning softmax). Besides the returned
     probabilities, at most two [B, C, V] fp32 temporaries are alive at once (the scaled logits, then one of: the
     sampling probabilities, the self-conditioning softmax, p*log p, logsumexp's scratch), plus in a non-fp32 model
-    two [B, C, V] ones in its dtype, and multinomial's [C, V] scratch per request.
+    two [B, C, V] ones in its dtype, and the draw's scratch (multinomial_rows).
     """
     batch, canvas_length, vocab_size = logits.shape
     assert len(generators) == batch, (len(generators), batch)
@@ -183,10 +185,8 @@ def step(
     argmax = scaled.argmax(dim=-1)  # [B, C]
     probs = torch.softmax(scaled, dim=-1, dtype=torch.float32)  # [B, C, V]
 
-    # RNG phase 1, one call per request so each request's stream matches a batch-size-1 HF run.
-    sampled = torch.stack([
-        torch.multinomial(probs[b], num_samples=1, generator=g).squeeze(-1) for b, g in enumerate(generators)
-    ])  # [B, C]
+    # RNG phase 1, one draw per request so each request's stream matches a batch-size-1 HF run.
+    sampled = multinomial_rows(probs, generators)  # [B, C]
     if self_conditioning_dtype == torch.float32:
         sc_probs = probs  # HF's softmax(float32(float32(scaled))) is the very op above
     else:
@@ -211,6 +211,67 @@ def step(
     stable = _stable(args.history, args.stability_threshold, argmax)
     done = (stable & (mean_entropy < args.confidence_threshold)) | args.is_last_step
     return StepResult(next_canvas, argmax, sc_probs, accepted, mean_entropy, stable, done)
+
+
+DRAW_CHUNK = 1 << 16  # float64 uniforms per CPU draw chunk (512 KB: its few passes stay in cache)
+
+
+def multinomial_rows(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """``torch.multinomial(probs[b], 1, generator=generators[b])`` for every row b, bit for bit: [B, C, V] -> [B, C].
+
+    NOTE: torch's single-sample multinomial is argmax(p / q) with q ~ Exp(1) from ``exponential_``, whose CPU kernel
+    computes each q as float32(-log1p(-u)) from one float64 uniform u, one element at a time: two thirds of a tiny
+    model's sampler time. On the CPU the same uniforms are drawn here with ``uniform_`` (the same generator calls in the same
+    order) and the logarithm is taken vectorised, over all rows at once (see _exponential_).
+    """
+    if probs.device.type != "cpu" or not _exponential_is_neg_log1p():
+        return torch.stack([
+            torch.multinomial(probs[b], num_samples=1, generator=g).squeeze(-1) for b, g in enumerate(generators)
+        ])
+    batch, canvas_length, vocab_size = probs.shape
+    lo, hi = torch.aminmax(probs)
+    if not (hi < math.inf and lo >= 0):  # torch.multinomial's own check (a NaN fails both comparisons)
+        raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+    flat = probs.reshape(batch * canvas_length, vocab_size)
+    out = torch.empty(batch * canvas_length, dtype=torch.long)
+    per_chunk = max(1, DRAW_CHUNK // vocab_size)  # canvas positions per chunk
+    for start in range(0, flat.shape[0], per_chunk):
+        stop = min(start + per_chunk, flat.shape[0])
+        u = torch.empty(stop - start, vocab_size, dtype=torch.float64)
+        pos = start
+        while pos < stop:  # each row's positions from its own generator, in order, as one [C, V] draw would
+            b = pos // canvas_length
+            end = min(stop, (b + 1) * canvas_length)
+            u[pos - start : end - start].uniform_(generator=generators[b])
+            pos = end
+        out[start:stop] = torch.div(flat[start:stop], _exponential_(u)).argmax(dim=-1)
+    return out.view(batch, canvas_length)
+
+
+def _exponential_(u: torch.Tensor) -> torch.Tensor:
+    """float32(-log1p(-u)) as torch's CPU ``exponential_`` rounds it (with glibc's log1p); ``u`` float64 is kept.
+
+    NOTE: torch's vectorised log1p differs from glibc's by up to 1 ulp of float64 on ~8% of elements. That changes
+    the float32 result only where the float64 value lies within an ulp of a float32 rounding midpoint; the values
+    within 8 ulps of one (their 29 low mantissa bits near 2^28: about one element in 10^7) are recomputed with
+    math.log1p (glibc's).
+    """
+    d = torch.neg(u).log1p_().neg_()  # float64
+    q = d.to(torch.float32)
+    low = d.view(torch.int64).bitwise_and_((1 << 29) - 1).sub_(1 << 28).abs_()
+    unsure = (low <= 8).nonzero(as_tuple=True)
+    if unsure[0].numel():
+        q[unsure] = torch.tensor([-math.log1p(-x) for x in u[unsure].tolist()], dtype=torch.float64).to(torch.float32)
+    return q
+
+
+@functools.cache
+def _exponential_is_neg_log1p() -> bool:
+    """Whether this torch's CPU ``exponential_`` is float32(-log1p(-uniform_ float64)), checked once on a seed."""
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    expected = torch.empty(4096).exponential_(1, generator=g1)
+    got = _exponential_(torch.empty(4096, dtype=torch.float64).uniform_(generator=g2))
+    return bool(torch.equal(expected, got)) and bool(torch.equal(g1.get_state(), g2.get_state()))
 
 
 def _hold_fixed(args: SamplingArgs, next_canvas, argmax, entropy, mean_entropy, sc_probs):

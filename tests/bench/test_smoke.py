@@ -74,7 +74,9 @@ def test_compare_prints_every_key(tiny_checkpoint_dir):
 
 
 def test_bench_round_runs(tiny_checkpoint_dir):
-    """Rounds at two batch sizes and transformers' step, on a few rounds."""
+    """Rounds, their parts and sampler steps at two batch sizes, and transformers' step, on a few rounds."""
     out = run("bench_round.py", "--model-dir", tiny_checkpoint_dir, "--batches", "1,2", "--rounds", "2",
-              "--repeats", "1")
+              "--repeats", "1", "--sections")
     assert re.search(r"^ours batch 2: [\d.]+ \[", out, re.M) and "transformers batch 1:" in out, out
+    assert re.search(r"^sampler batch 2: [\d.]+ \[", out, re.M), out
+    assert re.search(r"^ours batch 2 sections \(cpu ms per round\): round [\d.]+, .*model forward [\d.]+", out, re.M), out

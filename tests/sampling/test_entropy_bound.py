@@ -1,6 +1,7 @@
 """Entropy-Bound sampler checked against transformers' own DiffusionGemma classes on random logits."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
     StableAndConfidentStoppingCriteria,
 )
 
+from sgl_diffusion.sampling import entropy_bound as eb
 from sgl_diffusion.sampling import (
     DiffusionParams,
     SamplerRow,
@@ -318,3 +320,28 @@ def test_rng_matches_hf_generate_loop():
     assert rejected > 0  # renoised positions are visible in the compared canvases
     for i, (got, want) in enumerate(zip(trace, hf_trace)):
         assert torch.equal(got, want), i
+
+
+@pytest.mark.parametrize("chunk", [1 << 16, 3 * V + 5])  # one chunk; chunks that split a canvas and span two
+def test_multinomial_rows_is_torch_multinomial_per_row(monkeypatch, chunk):
+    """The CPU draw equals one torch.multinomial per row bit for bit, and leaves every generator where it would."""
+    monkeypatch.setattr(eb, "DRAW_CHUNK", chunk)
+    assert eb._exponential_is_neg_log1p()  # else the fallback (torch.multinomial itself) would be tested
+    g = torch.Generator().manual_seed(5)
+    probs = torch.softmax(torch.randn(3, C, V, generator=g) * torch.rand(3, C, 1, generator=g) * 8, dim=-1)
+    probs[1, :, 7] = 0  # a banned token
+    for seed in range(20):
+        gens, refs = ([torch.Generator().manual_seed(seed + b) for b in range(3)] for _ in range(2))
+        want = torch.stack([torch.multinomial(probs[b], 1, generator=refs[b]).squeeze(-1) for b in range(3)])
+        assert torch.equal(eb.multinomial_rows(probs, gens), want)
+        assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(gens, refs))
+    with pytest.raises(RuntimeError, match="nan"):
+        eb.multinomial_rows(torch.full((1, C, V), float("nan")), [None])
+
+
+def test_exponential_near_a_float32_midpoint_is_glibc_rounded():
+    """Values within a few float64 ulps of a float32 rounding midpoint take glibc's log1p, as exponential_ does."""
+    mids = [(1.0 + (2 * k + 1) * 2.0**-24) * 2.0**e for k in range(50) for e in (-3, 0, 2)]  # float32 midpoints
+    u = torch.tensor([-math.expm1(-m) for m in mids], dtype=torch.float64)  # -log1p(-u) lands next to each one
+    want = torch.tensor([-math.log1p(-x) for x in u.tolist()], dtype=torch.float64).to(torch.float32)
+    assert torch.equal(eb._exponential_(u.clone()), want)
