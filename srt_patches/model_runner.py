@@ -1,4 +1,4 @@
-"""Skip sglang's token-decode CUDA graphs (and the eager warm-up forward) for DiffusionGemma.
+"""Skip sglang's token-decode CUDA graphs for DiffusionGemma; keep its head counts through sglang's CPU TP padding.
 
 Target: sglang.srt.model_executor.model_runner.ModelRunner.init_cuda_graphs
 Checked against: sglang 0.5.23
@@ -6,6 +6,17 @@ Why: sglang captures graphs and warms kernels up by calling ``model.forward(inpu
      forward_batch)``; our model runs canvas batches through its own runner and never takes a
      ForwardBatch, so capture would fail at startup on CUDA (and only wastes memory on CPU).
 Remove when: the canvas runner captures its own graphs through a sglang extension point.
+
+Target: sglang.srt.model_executor.model_runner.adjust_config_with_unaligned_cpu_tp
+Checked against: sglang 0.5.23
+Why: on the CPU, ModelRunner.load_model pads the config for the TP size. (1) sglang's config loader flattens
+     ``text_config``'s per-layer head shapes into full/``swa_*`` attributes but leaves transformers' per-layer spec
+     on the top-level config, where the padding's ``hasattr(hf_config, "num_key_value_heads")`` raises
+     AmbiguousGlobalPerLayerAttributeError; the spec is dropped there too (the flat attributes say it all).
+     (2) When the KV heads of the full layers (1 or 2) do not divide by the TP size, sglang pads the head counts
+     (1 KV + 4 query heads become 2 + 8, zero heads computed on every rank); our QKVParallelLinear replicates
+     those KV heads instead, so the checkpoint's head counts are put back. Intermediate sizes stay padded.
+Remove when: sglang flattens the top-level config too and lets a model replicate KV heads on the CPU.
 """
 
 from __future__ import annotations
@@ -15,7 +26,18 @@ import logging
 from sglang.srt.plugins.hook_registry import HookType, plugin_hook
 
 logger = logging.getLogger(__name__)
-TARGETS = ("sglang.srt.model_executor.model_runner.ModelRunner.init_cuda_graphs",)
+TARGETS = (
+    "sglang.srt.model_executor.model_runner.ModelRunner.init_cuda_graphs",
+    "sglang.srt.model_executor.model_runner.adjust_config_with_unaligned_cpu_tp",
+)
+# (where, attribute) of the head counts sglang's CPU padding rewrites
+HEAD_COUNTS = (
+    ("model_config", "num_attention_heads"), ("model_config", "num_key_value_heads"),
+    ("hf_config", "num_attention_heads"), ("hf_config", "num_key_value_heads"),
+    ("hf_text_config", "num_attention_heads"), ("hf_text_config", "num_key_value_heads"),
+    ("hf_text_config", "swa_num_attention_heads"), ("hf_text_config", "swa_num_key_value_heads"),
+)  # fmt: skip
+_ABSENT = object()
 
 
 def init_cuda_graphs(original, runner, *args, **kwargs):
@@ -33,5 +55,25 @@ def init_cuda_graphs(original, runner, *args, **kwargs):
     runner.graph_time_usage = empty_graph_time_usage()
 
 
+def adjust_config_with_unaligned_cpu_tp(original, model_config, load_config, tp_size):
+    from sgl_diffusion.runtime.scheduler_hook import serves_diffusion_model
+
+    if not serves_diffusion_model(model_config.hf_config):
+        return original(model_config, load_config, tp_size)
+    model_config.hf_config.per_layer_config = None  # (1) in the docstring
+    owners = {"model_config": model_config, "hf_config": model_config.hf_config,
+              "hf_text_config": model_config.hf_text_config}  # fmt: skip
+    before = {(where, attr): getattr(owners[where], attr, _ABSENT) for where, attr in HEAD_COUNTS}
+    model_config = original(model_config, load_config, tp_size)
+    for (where, attr), value in before.items():  # (2)
+        if value is _ABSENT:
+            if hasattr(owners[where], attr):
+                delattr(owners[where], attr)
+        else:
+            setattr(owners[where], attr, value)
+    return model_config
+
+
 def register() -> None:
     plugin_hook(TARGETS[0], HookType.AROUND)(init_cuda_graphs)
+    plugin_hook(TARGETS[1], HookType.AROUND)(adjust_config_with_unaligned_cpu_tp)

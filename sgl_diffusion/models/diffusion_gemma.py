@@ -12,16 +12,19 @@ import dataclasses
 from collections.abc import Iterable
 
 import torch
+from sglang.srt.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from torch import nn
 
 from sgl_diffusion.attention.base import BaseAttnBackend
 from sgl_diffusion.models.config import DiffusionGemmaConfig
 from sgl_diffusion.models.layers import DecoderLayer, RMSNorm, SelfConditioning, rope_cos_sin, rope_inv_freq
-from sgl_diffusion.models.weights import load_checkpoint_weights
+from sgl_diffusion.models.parallel import all_gather, all_reduce, in_sglang_runtime, tp_rank_size
+from sgl_diffusion.models.weights import expect, load_checkpoint_weights
 from sgl_diffusion.runtime.canvas_batch import CanvasBatch
 
 
 class DiffusionGemmaForBlockDiffusion(nn.Module):
+    @in_sglang_runtime
     def __init__(self, config, quant_config=None, prefix: str = ""):
         super().__init__()
         if quant_config is not None:
@@ -31,7 +34,13 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
 
         self.hf_config = config
         self.cfg = cfg = DiffusionGemmaConfig.from_hf(config)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        _, tp = tp_rank_size()
+        if cfg.num_heads % tp:  # sglang's layers would only assert it
+            raise ValueError(f"tensor parallelism: {tp} ranks do not divide the {cfg.num_heads} attention heads")
+        # NOTE: vocab-parallel and tied to the LM head: each rank holds a slice of the vocab rows (padded to sglang's
+        # multiple of 64 x TP with zero rows); the logits and the soft embeddings read only the real ones.
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
+        expect(self.embed_tokens.weight, {None: (cfg.vocab_size, cfg.hidden_size)})
         # NOTE: HF casts sqrt(H) to the weight dtype first: 53.066 becomes 53.0 in bf16.
         self.register_buffer("embed_scale", torch.tensor(cfg.hidden_size**0.5), persistent=False)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
@@ -47,10 +56,20 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids) * self.embed_scale.to(self.embed_tokens.weight.dtype)
 
+    @in_sglang_runtime
     def soft_embed(self, probs: torch.Tensor) -> torch.Tensor:
-        """Self-conditioning input from the previous step's probabilities: [..., V] -> [..., H]."""
-        weight = self.embed_tokens.weight
-        return (probs.to(weight.dtype) @ weight) * self.embed_scale.to(weight.dtype)
+        """Self-conditioning input from the previous step's probabilities: [..., V] -> [..., H].
+
+        NOTE: under TP, an all-reduce of [..., H] partial products, not an all-gather of probabilities: every rank
+        already holds whole rows of ``probs`` (the sampler needs them whole, for entropies and draws, so ``logits``
+        gathers the vocab once), so each rank multiplies its vocab slice by its embedding rows and the ranks sum
+        the products: H values a row cross the ranks instead of V.
+        """
+        shard = self.embed_tokens.shard_indices
+        begin, end = shard.org_vocab_start_index, shard.org_vocab_end_index
+        weight = self.embed_tokens.weight[: end - begin]  # this rank's real rows: ids [begin, end)
+        partial = probs[..., begin:end].to(weight.dtype) @ weight
+        return all_reduce(partial) * self.embed_scale.to(weight.dtype)
 
     def image_embeds(self, pixel_values: torch.Tensor, image_position_ids: torch.Tensor) -> torch.Tensor:
         """Soft tokens of a batch of images, flattened in order: [num_image_tokens, H]."""
@@ -60,6 +79,7 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
     # ---- forward ------------------------------------------------------------------------------
 
     @torch.no_grad()
+    @in_sglang_runtime
     def forward(self, batch: CanvasBatch, attn: BaseAttnBackend) -> torch.Tensor | None:
         """Run every segment of ``batch``; return the canvas tokens' last hidden states [N_canvas, H]
         (None if no canvas). ``logits()`` turns them into logits; the runner does it in tiles."""
@@ -87,10 +107,15 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
             return None
         return x if kinds == "canvas" else x[batch.canvas_mask]
 
+    @in_sglang_runtime
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final norm, tied LM head, fp32 softcap: [n, H] -> [n, V] float32."""
+        """Final norm, tied LM head, fp32 softcap: [n, H] -> [n, V] float32, the whole vocab on every rank
+        (each rank's vocab slice, all-gathered: every rank samples every canvas)."""
         cap = self.cfg.final_logit_softcapping
-        logits = (self.norm(hidden) @ self.embed_tokens.weight.T).float()
+        weight = self.embed_tokens.weight  # this rank's vocab rows, padded: [V_padded / tp, H]
+        if self.embed_tokens.tp_size == 1:
+            weight = weight[: self.cfg.vocab_size]  # no GEMM columns for the padding rows: the unpadded GEMM's bits
+        logits = all_gather(self.norm(hidden) @ weight.T)[..., : self.cfg.vocab_size].float()
         return torch.tanh(logits / cap) * cap
 
     def _image_token_mask(self, batch: CanvasBatch) -> torch.Tensor:

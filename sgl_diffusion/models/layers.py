@@ -1,6 +1,9 @@
 """Blocks of the DiffusionGemma transformer, on flat token batches [N, H].
 
 Module and parameter names mirror the HF checkpoint's ``model.decoder.*`` tree so weights load by name.
+Projections are sglang's tensor-parallel layers (built inside ``parallel.sglang_runtime()``): attention heads and
+MLP/expert intermediate dims are split over the TP ranks, KV heads replicated where the ranks outnumber them, and
+each block's output is all-reduced; with one rank they compute what plain ``nn.Linear`` layers do.
 """
 
 from __future__ import annotations
@@ -9,13 +12,16 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from sglang.srt.distributed.utils import divide
 from sglang.srt.layers.layernorm import Gemma4RMSNorm
+from sglang.srt.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from torch import nn
 
 from sgl_diffusion.attention.base import AttnLayer, BaseAttnBackend
 from sgl_diffusion.models import fused_moe
 from sgl_diffusion.models.config import DiffusionGemmaConfig, RopeSpec
-from sgl_diffusion.models.weights import pad_intermediate, stack_shards
+from sgl_diffusion.models.parallel import all_reduce, tp_rank_size
+from sgl_diffusion.models.weights import expect, load_rank_slice
 from sgl_diffusion.runtime.canvas_batch import CanvasBatch
 
 
@@ -89,44 +95,49 @@ class GatedMLP(nn.Module):
 
     NOTE: gate and up run as one GEMM (``gate_up_proj``, gate rows first; the checkpoint's gate_proj and up_proj
     load into its halves): each output element is the same dot product, so the same bits as two GEMMs.
+    Under TP each rank holds a slice of the intermediate dim; down_proj all-reduces.
     """
 
     def __init__(self, hidden: int, intermediate: int, activation: str):
         super().__init__()
-        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)
-        stack_shards(self.gate_up_proj.weight, {"gate_proj": intermediate, "up_proj": intermediate}, pad_dim=0)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
-        pad_intermediate(self.down_proj.weight, 1)
+        self.gate_up_proj = MergedColumnParallelLinear(hidden, [intermediate] * 2, bias=False)
+        expect(self.gate_up_proj.weight, {0: (intermediate, hidden), 1: (intermediate, hidden)}, pad_dim=0)
+        self.down_proj = RowParallelLinear(intermediate, hidden, bias=False)
+        expect(self.down_proj.weight, {None: (hidden, intermediate)}, pad_dim=1)
         self.act = ACTIVATIONS[activation]
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(self.act(gate) * up)
+        gate, up = self.gate_up_proj(x)[0].chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)[0]
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: DiffusionGemmaConfig, layer_id: int):
         super().__init__()
         spec = cfg.layers[layer_id]
-        self.info = AttnLayer(
-            layer_id, cfg.num_heads, spec.num_kv_heads, spec.head_dim, cfg.sliding_window if spec.sliding else None
-        )
         d, h = spec.head_dim, cfg.hidden_size
-        # heads of the fused projection's output: q, k, then v (none on K=V layers)
-        self.heads = (cfg.num_heads, spec.num_kv_heads, 0 if spec.k_eq_v else spec.num_kv_heads)
         # NOTE: q, k and v run as one GEMM (the checkpoint's q_proj, k_proj, v_proj load into its rows): each output
-        # element is the same dot product, so the same bits as three GEMMs.
-        self.qkv_proj = nn.Linear(h, sum(self.heads) * d, bias=False)
-        shards = {name: n * d for name, n in zip(("q_proj", "k_proj", "v_proj"), self.heads) if n}
-        stack_shards(self.qkv_proj.weight, shards)
-        self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
+        # element is the same dot product, so the same bits as three GEMMs. K=V layers have no v rows (v_head_size
+        # 0) rather than sglang Gemma 4's copy of k_proj into them: no GEMM columns computed twice.
+        # Under TP each rank holds num_heads / tp query heads; KV heads are split, or replicated on every rank
+        # where the ranks outnumber them (the full layers have 2 on the real checkpoint, 1 on the tiny one).
+        self.qkv_proj = QKVParallelLinear(h, d, cfg.num_heads, spec.num_kv_heads, bias=False,
+                                          v_head_size=0 if spec.k_eq_v else d)  # fmt: skip
+        shapes = {"q": (cfg.num_heads * d, h), "k": (spec.num_kv_heads * d, h)}
+        expect(self.qkv_proj.weight, shapes if spec.k_eq_v else shapes | {"v": (spec.num_kv_heads * d, h)})
+        # this rank's heads of the fused projection's output: q, k, then v (none on K=V layers)
+        q_heads, kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.heads = (q_heads, kv_heads, 0 if spec.k_eq_v else kv_heads)
+        self.info = AttnLayer(layer_id, q_heads, kv_heads, d, cfg.sliding_window if spec.sliding else None)
+        self.o_proj = RowParallelLinear(cfg.num_heads * d, h, bias=False)
+        expect(self.o_proj.weight, {None: (h, cfg.num_heads * d)})
         self.q_norm = RMSNorm(d, eps=cfg.rms_norm_eps)
         self.k_norm = RMSNorm(d, eps=cfg.rms_norm_eps)
         self.v_norm = RMSNorm(d, eps=cfg.rms_norm_eps, with_scale=False)
 
     def forward(self, x, cos, sin, batch: CanvasBatch, attn: BaseAttnBackend):
         n, d = x.shape[0], self.info.head_dim
-        heads = self.qkv_proj(x).view(n, -1, d)  # [N, q + k (+ v) heads, D]
+        heads = self.qkv_proj(x)[0].view(n, -1, d)  # [N, q + k (+ v) heads, D], this rank's
         if x.device.type == "cpu" and not _cpu_has_amx():
             q, k, v = self._norm_rope_together(heads, cos, sin)
         else:  # sglang's norm kernels, one per kind of head
@@ -135,7 +146,7 @@ class Attention(nn.Module):
             # K=V on full layers: values are the un-normed, un-rotated keys (then a weightless RMS norm)
             v = self.v_norm(k_raw if self.heads[2] == 0 else v_raw)
             k = apply_rope(self.k_norm(k_raw), cos, sin)
-        return self.o_proj(attn.forward(q, k, v, self.info, batch).reshape(n, -1))
+        return self.o_proj(attn.forward(q, k, v, self.info, batch).reshape(n, -1))[0]
 
     def _norm_rope_together(self, heads, cos, sin):
         """q_norm, k_norm and v_norm (transformers' ops) over all heads at once, then one RoPE over q and k.
@@ -171,20 +182,35 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """Routed experts as 3-D tensors: gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I]."""
+    """Routed experts as 3-D tensors: gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I].
+
+    Tensor-parallel over the intermediate dim: each rank holds I / tp of every expert (its gate rows, then its up
+    rows), computes a partial output for every routed token, and the ranks all-reduce it.
+    NOTE: not sglang's FusedMoE: off CUDA and AMX it runs ``moe_forward_native``, which has no gelu_tanh (the
+    checkpoint's activation) and syncs the host for the tokens per expert; on CUDA ``fused_moe`` calls the same
+    Triton kernel FusedMoE would, on these weights.
+    """
 
     def __init__(self, cfg: DiffusionGemmaConfig):
         super().__init__()
         e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        self.gate_up_proj = pad_intermediate(nn.Parameter(torch.empty(e, 2 * i, h)), 1, parts=2)
-        self.down_proj = pad_intermediate(nn.Parameter(torch.empty(e, h, i)), 2)
+        rank, size = tp_rank_size()
+        local = divide(i, size)
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * local, h))
+        self.down_proj = nn.Parameter(torch.empty(e, h, local))
+        expect(self.gate_up_proj, {None: (e, 2 * i, h)}, pad_dim=1, parts=2)
+        expect(self.down_proj, {None: (e, h, i)}, pad_dim=2)
+        self.gate_up_proj.weight_loader = functools.partial(load_rank_slice, dim=1, parts=2, rank=rank, size=size)
+        self.down_proj.weight_loader = functools.partial(load_rank_slice, dim=2, parts=1, rank=rank, size=size)
         self.activation = cfg.hidden_activation
         self.act = ACTIVATIONS[cfg.hidden_activation]
 
     def forward(self, x, weights, ids):
         if fused_moe.applies(x):
-            return fused_moe.fused_experts(x, self.gate_up_proj, self.down_proj, weights, ids, self.activation)
-        return self._forward_torch(x, weights, ids)
+            out = fused_moe.fused_experts(x, self.gate_up_proj, self.down_proj, weights, ids, self.activation)
+        else:
+            out = self._forward_torch(x, weights, ids)
+        return all_reduce(out)
 
     def _forward_torch(self, x, weights, ids):
         # NOTE: not transformers' grouped_mm on the CPU: its GEMMs round differently as the tokens per expert

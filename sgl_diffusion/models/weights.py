@@ -3,13 +3,16 @@
 The encoder and decoder share every text weight; the checkpoint stores them once under
 ``model.decoder.*``. Only the encoder's ``layer_scalar`` buffers are separate.
 
-A parameter may carry a ``weight_loader(param, loaded)`` attribute (sglang's convention) that copies a checkpoint
-tensor of another shape into it; ``pad_intermediate`` gives one to the parameters sglang pads.
+Parameters of sglang's parallel layers load through their own ``weight_loader`` (sglang's convention: it takes
+this rank's shard; fused projections take a shard id). Before it, each checkpoint tensor is checked against the
+full, unsharded shape the model declared for it (``expect``) and, along a padded intermediate dim, zero-padded to
+it: sglang's CPU path pads intermediate sizes (``adjust_config_with_unaligned_cpu_tp``: up to a multiple of
+32 x TP), and zero gate/up rows and zero down columns make a gated MLP compute exactly what the unpadded one
+does (gelu(0) * 0 = 0). Padding here, not in sglang's loaders, gives the same result on every device.
 """
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Iterable
 
@@ -19,8 +22,9 @@ from torch import nn
 _ENCODER_SCALAR = re.compile(r"model\.encoder\.language_model\.layers\.(\d+)\.layer_scalar$")
 # checkpoint projections that load into a part of one fused projection of ours (the vision tower is transformers')
 _STACKED = re.compile(r"^(?!vision_tower\.|embed_vision\.)(.+)\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.weight$")
-STACKED_INTO = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
-                "up_proj": "gate_up_proj"}  # fmt: skip
+# checkpoint projection -> (our fused projection, sglang's shard id for its weight_loader)
+STACKED_INTO = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+                "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}  # fmt: skip
 _PREFIXES = (
     ("model.decoder.", ""),
     ("model.encoder.vision_tower.", "vision_tower."),
@@ -49,21 +53,57 @@ def load_checkpoint_weights(model: nn.Module, weights: Iterable[tuple[str, torch
             continue
         shard = None
         if m := _STACKED.match(param_name):
-            param_name, shard = f"{m[1]}.{STACKED_INTO[m[2]]}.weight", m[2]
+            fused, shard = STACKED_INTO[m[2]]
+            param_name = f"{m[1]}.{fused}.weight"
         target = targets[param_name]
         try:
             with torch.no_grad():
-                if shard is None:
-                    getattr(target, "weight_loader", copy_exact)(target, tensor)
-                else:
-                    target.shard_loader(target, tensor, shard)
+                load_one(target, tensor, shard)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
         loaded.add((param_name, shard))
-    expected = {(n, shard) for n, p in model.named_parameters() for shard in getattr(p, "shards", {None: None})}
-    missing = sorted(f"{n}[{shard}]" if shard else n for n, shard in expected - loaded)
+    expected = {(n, shard) for n, p in model.named_parameters() for shard in getattr(p, "checkpoint_shapes", (None,))}
+    missing = sorted(f"{n}[{shard}]" if shard is not None else n for n, shard in expected - loaded)
     if missing:
         raise ValueError(f"DiffusionGemma checkpoint lacks {len(missing)} weights, e.g. {missing[:5]}")
+
+
+def load_one(param: torch.Tensor, loaded: torch.Tensor, shard: str | int | None) -> None:
+    """Check ``loaded`` against the shape ``param`` expects for ``shard``, then hand it to the param's loader."""
+    shapes = getattr(param, "checkpoint_shapes", None)
+    if shapes is None:  # a plain parameter or buffer: the checkpoint tensor is the whole of it
+        if shard is not None:
+            raise ValueError(f"model parameter {tuple(param.shape)} is not a fused projection")
+        return copy_exact(param, loaded)
+    if shard not in shapes:
+        raise ValueError(f"the model's projection has no {shard!r} part")
+    full = fit(loaded, shapes[shard], param.pad_dim, param.pad_parts)
+    param.weight_loader(param, full) if shard is None else param.weight_loader(param, full, shard)
+
+
+def expect(param: nn.Parameter, shapes: dict, pad_dim: int | None = None, parts: int = 1) -> nn.Parameter:
+    """Declare the unsharded checkpoint shape of each part of ``param`` (``{None: shape}`` for an unfused one;
+    sglang's shard ids for a fused projection). Along ``pad_dim`` a checkpoint tensor may be shorter (the model's
+    intermediate size is padded); ``parts`` > 1: that dim holds that many fused pieces (gate rows, then up rows),
+    each padded on its own."""
+    param.checkpoint_shapes, param.pad_dim, param.pad_parts = shapes, pad_dim, parts
+    return param
+
+
+def fit(loaded: torch.Tensor, shape: tuple[int, ...], pad_dim: int | None, parts: int = 1) -> torch.Tensor:
+    """``loaded``, zero-padded along ``pad_dim`` to ``shape`` (each of its ``parts`` on its own); ValueError when
+    it does not fit."""
+    bad = f"checkpoint shape {tuple(loaded.shape)} does not fit model {tuple(shape)}"
+    if loaded.dim() != len(shape) or any(w != s for d, (w, s) in enumerate(zip(loaded.shape, shape)) if d != pad_dim):
+        raise ValueError(bad)
+    if pad_dim is None or loaded.shape[pad_dim] == shape[pad_dim]:
+        return loaded
+    if shape[pad_dim] % parts or loaded.shape[pad_dim] % parts or loaded.shape[pad_dim] > shape[pad_dim]:
+        raise ValueError(f"{bad} ({parts} fused parts along dim {pad_dim})")
+    full = loaded.new_zeros(shape)
+    for dst, src in zip(full.chunk(parts, pad_dim), loaded.chunk(parts, pad_dim)):
+        dst.narrow(pad_dim, 0, src.shape[pad_dim]).copy_(src)
+    return full
 
 
 def copy_exact(param: torch.Tensor, loaded: torch.Tensor) -> None:
@@ -72,49 +112,9 @@ def copy_exact(param: torch.Tensor, loaded: torch.Tensor) -> None:
     param.copy_(loaded)
 
 
-def copy_padded(param: torch.Tensor, loaded: torch.Tensor, dim: int, parts: int = 1) -> None:
-    """Copy ``loaded`` into ``param``, which may be longer along ``dim``: the rest is zeroed.
-
-    ``parts`` > 1: ``dim`` holds that many fused pieces (gate rows, then up rows), each padded on its own.
-    """
-    if param.dim() != loaded.dim() or any(p != w for d, (p, w) in enumerate(zip(param.shape, loaded.shape)) if d != dim):
-        raise ValueError(f"checkpoint shape {tuple(loaded.shape)} does not fit model {tuple(param.shape)}")
-    if param.shape[dim] % parts or loaded.shape[dim] % parts or loaded.shape[dim] > param.shape[dim]:
-        raise ValueError(f"checkpoint shape {tuple(loaded.shape)} does not fit model {tuple(param.shape)} "
-                         f"({parts} fused parts along dim {dim})")
-    param.zero_()
+def load_rank_slice(param: torch.Tensor, loaded: torch.Tensor, dim: int, parts: int, rank: int, size: int) -> None:
+    """Copy this rank's slice of the full ``loaded`` into ``param`` [..., parts * n / size, ...] along ``dim``:
+    of each of the ``parts`` fused pieces, the rank's contiguous ``1/size``."""
     for dst, src in zip(param.chunk(parts, dim), loaded.chunk(parts, dim)):
-        dst.narrow(dim, 0, src.shape[dim]).copy_(src)
-
-
-def pad_intermediate(param: nn.Parameter, dim: int, parts: int = 1) -> nn.Parameter:
-    """Let ``param`` load a checkpoint whose intermediate size (along ``dim``) is smaller than the model's.
-
-    sglang pads the config's intermediate sizes on CPU (``adjust_config_with_unaligned_cpu_tp``: up to a multiple
-    of 32 x TP) and the model is built from the padded config. Zero gate/up rows and zero down columns make a
-    gated MLP compute exactly what the unpadded one does: gelu(0) * 0 = 0.
-    """
-    param.weight_loader = functools.partial(copy_padded, dim=dim, parts=parts)
-    return param
-
-
-def stack_shards(param: nn.Parameter, rows: dict[str, int], pad_dim: int | None = None) -> nn.Parameter:
-    """Let ``param`` load several checkpoint tensors, one after the other along dim 0 (``rows`` each, in order).
-
-    ``pad_dim`` 0: a shard may be shorter than its rows (sglang's padded intermediate sizes; the rest is zeroed);
-    otherwise each must fit exactly.
-    """
-    offsets, start = {}, 0
-    for name, n in rows.items():
-        offsets[name] = (start, n)
-        start += n
-    assert start == param.shape[0], (rows, tuple(param.shape))
-    param.shards = offsets
-
-    def shard_loader(param: torch.Tensor, loaded: torch.Tensor, shard: str) -> None:
-        begin, n = param.shards[shard]
-        part = param.narrow(0, begin, n)
-        copy_padded(part, loaded, dim=0) if pad_dim == 0 else copy_exact(part, loaded)
-
-    param.shard_loader = shard_loader
-    return param
+        n = dst.shape[dim]
+        dst.copy_(src.narrow(dim, rank * n, n))

@@ -14,6 +14,11 @@ keeps a small machine responsive, each only when the user left it unset:
 - ``--skip-server-warmup``: the warm-up request costs a whole canvas on the CPU.
 - ``SGLANG_CPU_OMP_THREADS_BIND``: with more ranks (``--dp-size`` x ``--tp-size``) than NUMA nodes, sglang
   stops unless told which cores each rank uses; the cores are split evenly between the ranks.
+- ``SGLANG_NCCL_SO_PATH``, with ``--tp-size`` (or ``--pp-size``) above 1: sglang builds a PyNccl communicator
+  for every group of more than one rank whenever it finds an NCCL library, and the ``nvidia-nccl`` wheel torch
+  installs is one, so the first collective stops with "Expected a cuda device". Pointing the variable at a
+  file that does not exist makes each communicator disable itself (sglang logs that it could not load NCCL),
+  and the groups use gloo.
 
 The three booleans are store_true flags with no opposite in sglang 0.5.23; an explicit ``--device``,
 ``--max-total-tokens`` or ``--mem-fraction-static`` always wins. Other models keep sglang's behaviour.
@@ -42,6 +47,8 @@ POOL_RAM_FRACTION = 0.25  # of the RAM the weights leave free, at most
 KV_ELEMENT_BYTES = 4  # float32, the widest KV dtype on the CPU: the RAM cap is an upper bound
 CPU_FLAGS = ("sleep_on_idle", "disable_overlap_schedule", "skip_server_warmup")  # set True when left False
 THREADS_BIND_ENV = "SGLANG_CPU_OMP_THREADS_BIND"
+NCCL_ENV = "SGLANG_NCCL_SO_PATH"
+NO_NCCL = "/nonexistent/sgl-diffusion-cpu-ranks-use-gloo/libnccl.so.2"
 _registered = False
 
 
@@ -81,9 +88,11 @@ def resolve_device(server_args: Any, previous: Callable[[Any], None]) -> None:
     if defaults:
         declare_resolution(server_args, __name__, **defaults)
     bind = bind_threads(cfg.dp_size * cfg.tp_size * cfg.pp_size)
-    if fallback or defaults or bind:
+    nccl = keep_nccl_off(cfg.tp_size * cfg.pp_size)
+    if fallback or defaults or bind or nccl:
         flags = " ".join(_flag(name, value) for name, value in defaults.items()) or "none (all given)"
         flags += f"; {THREADS_BIND_ENV}={bind}" if bind else ""
+        flags += f"; {NCCL_ENV}={nccl} (gloo between ranks)" if nccl else ""
         reason = "no accelerator found: serving" if fallback else "serving"
         logger.log(logging.WARNING if fallback else logging.INFO,
                    "sgl-diffusion: %s DiffusionGemma on the CPU; CPU defaults applied: %s (a flag you give wins)",
@@ -137,6 +146,19 @@ def bind_threads(ranks: int, environ=None) -> str | None:
         return None
     environ[THREADS_BIND_ENV] = split_cores([int(c) for node in nodes for c in node.split(",")], ranks)
     return environ[THREADS_BIND_ENV]
+
+
+def keep_nccl_off(group_ranks: int, environ=None) -> str | None:
+    """Point SGLANG_NCCL_SO_PATH at no file when a group spans ``group_ranks`` > 1 CPU ranks and the operator left
+    it unset, so that sglang's PyNccl communicators disable themselves; returns the value set, else None.
+
+    Like SGLANG_CPU_OMP_THREADS_BIND, the scheduler processes inherit it (they are started after resolution).
+    """
+    environ = os.environ if environ is None else environ
+    if environ.get(NCCL_ENV) or group_ranks <= 1:
+        return None
+    environ[NCCL_ENV] = NO_NCCL
+    return NO_NCCL
 
 
 def split_cores(cores: list[int], ranks: int) -> str:

@@ -12,6 +12,7 @@ streamer reads.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -263,9 +264,16 @@ class DiffusionEngine:
     def _params(self, req: Req) -> DiffusionParams:
         raw = (req.sampling_params.custom_params or {}).get(PARAMS_KEY)
         if raw is not None:
-            return DiffusionParams.from_json(raw)
-        return DiffusionParams.from_request(None, self.defaults, vocab_size=self.cfg.vocab_size,
-                                            canvas_length=self.cfg.canvas_length)
+            params = DiffusionParams.from_json(raw)
+        else:
+            params = DiffusionParams.from_request(None, self.defaults, vocab_size=self.cfg.vocab_size,
+                                                  canvas_length=self.cfg.canvas_length)
+        if params.seed is None and self.scheduler.tp_size > 1:
+            # NOTE: every TP rank samples every canvas and embeds its own copy of it: an unseeded request draws from
+            # a seed all ranks share (its rid's hash: random per request), or the ranks' canvases would drift apart
+            digest = hashlib.blake2b(str(req.rid).encode(), digest_size=8).digest()
+            params = dataclasses.replace(params, seed=int.from_bytes(digest, "little") >> 1)
+        return params
 
     def _images(self, req: Req, prompt: list[int]):
         """Bidirectional image runs of the prompt and their soft tokens, in prompt order.

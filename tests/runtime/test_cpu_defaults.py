@@ -187,6 +187,34 @@ def test_threads_bound_only_when_ranks_outnumber_numa_nodes(monkeypatch):
     assert cpu_defaults.bind_threads(2, env) is None and env == {"SGLANG_CPU_OMP_THREADS_BIND": "1|3"}
 
 
+def test_nccl_kept_off_only_for_groups_of_several_ranks():
+    """A TP (or PP) group of more than one CPU rank gets an NCCL path that loads nothing, so its groups use gloo;
+    the operator's value is kept."""
+    env = {}
+    assert cpu_defaults.keep_nccl_off(1, env) is None and env == {}
+    assert cpu_defaults.keep_nccl_off(2, env) == cpu_defaults.NO_NCCL
+    assert env == {"SGLANG_NCCL_SO_PATH": cpu_defaults.NO_NCCL}
+    assert not os.path.exists(cpu_defaults.NO_NCCL)
+    env = {"SGLANG_NCCL_SO_PATH": "/opt/nccl/libnccl.so.2"}
+    assert cpu_defaults.keep_nccl_off(2, env) is None and env == {"SGLANG_NCCL_SO_PATH": "/opt/nccl/libnccl.so.2"}
+
+
+def test_tensor_parallel_sets_both_variables(no_accelerator, ample_ram, tiny_checkpoint_dir, caplog, monkeypatch):
+    """`--tp 2` alone: the launcher sets the thread binding and the NCCL path before sglang starts the ranks, and
+    the log line names them."""
+    from sglang.srt.utils import common
+
+    monkeypatch.setattr(common, "get_cpu_ids_by_node", lambda: ["0,1"])
+    for name in ("SGLANG_CPU_OMP_THREADS_BIND", "SGLANG_NCCL_SO_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    caplog.set_level(logging.INFO)
+    resolve("--model-path", str(tiny_checkpoint_dir), "--tp", "2")
+    assert os.environ["SGLANG_CPU_OMP_THREADS_BIND"] == "0|1"
+    assert os.environ["SGLANG_NCCL_SO_PATH"] == cpu_defaults.NO_NCCL
+    [line] = our_log(caplog)
+    assert "SGLANG_CPU_OMP_THREADS_BIND=0|1" in line and "SGLANG_NCCL_SO_PATH=" in line
+
+
 @pytest.fixture
 def hf_config(tiny_checkpoint_dir):
     return cpu_defaults.diffusion_gemma_config(str(tiny_checkpoint_dir))
