@@ -24,11 +24,16 @@ from sgl_diffusion.runtime.canvas_batch import CanvasBatch
 
 
 class DiffusionGemmaForBlockDiffusion(nn.Module):
+    # read by sglang's loader: a quantization config's ignored_layers name the checkpoint's unfused projections
+    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+
     @in_sglang_runtime
     def __init__(self, config, quant_config=None, prefix: str = ""):
+        """``quant_config``: sglang's (``--quantization fp8`` or a checkpoint's quantization_config); the attention
+        and dense-MLP projections take its method. The embedding / LM head, router, norms, routed experts and
+        vision tower stay in the model dtype (layers.DecoderLayer says why)."""
         super().__init__()
-        if quant_config is not None:
-            raise ValueError("sgl-diffusion does not support quantized DiffusionGemma checkpoints yet")
+        _refuse_quantization_without_kernels(quant_config)
         from transformers import AutoModel
         from transformers.models.diffusion_gemma.modeling_diffusion_gemma import DiffusionGemmaMultimodalEmbedder
 
@@ -43,9 +48,13 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
         expect(self.embed_tokens.weight, {None: (cfg.vocab_size, cfg.hidden_size)})
         # NOTE: HF casts sqrt(H) to the weight dtype first: 53.066 becomes 53.0 in bf16.
         self.register_buffer("embed_scale", torch.tensor(cfg.hidden_size**0.5), persistent=False)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        # the block size of an FP8 checkpoint's scales, for the expert tensors weights.py dequantizes at load
+        self.fp8_block_size = (getattr(config, "quantization_config", None) or {}).get("weight_block_size")
+        # NOTE: prefixes are the checkpoint's module names, which a quantization config's ignored_layers list
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, quant_config, f"model.decoder.layers.{i}")
+                                    for i in range(cfg.num_layers))  # fmt: skip
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.self_conditioning = SelfConditioning(cfg)
+        self.self_conditioning = SelfConditioning(cfg, quant_config, "model.decoder.self_conditioning")
         # NOTE: kept in fp32 and out of the state dict; a bf16 inv_freq would blur long positions.
         self.inv_freq = {spec.sliding: rope_inv_freq(spec.rope, spec.head_dim) for spec in cfg.layers}
         self.vision_tower = AutoModel.from_config(config.vision_config)
@@ -140,7 +149,24 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
     # ---- loading ------------------------------------------------------------------------------
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        load_checkpoint_weights(self, weights)
+        load_checkpoint_weights(self, weights, self.fp8_block_size)
+
+
+def _refuse_quantization_without_kernels(quant_config) -> None:
+    """A CPU server runs sglang's fp8 linear method only on sglang's AMX CPU engine (SGLANG_USE_CPU_ENGINE=1 on a
+    CPU with AMX: ``fp8_scaled_mm_cpu``); elsewhere on a CPU the weights load and quantize, and the first request
+    fails in a Triton kernel ("0 active drivers"). Refuse at startup instead. Outside a server (no device in sglang's
+    server args) nothing is refused: tests run the layers with a dequantizing stand-in."""
+    from sglang.srt.runtime_context import get_server_args
+    from sglang.srt.utils import cpu_has_amx_support, is_cpu
+
+    if quant_config is None or get_server_args().device != "cpu" or (is_cpu() and cpu_has_amx_support()):
+        return
+    raise ValueError(
+        f"{quant_config.get_name()} weights (--quantization, or the checkpoint's quantization_config) on the CPU need "
+        "sglang's AMX kernels (SGLANG_USE_CPU_ENGINE=1 on a CPU with AMX); this CPU has none, so sglang's fp8 GEMMs "
+        "cannot run here: serve a bf16 checkpoint without --quantization"
+    )
 
 
 def _causal_images(batch: CanvasBatch) -> CanvasBatch:

@@ -98,11 +98,13 @@ class GatedMLP(nn.Module):
     Under TP each rank holds a slice of the intermediate dim; down_proj all-reduces.
     """
 
-    def __init__(self, hidden: int, intermediate: int, activation: str):
+    def __init__(self, hidden: int, intermediate: int, activation: str, quant_config=None, prefix: str = ""):
         super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(hidden, [intermediate] * 2, bias=False)
+        self.gate_up_proj = MergedColumnParallelLinear(hidden, [intermediate] * 2, bias=False,
+                                                       quant_config=quant_config, prefix=f"{prefix}.gate_up_proj")
         expect(self.gate_up_proj.weight, {0: (intermediate, hidden), 1: (intermediate, hidden)}, pad_dim=0)
-        self.down_proj = RowParallelLinear(intermediate, hidden, bias=False)
+        self.down_proj = RowParallelLinear(intermediate, hidden, bias=False,
+                                           quant_config=quant_config, prefix=f"{prefix}.down_proj")
         expect(self.down_proj.weight, {None: (hidden, intermediate)}, pad_dim=1)
         self.act = ACTIVATIONS[activation]
 
@@ -112,7 +114,7 @@ class GatedMLP(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: DiffusionGemmaConfig, layer_id: int):
+    def __init__(self, cfg: DiffusionGemmaConfig, layer_id: int, quant_config=None, prefix: str = ""):
         super().__init__()
         spec = cfg.layers[layer_id]
         d, h = spec.head_dim, cfg.hidden_size
@@ -122,14 +124,16 @@ class Attention(nn.Module):
         # Under TP each rank holds num_heads / tp query heads; KV heads are split, or replicated on every rank
         # where the ranks outnumber them (the full layers have 2 on the real checkpoint, 1 on the tiny one).
         self.qkv_proj = QKVParallelLinear(h, d, cfg.num_heads, spec.num_kv_heads, bias=False,
-                                          v_head_size=0 if spec.k_eq_v else d)  # fmt: skip
+                                          v_head_size=0 if spec.k_eq_v else d, quant_config=quant_config,
+                                          prefix=f"{prefix}.qkv_proj")  # fmt: skip
         shapes = {"q": (cfg.num_heads * d, h), "k": (spec.num_kv_heads * d, h)}
         expect(self.qkv_proj.weight, shapes if spec.k_eq_v else shapes | {"v": (spec.num_kv_heads * d, h)})
         # this rank's heads of the fused projection's output: q, k, then v (none on K=V layers)
         q_heads, kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.heads = (q_heads, kv_heads, 0 if spec.k_eq_v else kv_heads)
         self.info = AttnLayer(layer_id, q_heads, kv_heads, d, cfg.sliding_window if spec.sliding else None)
-        self.o_proj = RowParallelLinear(cfg.num_heads * d, h, bias=False)
+        self.o_proj = RowParallelLinear(cfg.num_heads * d, h, bias=False, quant_config=quant_config,
+                                        prefix=f"{prefix}.o_proj")
         expect(self.o_proj.weight, {None: (h, cfg.num_heads * d)})
         self.q_norm = RMSNorm(d, eps=cfg.rms_norm_eps)
         self.k_norm = RMSNorm(d, eps=cfg.rms_norm_eps)
@@ -189,6 +193,10 @@ class Experts(nn.Module):
     NOTE: not sglang's FusedMoE: off CUDA and AMX it runs ``moe_forward_native``, which has no gelu_tanh (the
     checkpoint's activation) and syncs the host for the tokens per expert; on CUDA ``fused_moe`` calls the same
     Triton kernel FusedMoE would, on these weights.
+    NOTE: never quantized. sglang's fp8 MoE method is FusedMoE's, which this loop replaces, and dequantizing an
+    expert on the fly per forward would add a full-size copy per expert to every step's GEMMs; so an FP8
+    checkpoint's expert tensors are dequantized to the model dtype at load (weights.py) and the experts keep
+    their bf16 memory under ``--quantization fp8``. Storing them in fp8 waits for FusedMoE (with gelu_tanh).
     """
 
     def __init__(self, cfg: DiffusionGemmaConfig):
@@ -237,13 +245,18 @@ class Experts(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Attention + (dense MLP || routed MoE), shared by the encode and the denoise modes."""
+    """Attention + (dense MLP || routed MoE), shared by the encode and the denoise modes.
 
-    def __init__(self, cfg: DiffusionGemmaConfig, layer_id: int):
+    ``quant_config`` (sglang's, e.g. fp8) reaches the attention and dense-MLP projections only: the router stays a
+    plain full-precision linear (its top-k decides which experts run), and the routed experts stay in the model
+    dtype (``Experts``; an FP8 checkpoint's expert tensors are dequantized at load, see weights.py).
+    """
+
+    def __init__(self, cfg: DiffusionGemmaConfig, layer_id: int, quant_config=None, prefix: str = ""):
         super().__init__()
         h, eps = cfg.hidden_size, cfg.rms_norm_eps
-        self.self_attn = Attention(cfg, layer_id)
-        self.mlp = GatedMLP(h, cfg.intermediate_size, cfg.hidden_activation)
+        self.self_attn = Attention(cfg, layer_id, quant_config, f"{prefix}.self_attn")
+        self.mlp = GatedMLP(h, cfg.intermediate_size, cfg.hidden_activation, quant_config, f"{prefix}.mlp")
         self.router = Router(cfg)
         self.experts = Experts(cfg)
         for name in (
@@ -275,8 +288,8 @@ class DecoderLayer(nn.Module):
 class SelfConditioning(GatedMLP):
     """Decoder input = rms0(token embeds + MLP(pre_norm(soft embeds of the previous step)))."""
 
-    def __init__(self, cfg: DiffusionGemmaConfig):
-        super().__init__(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_activation)
+    def __init__(self, cfg: DiffusionGemmaConfig, quant_config=None, prefix: str = ""):
+        super().__init__(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_activation, quant_config, prefix)
         self.pre_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.post_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, with_scale=False)
 

@@ -9,6 +9,12 @@ full, unsharded shape the model declared for it (``expect``) and, along a padded
 it: sglang's CPU path pads intermediate sizes (``adjust_config_with_unaligned_cpu_tp``: up to a multiple of
 32 x TP), and zero gate/up rows and zero down columns make a gated MLP compute exactly what the unpadded one
 does (gelu(0) * 0 = 0). Padding here, not in sglang's loaders, gives the same result on every device.
+
+FP8 checkpoints (sglang's format: float8_e4m3fn weights, each with a ``weight_scale_inv`` [rows / bn, cols / bk]
+of block scales or a per-tensor ``weight_scale``): the projections built with sglang's fp8 method load weight and
+scales through their own loaders. An fp8 tensor whose parameter is not fp8 (the routed experts, whose scales are
+named ``gate_up_proj_scale_inv``, and anything the model keeps in full precision) is dequantized here, once its
+scale has arrived too: weight.float() * scale, expanded over its blocks.
 """
 
 from __future__ import annotations
@@ -21,7 +27,10 @@ from torch import nn
 
 _ENCODER_SCALAR = re.compile(r"model\.encoder\.language_model\.layers\.(\d+)\.layer_scalar$")
 # checkpoint projections that load into a part of one fused projection of ours (the vision tower is transformers')
-_STACKED = re.compile(r"^(?!vision_tower\.|embed_vision\.)(.+)\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.weight$")
+_STACKED = re.compile(r"^(?!vision_tower\.|embed_vision\.)(.+)\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\."
+                      r"(weight|weight_scale|weight_scale_inv|input_scale)$")
+# a quantized projection's scale parameters, beside its weight (sglang's fp8 names)
+SCALES = ("weight_scale", "weight_scale_inv", "input_scale")
 # checkpoint projection -> (our fused projection, sglang's shard id for its weight_loader)
 STACKED_INTO = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
                 "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}  # fmt: skip
@@ -44,9 +53,13 @@ def checkpoint_name_to_param(name: str) -> str | None:
     raise KeyError(f"unexpected DiffusionGemma checkpoint key: {name}")
 
 
-def load_checkpoint_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-    targets = dict(model.named_parameters()) | dict(model.named_buffers())
-    loaded = set()
+def load_checkpoint_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
+                            block_size: list[int] | None = None) -> None:
+    """``block_size``: the checkpoint's fp8 [bn, bk] (quantization_config's weight_block_size), for the tensors
+    dequantized here; None: per-tensor scales."""
+    params = dict(model.named_parameters())
+    targets = params | dict(model.named_buffers())
+    loaded, pending = set(), _Dequantizer(targets, block_size)
     for name, tensor in weights:
         param_name = checkpoint_name_to_param(name)
         if param_name is None:
@@ -54,22 +67,85 @@ def load_checkpoint_weights(model: nn.Module, weights: Iterable[tuple[str, torch
         shard = None
         if m := _STACKED.match(param_name):
             fused, shard = STACKED_INTO[m[2]]
-            param_name = f"{m[1]}.{fused}.weight"
-        target = targets[param_name]
+            param_name = f"{m[1]}.{fused}.{m[3]}"
+        target = targets.get(param_name)
+        if target is None or (tensor.dtype == FP8 and target.dtype != FP8):
+            param_name, tensor = pending.add(param_name, shard, tensor)
+            if tensor is None:  # its weight or its scale is still to come
+                continue
+            target = targets[param_name]
         try:
             with torch.no_grad():
-                load_one(target, tensor, shard)
+                load_one(target, tensor, shard, is_scale=param_name.rsplit(".", 1)[-1] in SCALES)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
         loaded.add((param_name, shard))
-    expected = {(n, shard) for n, p in model.named_parameters() for shard in getattr(p, "checkpoint_shapes", (None,))}
+    pending.check_done()
+    expected = set()
+    for n, p in params.items():
+        module, _, leaf = n.rpartition(".")
+        owner = params[f"{module}.weight"] if leaf in SCALES else p  # a scale has one part per part of its weight
+        expected |= {(n, shard) for shard in getattr(owner, "checkpoint_shapes", (None,))}
     missing = sorted(f"{n}[{shard}]" if shard is not None else n for n, shard in expected - loaded)
     if missing:
         raise ValueError(f"DiffusionGemma checkpoint lacks {len(missing)} weights, e.g. {missing[:5]}")
 
 
-def load_one(param: torch.Tensor, loaded: torch.Tensor, shard: str | int | None) -> None:
+FP8 = torch.float8_e4m3fn
+
+
+class _Dequantizer:
+    """Pairs fp8 tensors meant for full-precision parameters with their scales (in either order) and dequantizes."""
+
+    def __init__(self, targets: dict[str, torch.Tensor], block_size: list[int] | None):
+        self.targets, self.block_size = targets, block_size
+        self.weights, self.scales = {}, {}  # (param name, shard) -> fp8 tensor / its scale
+
+    def add(self, param_name: str, shard, tensor: torch.Tensor) -> tuple[str, torch.Tensor | None]:
+        """(the parameter to load, its dequantized tensor), or (name, None) while its pair is incomplete."""
+        if tensor.dtype == FP8:
+            self.weights[(param_name, shard)] = tensor
+            key = (param_name, shard)
+        else:
+            key = self._scaled(param_name, shard)
+            if key is None:  # an activation scale: nothing to do for a weight kept in full precision
+                return param_name, None
+            self.scales[key] = tensor
+        if key in self.weights and key in self.scales:
+            return key[0], dequantize(self.weights.pop(key), self.scales.pop(key), self.block_size)
+        return param_name, None
+
+    def _scaled(self, scale_name: str, shard):
+        """(weight name, shard) a full-precision parameter's scale belongs to; None for an activation scale."""
+        if scale_name.endswith(".input_scale"):
+            return None
+        for suffix in ("_scale_inv", "_scale"):
+            if scale_name.endswith(suffix) and scale_name.removesuffix(suffix) in self.targets:
+                return scale_name.removesuffix(suffix), shard
+        raise KeyError(f"checkpoint tensor for no model parameter: {scale_name}")
+
+    def check_done(self) -> None:
+        if self.weights or self.scales:
+            unpaired = sorted(self.weights | self.scales)[:5]
+            raise ValueError(f"fp8 checkpoint tensors without their scale or weight: {unpaired}")
+
+
+def dequantize(weight: torch.Tensor, scale: torch.Tensor, block_size: list[int] | None) -> torch.Tensor:
+    """weight.float() * scale [fp32]: ``scale`` per tensor ([] or [1]), per leading index ([E]: per expert), or per
+    [bn, bk] block of the last two dims ([..., ceil(rows / bn), ceil(cols / bk)])."""
+    w, s = weight.float(), scale.float()
+    s = s.reshape(s.shape + (1,) * (w.dim() - s.dim()))
+    for dim, block in zip((-2, -1), block_size or (None, None)):
+        if s.shape[dim] not in (1, w.shape[dim]):
+            size = block or -(-w.shape[dim] // s.shape[dim])
+            s = s.repeat_interleave(size, dim).narrow(dim, 0, w.shape[dim])
+    return w * s
+
+
+def load_one(param: torch.Tensor, loaded: torch.Tensor, shard: str | int | None, is_scale: bool = False) -> None:
     """Check ``loaded`` against the shape ``param`` expects for ``shard``, then hand it to the param's loader."""
+    if is_scale:  # a quantized projection's scale: sglang's loader takes this rank's scales for the shard
+        return param.weight_loader(param, loaded) if shard is None else param.weight_loader(param, loaded, shard)
     shapes = getattr(param, "checkpoint_shapes", None)
     if shapes is None:  # a plain parameter or buffer: the checkpoint tensor is the whole of it
         if shard is not None:
