@@ -30,7 +30,8 @@ def applies(x: torch.Tensor) -> bool:
 
 def fused_experts(x, gate_up_proj, down_proj, weights, ids, activation: str) -> torch.Tensor:
     """x [N, H]; gate_up_proj [E, 2I, H] (gate rows first: sglang's w13) and down_proj [E, H, I] (its w2);
-    weights [N, K] routing weights, ids [N, K] expert ids; ``activation`` a ``hidden_activation``. -> [N, H]."""
+    weights [N, K] routing weights, ids [N, K] expert ids (indices into the experts handed in; -1: a pair the
+    kernel skips, another expert-parallel rank's); ``activation`` a ``hidden_activation``. -> [N, H]."""
     if x.dtype not in FUSED_DTYPES:
         raise TypeError(f"sglang's fused MoE computes {x.dtype} inputs in fp16; use it for {FUSED_DTYPES} only")
     from sglang.srt.layers.moe.moe_runner.triton_utils.fused_moe import fused_experts_impl

@@ -20,8 +20,8 @@ from torch import nn
 from sgl_diffusion.attention.base import AttnLayer, BaseAttnBackend
 from sgl_diffusion.models import fused_moe
 from sgl_diffusion.models.config import DiffusionGemmaConfig, RopeSpec
-from sgl_diffusion.models.parallel import all_reduce, tp_rank_size
-from sgl_diffusion.models.weights import expect, load_rank_slice
+from sgl_diffusion.models.parallel import all_reduce, moe_ranks
+from sgl_diffusion.models.weights import expect, load_experts_slice
 from sgl_diffusion.runtime.canvas_batch import CanvasBatch
 
 
@@ -186,10 +186,13 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """Routed experts as 3-D tensors: gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I].
+    """Routed experts as 3-D tensors: gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I], of which a
+    rank holds its part.
 
-    Tensor-parallel over the intermediate dim: each rank holds I / tp of every expert (its gate rows, then its up
-    rows), computes a partial output for every routed token, and the ranks all-reduce it.
+    Split as sglang's FusedMoE splits them (``parallel.moe_ranks()``): with ``--ep-size`` each expert-parallel rank
+    holds a contiguous block of E / ep whole experts, and each MoE-TP rank (tp / ep of them) holds I / (tp / ep) of
+    those experts' intermediate dim (its gate rows, then its up rows). A rank computes only the (token, slot) pairs
+    routed to its experts, on its slice, and the partial outputs are all-reduced over the TP group (EP x MoE-TP).
     NOTE: not sglang's FusedMoE: off CUDA and AMX it runs ``moe_forward_native``, which has no gelu_tanh (the
     checkpoint's activation) and syncs the host for the tokens per expert; on CUDA ``fused_moe`` calls the same
     Triton kernel FusedMoE would, on these weights.
@@ -202,23 +205,34 @@ class Experts(nn.Module):
     def __init__(self, cfg: DiffusionGemmaConfig):
         super().__init__()
         e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        rank, size = tp_rank_size()
-        local = divide(i, size)
-        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * local, h))
-        self.down_proj = nn.Parameter(torch.empty(e, h, local))
+        ranks = moe_ranks()
+        self.num_local = divide(e, ranks.ep_size)
+        self.first = ranks.ep_rank * self.num_local  # this rank's experts: first .. first + num_local - 1
+        self.expert_parallel = ranks.ep_size > 1
+        local = divide(i, ranks.tp_size)
+        self.gate_up_proj = nn.Parameter(torch.empty(self.num_local, 2 * local, h))
+        self.down_proj = nn.Parameter(torch.empty(self.num_local, h, local))
         expect(self.gate_up_proj, {None: (e, 2 * i, h)}, pad_dim=1, parts=2)
         expect(self.down_proj, {None: (e, h, i)}, pad_dim=2)
-        self.gate_up_proj.weight_loader = functools.partial(load_rank_slice, dim=1, parts=2, rank=rank, size=size)
-        self.down_proj.weight_loader = functools.partial(load_rank_slice, dim=2, parts=1, rank=rank, size=size)
+        mine = dict(first=self.first, rank=ranks.tp_rank, size=ranks.tp_size)
+        self.gate_up_proj.weight_loader = functools.partial(load_experts_slice, dim=1, parts=2, **mine)
+        self.down_proj.weight_loader = functools.partial(load_experts_slice, dim=2, parts=1, **mine)
         self.activation = cfg.hidden_activation
         self.act = ACTIVATIONS[cfg.hidden_activation]
 
     def forward(self, x, weights, ids):
+        """x [N, H], weights [N, K] fp32, ids [N, K] global expert ids -> [N, H], summed over the TP group."""
         if fused_moe.applies(x):
-            out = fused_moe.fused_experts(x, self.gate_up_proj, self.down_proj, weights, ids, self.activation)
+            local = self._local_ids(ids) if self.expert_parallel else ids
+            out = fused_moe.fused_experts(x, self.gate_up_proj, self.down_proj, weights, local, self.activation)
         else:
             out = self._forward_torch(x, weights, ids)
         return all_reduce(out)
+
+    def _local_ids(self, ids):
+        """ids as indices into this rank's experts; -1 (the fused kernel skips the pair) for other ranks' experts."""
+        local = ids - self.first
+        return torch.where((local >= 0) & (local < self.num_local), local, -1)
 
     def _forward_torch(self, x, weights, ids):
         # NOTE: not transformers' grouped_mm on the CPU: its GEMMs round differently as the tokens per expert
@@ -237,9 +251,11 @@ class Experts(nn.Module):
         out = torch.zeros(n, k, x.shape[1], dtype=torch.float32, device=x.device)  # [n, K, H]
         # one matmul per expert that has tokens: exact, and cheap for a few tokens
         for expert in ids.unique().tolist():
+            if not self.first <= expert < self.first + self.num_local:
+                continue  # another expert-parallel rank's: its pairs stay 0 here
             token, slot = torch.where(ids == expert)
-            gate, up = F.linear(x[token], self.gate_up_proj[expert]).chunk(2, dim=-1)
-            y = F.linear(self.act(gate) * up, self.down_proj[expert])
+            gate, up = F.linear(x[token], self.gate_up_proj[expert - self.first]).chunk(2, dim=-1)
+            y = F.linear(self.act(gate) * up, self.down_proj[expert - self.first])
             out[token, slot] = y * weights[token, slot, None]  # weights are fp32
         return out.sum(dim=1).to(x.dtype)
 

@@ -12,6 +12,7 @@ its public methods (``in_sglang_runtime``); a server's published config is used 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from types import SimpleNamespace
 
@@ -48,6 +49,38 @@ def tp_rank_size() -> tuple[int, int]:
 
     group = get_parallel().tp_group
     return group.rank_in_group, group.world_size
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeRanks:
+    """This process's place in sglang's MoE split of the TP group: ``ep_size`` expert-parallel ranks, each holding
+    a contiguous block of whole experts, times ``tp_size`` MoE-TP ranks splitting those experts' intermediate dim.
+    tp_size * ep_size is the TP group's size, and the partial outputs of all of them sum over the TP group."""
+
+    ep_rank: int
+    ep_size: int
+    tp_rank: int
+    tp_size: int
+
+
+def moe_ranks() -> MoeRanks:
+    """sglang's ``moe_ep_size`` / ``moe_tp_size`` (``--ep-size``; moe_tp_size = tp / ep) and this TP rank's place in
+    them. Call inside ``sglang_runtime()``.
+
+    NOTE: the ranks are derived from the TP rank with sglang's own layout (``derive_spawn_ranks``: MoE-TP groups are
+    contiguous TP ranks, EP groups strided by moe_tp_size), not read from ``get_parallel().moe_ep_rank``: that one is
+    written only in a server, and a bare process or a test knows just its TP rank.
+    """
+    from sglang.srt.runtime_context import get_parallel
+
+    parallel = get_parallel()
+    if parallel.moe_dp_size != 1:
+        raise ValueError(f"DiffusionGemma's experts take no MoE data parallelism (moe_dp_size {parallel.moe_dp_size})")
+    rank, size = tp_rank_size()
+    ep_size, moe_tp = parallel.moe_ep_size, parallel.moe_tp_size
+    if ep_size * moe_tp != size:
+        raise ValueError(f"--ep-size {ep_size} x MoE TP {moe_tp} is not the TP size {size}")
+    return MoeRanks(ep_rank=rank // moe_tp, ep_size=ep_size, tp_rank=rank % moe_tp, tp_size=moe_tp)
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:

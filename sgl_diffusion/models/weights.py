@@ -194,3 +194,10 @@ def load_rank_slice(param: torch.Tensor, loaded: torch.Tensor, dim: int, parts: 
     for dst, src in zip(param.chunk(parts, dim), loaded.chunk(parts, dim)):
         n = dst.shape[dim]
         dst.copy_(src.narrow(dim, rank * n, n))
+
+
+def load_experts_slice(param: torch.Tensor, loaded: torch.Tensor, first: int, dim: int, parts: int, rank: int,
+                       size: int) -> None:
+    """Routed experts: of the full ``loaded`` [E, ...], this expert-parallel rank's ``param.shape[0]`` experts from
+    ``first`` on, each sliced along ``dim`` as ``load_rank_slice`` slices (``rank`` of ``size`` MoE-TP ranks)."""
+    load_rank_slice(param, loaded.narrow(0, first, param.shape[0]), dim, parts, rank, size)

@@ -161,7 +161,12 @@ class CanvasScheduler:
     def _plan(self):
         reqs, segments, states, starved = [], [], [], []
         encode_only = not self.mixed_rounds and any(r.pending for r in self.running)
+        # NOTE: a new prompt is matched against the cache only after every finished answer's last canvas is in it:
+        # the next turn of a conversation (sent once the answer was streamed) may arrive before that commit's forward
+        last_commits = any(r.finished and r.pending for r in self.running)
         for req in list(self.running):
+            if last_commits and req.slots is None:
+                continue  # admitted next round
             if req.pending:
                 kind = "prefill" if req.slots is None else "commit"
                 got = self.kv.reserve(req, req.pending)

@@ -166,7 +166,7 @@ class CachingSlots:
     """Wraps the offline engine's free list to behave like a prefix cache: releases are recorded."""
 
     def __init__(self, engine, caches: bool):
-        self.slots, self.caches, self.released = engine.slots, caches, []
+        self.slots, self.caches, self.released, self.events = engine.slots, caches, [], []
         engine.scheduler.kv = self
 
     @property
@@ -174,10 +174,11 @@ class CachingSlots:
         return self.caches
 
     def reserve(self, req, tokens):
+        self.events.append(("reserve", req))
         return self.slots.reserve(req, tokens)
 
     def encoded(self, req):
-        pass
+        self.events.append(("encoded", req))
 
     def release(self, req, cache=True):
         self.released.append((req.context_len, list(req.output_ids)))
@@ -204,6 +205,27 @@ def test_last_canvas_is_committed_when_the_cache_keeps_it(model, max_new):
     assert last.input_ids.tolist() == req.output_ids[32 * (max_new > 32):]
     assert kv.released == [(12 + max_new, req.output_ids)]
     assert engine.slots.free_slots.numel() == 4096
+
+
+def test_a_new_prompt_is_matched_after_the_last_commits_of_finished_answers(model):
+    """The next turn may reach the scheduler before the answer's last canvas is encoded: its prompt is matched
+    against the cache (its first reserve) only after that commit is published, one round later."""
+    engine = OfflineEngine(model)
+    rec = Recorder(engine)
+    kv = CachingSlots(engine, caches=True)
+    first = request(model, 12, 20, seed=3, steps=1)
+    engine.scheduler.add(first)
+    while not engine.scheduler.step().finished:
+        pass
+    follow_up = DiffusionRequest(first.prompt_ids + first.output_ids + [5, 6], params(model, seed=4), 8)
+    engine.scheduler.add(follow_up)
+    engine.scheduler.step()
+    assert [s.kind for s in rec.batches[-1].segments] == ["commit"] and follow_up.slots is None
+    while engine.scheduler.running:
+        engine.scheduler.step()
+    order = [(event, req is first) for event, req in kv.events]
+    assert order.index(("reserve", False)) > len(order) - 1 - order[::-1].index(("encoded", True))
+    assert len(follow_up.output_ids) == 8
 
 
 def test_last_canvas_is_not_encoded_without_a_prefix_cache(model):

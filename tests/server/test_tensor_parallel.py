@@ -1,4 +1,5 @@
-"""Tensor parallelism on CPU: `--tp 2` (two ranks, gloo) serves the tiny checkpoints with the tokens of `--tp 1`."""
+"""Tensor parallelism on CPU: `--tp 2` (two ranks, gloo), and `--tp 2 --ep-size 2`, serve the tiny checkpoints with
+the tokens of `--tp 1`."""
 
 import hashlib
 
@@ -44,16 +45,26 @@ def deep_checkpoint_dir(tmp_path_factory):
     return build_tiny_checkpoint(tmp_path_factory.mktemp("deep_checkpoint"), preset="deep")
 
 
-def served_by_two_ranks(model_dir) -> list[list[int]]:
+@pytest.fixture(scope="module")
+def deep_single_answers(deep_checkpoint_dir):
+    """The deep preset's answers from one rank, shared by its `--tp 2` and `--ep-size 2` cases."""
+    single = Server(deep_checkpoint_dir)
+    try:
+        return answers(single.url, ranks=1)
+    finally:
+        single.stop()
+
+
+def served_by_two_ranks(model_dir, *extra_args: str, rank_label: str = "TP1") -> list[list[int]]:
     # NOTE: no CPU variable given: the package sets the thread binding and keeps NCCL off by itself
-    srv = Server(model_dir, "--tp", "2")
+    srv = Server(model_dir, "--tp", "2", *extra_args)
     try:
         got = answers(srv.url, ranks=2)
         with open(srv.log_path) as log:
             text = log.read()
     finally:
         srv.stop()
-    assert "TP1" in text and "SGLANG_NCCL_SO_PATH=" in text
+    assert rank_label in text and "SGLANG_NCCL_SO_PATH=" in text
     return got
 
 
@@ -62,11 +73,11 @@ def test_default_preset(server, tiny_checkpoint_dir):
     assert served_by_two_ranks(tiny_checkpoint_dir) == answers(server.url, ranks=1)
 
 
-def test_deep_preset(deep_checkpoint_dir):
+def test_deep_preset(deep_checkpoint_dir, deep_single_answers):
     """Full layers with 2 KV heads (one per rank), sliding layers with 1 (replicated), experts padded 24 -> 64."""
-    single = Server(deep_checkpoint_dir)
-    try:
-        want = answers(single.url, ranks=1)
-    finally:
-        single.stop()
-    assert served_by_two_ranks(deep_checkpoint_dir) == want
+    assert served_by_two_ranks(deep_checkpoint_dir) == deep_single_answers
+
+
+def test_deep_preset_expert_parallel(deep_checkpoint_dir, deep_single_answers):
+    """`--tp 2 --ep-size 2`: each rank holds 4 of the 8 experts whole and computes only the pairs routed to them."""
+    assert served_by_two_ranks(deep_checkpoint_dir, "--ep-size", "2", rank_label="TP1 EP1") == deep_single_answers
