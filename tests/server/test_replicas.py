@@ -21,9 +21,10 @@ def generate(url, **body):
     return resp.json()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def dp_server(tiny_checkpoint_dir):
-    # NOTE: more ranks than this machine's NUMA nodes: the package binds each replica's threads itself
+    # NOTE: more ranks than this machine's NUMA nodes: the package binds each replica's threads itself.
+    # Stopped right after its test: sglang 0.5.23's DP controller busy-polls its socket (one core) while idle.
     srv = Server(tiny_checkpoint_dir, "--dp-size", "2")
     yield srv
     srv.stop()
