@@ -24,7 +24,7 @@ def generate(url, **body):
 @pytest.fixture
 def dp_server(tiny_checkpoint_dir):
     # NOTE: more ranks than this machine's NUMA nodes: the package binds each replica's threads itself.
-    # Stopped right after its test: sglang 0.5.23's DP controller busy-polls its socket (one core) while idle.
+    # Stopped right after its test: three idle replicas' processes need not share 2 cores with the router test.
     srv = Server(tiny_checkpoint_dir, "--dp-size", "2")
     yield srv
     srv.stop()
