@@ -150,3 +150,22 @@ def _sdpa(q, k, v, mask) -> torch.Tensor:
         attn_mask=mask, scale=1.0, enable_gqa=True,
     )
     return o[0].transpose(0, 1)
+
+
+def canvas_step_attention(q, k, v, k_buf, v_buf, rows, key_mask) -> torch.Tensor:
+    """Attention of B whole canvases in one SDPA call, with static shapes (runtime/canvas_step.py plans the inputs).
+
+    q [B*C, H, D], k/v [B*C, KV, D] the canvases' own; k_buf/v_buf a layer's KV buffers; ``rows`` [B, P] the buffer
+    rows of each canvas's visible context, padded; ``key_mask`` [B, P + C] bool over [context rows ; own canvas],
+    False on the padding. -> [B*C, H, D]. No host sync and no data-dependent shape: graph-capturable.
+    """
+    b, p = rows.shape
+    n, _, d = q.shape
+    c = key_mask.shape[1] - p  # the canvas length (static), not n // b (a ratio of two dynamic sizes)
+    keys = torch.cat([k_buf[rows].to(k.dtype), k.view(b, c, -1, d)], dim=1)  # [B, P + C, KV, D]
+    values = torch.cat([v_buf[rows].to(v.dtype), v.view(b, c, -1, d)], dim=1)
+    out = F.scaled_dot_product_attention(
+        q.view(b, c, -1, d).transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+        attn_mask=key_mask[:, None, None, :], scale=1.0, enable_gqa=True,
+    )  # [B, H, C, D]
+    return out.transpose(1, 2).reshape(n, -1, d)

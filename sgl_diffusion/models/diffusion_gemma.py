@@ -17,7 +17,7 @@ from torch import nn
 
 from sgl_diffusion.attention.base import BaseAttnBackend
 from sgl_diffusion.models.config import DiffusionGemmaConfig
-from sgl_diffusion.models.layers import DecoderLayer, RMSNorm, SelfConditioning, rope_cos_sin, rope_inv_freq
+from sgl_diffusion.models.layers import Attend, DecoderLayer, RMSNorm, SelfConditioning, rope_cos_sin, rope_inv_freq
 from sgl_diffusion.models.parallel import all_gather, all_reduce, in_sglang_runtime, tp_rank_size
 from sgl_diffusion.models.weights import expect, load_checkpoint_weights
 from sgl_diffusion.runtime.canvas_batch import CanvasBatch
@@ -110,11 +110,30 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
         if not self.cfg.bidirectional_images:
             batch = _causal_images(batch)  # the soft tokens are in x already; attention treats them as text
         attn.plan(batch)
+
+        def attend(q, k, v, layer):
+            return attn.forward(q, k, v, layer, batch)
+
         for layer, spec in zip(self.layers, self.cfg.layers):
-            x = layer(x, *rope[spec.sliding], decoder_rows, batch, attn)
+            x = layer(x, *rope[spec.sliding], decoder_rows, attend)
         if kinds == "encode":
             return None
         return x if kinds == "canvas" else x[batch.canvas_mask]
+
+    def denoise_step(self, ids: torch.Tensor, positions: torch.Tensor, soft_embeds: torch.Tensor, attend: Attend):
+        """A canvas-only forward as a pure tensor function (runtime/canvas_step.py plans its inputs): ids and
+        positions [n] (whole canvases), self-conditioning input [n, H] (zeros on a first step: the same bits as no
+        input, since MLP(pre_norm(0)) == 0), ``attend`` the step's static attention -> last hidden states [n, H].
+
+        NOTE: no host sync, no data-dependent shape, no Python branch on data, and no sglang context built inside,
+        so it compiles with fullgraph=True and captures in a CUDA graph. The caller enters
+        ``parallel.sglang_runtime()`` around it.
+        """
+        x = self.self_conditioning(self.embed(ids), soft_embeds)
+        rope = {sliding: rope_cos_sin(inv, positions, x.dtype) for sliding, inv in self.inv_freq.items()}
+        for layer, spec in zip(self.layers, self.cfg.layers):
+            x = layer(x, *rope[spec.sliding], True, attend)
+        return x
 
     @in_sglang_runtime
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ each block's output is all-reduced; with one rank they compute what plain ``nn.L
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -17,13 +18,15 @@ from sglang.srt.layers.layernorm import Gemma4RMSNorm
 from sglang.srt.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from torch import nn
 
-from sgl_diffusion.attention.base import AttnLayer, BaseAttnBackend
+from sgl_diffusion.attention.base import AttnLayer
 from sgl_diffusion.models import fused_moe
 from sgl_diffusion.models.config import DiffusionGemmaConfig, RopeSpec
 from sgl_diffusion.models.parallel import all_reduce, moe_ranks
 from sgl_diffusion.models.weights import expect, load_experts_slice
-from sgl_diffusion.runtime.canvas_batch import CanvasBatch
 
+# What a layer's attention calls: q [N, H, D], k/v [N, KV, D] and the layer's geometry -> [N, H, D]. The mixed forward
+# binds an attention backend and its planned batch; the graph-ready canvas step binds its static gather-and-mask.
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttnLayer], torch.Tensor]
 
 MOE_CHUNK_TOKENS = 2048  # tokens per pass of the torch experts: bounds their [tokens, K, H] fp32 buffer
 
@@ -54,11 +57,16 @@ class RMSNorm(Gemma4RMSNorm):
         return normed.type_as(x)
 
 
-@functools.cache
-def _cpu_has_amx() -> bool:
-    from sglang.srt.utils import cpu_has_amx_support
+_AMX: list[bool] = []  # memo of _cpu_has_amx (not functools.cache: dynamo traces through an lru wrapper)
 
-    return cpu_has_amx_support()
+
+@torch.compiler.assume_constant_result  # a fact about the machine: a compiled step bakes it in
+def _cpu_has_amx() -> bool:
+    if not _AMX:
+        from sglang.srt.utils import cpu_has_amx_support
+
+        _AMX.append(cpu_has_amx_support())
+    return _AMX[0]
 
 
 def rope_inv_freq(rope: RopeSpec, head_dim: int) -> torch.Tensor:
@@ -139,7 +147,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(d, eps=cfg.rms_norm_eps)
         self.v_norm = RMSNorm(d, eps=cfg.rms_norm_eps, with_scale=False)
 
-    def forward(self, x, cos, sin, batch: CanvasBatch, attn: BaseAttnBackend):
+    def forward(self, x, cos, sin, attend: Attend):
         n, d = x.shape[0], self.info.head_dim
         heads = self.qkv_proj(x)[0].view(n, -1, d)  # [N, q + k (+ v) heads, D], this rank's
         if x.device.type == "cpu" and not _cpu_has_amx():
@@ -150,7 +158,7 @@ class Attention(nn.Module):
             # K=V on full layers: values are the un-normed, un-rotated keys (then a weightless RMS norm)
             v = self.v_norm(k_raw if self.heads[2] == 0 else v_raw)
             k = apply_rope(self.k_norm(k_raw), cos, sin)
-        return self.o_proj(attn.forward(q, k, v, self.info, batch).reshape(n, -1))[0]
+        return self.o_proj(attend(q, k, v, self.info).reshape(n, -1))[0]
 
     def _norm_rope_together(self, heads, cos, sin):
         """q_norm, k_norm and v_norm (transformers' ops) over all heads at once, then one RoPE over q and k.
@@ -209,6 +217,7 @@ class Experts(nn.Module):
         self.num_local = divide(e, ranks.ep_size)
         self.first = ranks.ep_rank * self.num_local  # this rank's experts: first .. first + num_local - 1
         self.expert_parallel = ranks.ep_size > 1
+        self.tp_size = ranks.ep_size * ranks.tp_size  # the TP group the partial outputs are summed over
         local = divide(i, ranks.tp_size)
         self.gate_up_proj = nn.Parameter(torch.empty(self.num_local, 2 * local, h))
         self.down_proj = nn.Parameter(torch.empty(self.num_local, h, local))
@@ -218,7 +227,6 @@ class Experts(nn.Module):
         self.gate_up_proj.weight_loader = functools.partial(load_experts_slice, dim=1, parts=2, **mine)
         self.down_proj.weight_loader = functools.partial(load_experts_slice, dim=2, parts=1, **mine)
         self.activation = cfg.hidden_activation
-        self.act = ACTIVATIONS[cfg.hidden_activation]
 
     def forward(self, x, weights, ids):
         """x [N, H], weights [N, K] fp32, ids [N, K] global expert ids -> [N, H], summed over the TP group."""
@@ -227,7 +235,7 @@ class Experts(nn.Module):
             out = fused_moe.fused_experts(x, self.gate_up_proj, self.down_proj, weights, local, self.activation)
         else:
             out = self._forward_torch(x, weights, ids)
-        return all_reduce(out)
+        return all_reduce(out) if self.tp_size > 1 else out  # the size, not a context read: a compiled step holds it
 
     def _local_ids(self, ids):
         """ids as indices into this rank's experts; -1 (the fused kernel skips the pair) for other ranks' experts."""
@@ -235,29 +243,55 @@ class Experts(nn.Module):
         return torch.where((local >= 0) & (local < self.num_local), local, -1)
 
     def _forward_torch(self, x, weights, ids):
-        # NOTE: not transformers' grouped_mm on the CPU: its GEMMs round differently as the tokens per expert
-        # change, so a seeded request's tokens would depend on what else shares its forward.
-        if x.shape[0] <= MOE_CHUNK_TOKENS:
-            return self._experts_chunk(x, weights, ids)
-        step = MOE_CHUNK_TOKENS
-        return torch.cat([self._experts_chunk(x[i : i + step], weights[i : i + step], ids[i : i + step])
-                          for i in range(0, x.shape[0], step)])
+        args = (x, weights, ids, self.gate_up_proj, self.down_proj, self.first, self.activation)
+        # NOTE: a compiled canvas step sees the loop as one opaque op: its per-expert token lists are data-dependent
+        # shapes that no graph holds, and the op keeps the loop's bits (and so transformers parity) in the graph.
+        return torch.ops.sgl_diffusion.experts_loop(*args) if torch.compiler.is_compiling() else experts_loop(*args)
 
-    def _experts_chunk(self, x, weights, ids):
-        # NOTE: transformers' default experts implementation (grouped_mm) sums each token's K weighted expert
-        # outputs in fp32, in slot order, and rounds once. Another order, or a running bf16 sum as its eager loop
-        # keeps, moves a bf16 result by an ulp now and then, which a random tiny model amplifies to O(1).
-        n, k = ids.shape
-        out = torch.zeros(n, k, x.shape[1], dtype=torch.float32, device=x.device)  # [n, K, H]
-        # one matmul per expert that has tokens: exact, and cheap for a few tokens
-        for expert in ids.unique().tolist():
-            if not self.first <= expert < self.first + self.num_local:
-                continue  # another expert-parallel rank's: its pairs stay 0 here
-            token, slot = torch.where(ids == expert)
-            gate, up = F.linear(x[token], self.gate_up_proj[expert - self.first]).chunk(2, dim=-1)
-            y = F.linear(self.act(gate) * up, self.down_proj[expert - self.first])
-            out[token, slot] = y * weights[token, slot, None]  # weights are fp32
-        return out.sum(dim=1).to(x.dtype)
+
+def experts_loop(x, weights, ids, gate_up_proj, down_proj, first: int, activation: str) -> torch.Tensor:
+    """The routed experts on the CPU: one GEMM pair per expert that has tokens, in chunks of MOE_CHUNK_TOKENS.
+    ``gate_up_proj`` / ``down_proj`` hold experts first .. first + E_local - 1; other experts' pairs stay 0.
+
+    NOTE: not transformers' grouped_mm on the CPU: its GEMMs round differently as the tokens per expert change, so a
+    seeded request's tokens would depend on what else shares its forward.
+    """
+    if x.shape[0] <= MOE_CHUNK_TOKENS:
+        return _experts_chunk(x, weights, ids, gate_up_proj, down_proj, first, ACTIVATIONS[activation])
+    step = MOE_CHUNK_TOKENS
+    return torch.cat([
+        _experts_chunk(x[i : i + step], weights[i : i + step], ids[i : i + step], gate_up_proj, down_proj, first,
+                       ACTIVATIONS[activation])
+        for i in range(0, x.shape[0], step)
+    ])  # fmt: skip
+
+
+@torch.library.custom_op("sgl_diffusion::experts_loop", mutates_args=())
+def _experts_loop_op(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up_proj: torch.Tensor,
+                     down_proj: torch.Tensor, first: int, activation: str) -> torch.Tensor:
+    return experts_loop(x, weights, ids, gate_up_proj, down_proj, first, activation)
+
+
+@_experts_loop_op.register_fake
+def _(x, weights, ids, gate_up_proj, down_proj, first, activation):
+    return torch.empty_like(x)
+
+
+def _experts_chunk(x, weights, ids, gate_up_proj, down_proj, first: int, act):
+    # NOTE: transformers' default experts implementation (grouped_mm) sums each token's K weighted expert
+    # outputs in fp32, in slot order, and rounds once. Another order, or a running bf16 sum as its eager loop
+    # keeps, moves a bf16 result by an ulp now and then, which a random tiny model amplifies to O(1).
+    n, k = ids.shape
+    out = torch.zeros(n, k, x.shape[1], dtype=torch.float32, device=x.device)  # [n, K, H]
+    # one matmul per expert that has tokens: exact, and cheap for a few tokens
+    for expert in ids.unique().tolist():
+        if not first <= expert < first + gate_up_proj.shape[0]:
+            continue  # another expert-parallel rank's: its pairs stay 0 here
+        token, slot = torch.where(ids == expert)
+        gate, up = F.linear(x[token], gate_up_proj[expert - first]).chunk(2, dim=-1)
+        y = F.linear(act(gate) * up, down_proj[expert - first])
+        out[token, slot] = y * weights[token, slot, None]  # weights are fp32
+    return out.sum(dim=1).to(x.dtype)
 
 
 class DecoderLayer(nn.Module):
@@ -285,10 +319,10 @@ class DecoderLayer(nn.Module):
         self.register_buffer("layer_scalar", torch.ones(1))
         self.register_buffer("encoder_layer_scalar", torch.ones(1))
 
-    def forward(self, x, cos, sin, decoder_rows: bool | torch.Tensor, batch: CanvasBatch, attn: BaseAttnBackend):
+    def forward(self, x, cos, sin, decoder_rows: bool | torch.Tensor, attend: Attend):
         """``decoder_rows``: True when every token is a canvas token (decoder layer scalar), False when none is
         (encoder layer scalar), else a [N, 1] bool mask of the canvas tokens."""
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, batch, attn))
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, attend))
         residual = x
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
         weights, ids = self.router(residual)  # the router sees the raw residual, not a normed copy

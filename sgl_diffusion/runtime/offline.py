@@ -9,6 +9,7 @@ import torch
 
 from sgl_diffusion.attention.kv import TorchKVStore
 from sgl_diffusion.attention.sdpa import SdpaBackend
+from sgl_diffusion.runtime.canvas_step import CanvasStep, StepMode
 from sgl_diffusion.runtime.runner import DiffusionRunner
 from sgl_diffusion.runtime.scheduler_policy import CanvasScheduler, DiffusionRequest, KVSlots, Reservation, eos_sink
 from sgl_diffusion.sampling.params import DiffusionParams
@@ -34,13 +35,16 @@ class FreeListSlots(KVSlots):
 
 class OfflineEngine:
     def __init__(self, model, eos_token_ids=(), num_slots: int = 4096, steps_per_round: int = 1,
-                 mixed_rounds: bool = True):
+                 mixed_rounds: bool = True, canvas_step: StepMode | None = None):
+        """``canvas_step``: run canvas-only rounds through the static step in this mode (runtime/canvas_step.py);
+        None: every round through the model's mixed forward."""
         cfg = model.cfg
         device = model.embed_tokens.weight.device
         dtype = model.embed_tokens.weight.dtype
         kv = TorchKVStore(num_slots, [(s.num_kv_heads, s.head_dim) for s in cfg.layers], dtype, device)
         self.slots = FreeListSlots(num_slots, device)
-        runner = DiffusionRunner(model, SdpaBackend(kv, cfg.sliding_window))
+        step = None if canvas_step is None else CanvasStep(model, kv, canvas_step)
+        runner = DiffusionRunner(model, SdpaBackend(kv, cfg.sliding_window), step)
         self.scheduler = CanvasScheduler(runner, self.slots, eos_sink(eos_token_ids), device, steps_per_round,
                                          mixed_rounds)
 

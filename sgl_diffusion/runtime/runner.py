@@ -13,6 +13,7 @@ import torch
 
 from sgl_diffusion.attention.base import BaseAttnBackend
 from sgl_diffusion.runtime.canvas_batch import CanvasBatch
+from sgl_diffusion.runtime.canvas_step import CanvasStep
 from sgl_diffusion.sampling import entropy_bound as eb
 from sgl_diffusion.sampling.params import DiffusionParams
 
@@ -74,9 +75,12 @@ def make_generator(seed: int | None, device) -> torch.Generator:
 
 
 class DiffusionRunner:
-    def __init__(self, model, attn: BaseAttnBackend):
+    def __init__(self, model, attn: BaseAttnBackend, canvas_step: CanvasStep | None = None):
+        """``canvas_step``: runs canvas-only forwards (compiled or captured, runtime/canvas_step.py); None: every
+        forward is the model's mixed one."""
         self.model = model
         self.attn = attn
+        self.canvas_step = canvas_step
         self.vocab_size = model.cfg.vocab_size
 
     def canvas_inputs(self, states: list[CanvasState]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -97,13 +101,20 @@ class DiffusionRunner:
         but its state is frozen (as HF does for finished rows of a batch). Returns per-state ``done``;
         a done state's ``argmax`` is the canvas to commit.
         """
-        done = self._step(self.model(batch, self.attn), states, None)
+        done = self._step(self.forward(batch), states, None)
         canvas_segments = batch.canvas_segments
         for _ in range(extra_steps if states else 0):
             ids, soft = self.canvas_inputs(states)
             segments = [dataclasses.replace(seg) for seg in canvas_segments]
-            done = self._step(self.model(CanvasBatch(segments, ids, soft), self.attn), states, done)
+            done = self._step(self.forward(CanvasBatch(segments, ids, soft)), states, done)
         return done.tolist() if states else []
+
+    def forward(self, batch: CanvasBatch) -> torch.Tensor | None:
+        """The canvases' last hidden states: through the canvas step when every segment is a canvas."""
+        step = self.canvas_step
+        if step is not None and batch.token_kinds == "canvas" and step.accepts(len(batch.segments)):
+            return step(batch.segments, batch.input_ids, batch.canvas_soft_embeds)
+        return self.model(batch, self.attn)
 
     def _step(self, hidden, states: list[CanvasState], frozen: torch.Tensor | None) -> torch.Tensor:
         """One sampler step from the canvases' hidden states [B*C, H]; rows in ``frozen`` [B] keep their state.

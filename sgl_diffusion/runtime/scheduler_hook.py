@@ -30,6 +30,7 @@ from sgl_diffusion.attention import BACKENDS, choose_attention_backend, create_a
 from sgl_diffusion.attention.kv import SglangKVStore
 from sgl_diffusion.runtime.drafts import DraftOutputStreamer, make_draft
 from sgl_diffusion.runtime.req_logprobs import hand_over_logprobs, set_prompt_logprobs
+from sgl_diffusion.runtime.canvas_step import CanvasStep
 from sgl_diffusion.runtime.runner import DiffusionRunner
 from sgl_diffusion.runtime.metrics import DiffusionMetrics
 from sgl_diffusion.runtime.radix_slots import RadixKVSlots
@@ -106,6 +107,23 @@ def register_attention_check() -> None:
     _attention_check_registered = True
 
 
+def graphed_canvas_step(model, kv, server_args, device: torch.device) -> CanvasStep | None:
+    """The canvas step ``--enable-torch-compile`` asks for (runtime/canvas_step.py): compiled on a CPU, CUDA graphs
+    per batch bucket on CUDA (sglang's ``--cuda-graph-bs-decode`` / ``--cuda-graph-max-bs-decode``; larger rounds run
+    eagerly); None without the flag."""
+    if not server_args.enable_torch_compile:
+        return None
+    if server_args.tp_size > 1:
+        logger.warning("sgl-diffusion: --enable-torch-compile is ignored with --tp %d: the canvas step is graphed on "
+                       "one rank only (its all-reduces are not in the graph); canvases run eagerly", server_args.tp_size)
+        return None
+    if device.type == "cuda":
+        largest = server_args.cuda_graph_max_bs_decode or 64
+        buckets = server_args.cuda_graph_bs_decode or [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= largest]
+        return CanvasStep(model, kv, "cuda_graph", buckets)
+    return CanvasStep(model, kv, "compile")
+
+
 class DiffusionEngine:
     def __init__(self, scheduler: Scheduler):
         self.scheduler = scheduler
@@ -119,7 +137,7 @@ class DiffusionEngine:
         logger.info("sgl-diffusion: attention backend %s: %s", self.attention_backend,
                     BACKENDS[self.attention_backend])  # fmt: skip
         self.policy = CanvasScheduler(
-            DiffusionRunner(model, attn),
+            DiffusionRunner(model, attn, graphed_canvas_step(model, attn.kv, scheduler.server_args, self.device)),
             RadixKVSlots(scheduler.tree_cache, scheduler.req_to_token_pool, self.device),
             self._accept_canvas,
             self.device,

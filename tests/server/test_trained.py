@@ -86,3 +86,17 @@ def test_chat_usage_reports_the_early_stop(trained_server, reference):
     usage = out.usage.model_extra["diffusion"]
     assert usage["canvases"] == 2 and usage["denoise_steps"] < 2 * 24
     assert tiny_tasks.score(example, out.choices[0].text)
+
+
+def test_torch_compile_server_keeps_transformers_tokens(trained_checkpoint_dir, reference):
+    """``--enable-torch-compile`` on the CPU: canvas-only rounds run the graph-ready canvas step compiled with
+    fullgraph=True (the log says so), and seeded requests still give transformers' tokens."""
+    ref, tok = reference
+    srv = Server(trained_checkpoint_dir, "--enable-torch-compile")
+    try:
+        for i in range(3):  # one at a time: a single canvas's graph is the only one compiled
+            assert generate(srv, tiny_tasks.prompt_ids(tok, EXAMPLES[i]), i)["output_ids"] == ref[i]
+    finally:
+        srv.stop()
+    with open(srv.log_path) as log:
+        assert "canvas-only rounds run the graph-ready canvas step (compile)" in log.read()

@@ -1,0 +1,222 @@
+"""The graph-ready canvas step: a canvas-only round as host planning, then one static-shape tensor function.
+
+Most rounds carry only canvases (every request denoising, none prefilling or committing). For them the mixed
+forward's per-segment work (an index of each request's own length per layer, one attention call per canvas, Python
+branches on the batch) is replaced by:
+
+- ``CanvasStepPlanner.plan`` (host, eager): the batch's inputs written into persistent buffers of a static shape:
+  ids and positions [B*C], the self-conditioning input [B*C, H] (zeros on a first step), and per layer group the
+  buffer rows of each canvas's visible context padded to [B, P] with a key mask [B, P + C]. Sliding groups always
+  take P = W - 1 (what a canvas sees there at most), full groups the next power-of-two bucket of the longest context
+  (PREFIX_GRANULE at least). Padding rows point at buffer row 0 and are masked out. With ``batch_buckets``, B is
+  padded to the next bucket with dummy canvases (own keys only, outputs dropped).
+- ``model.denoise_step`` over those buffers, attention as one batched SDPA per layer
+  (``attention.sdpa.canvas_step_attention``): no host sync, no data-dependent shape.
+
+``CanvasStep`` runs it one of three ways: ``eager`` (the reference, used by tests), ``compile`` (torch.compile with
+fullgraph=True, the CPU's ``--enable-torch-compile``; dynamic shapes, so batch sizes and prefix buckets do not
+recompile past the first graphs) or ``cuda_graph`` (one CUDA graph per (batch bucket, prefix bucket), captured on
+first use in a shared memory pool and replayed after the planner refills its buffers; unverified on a GPU so far).
+
+The RNG is not in here: the forward draws nothing. The sampler after it is the runner's (exact mode, each request's
+own generator in transformers' order), so a compiled or captured forward changes only the forward's rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from sgl_diffusion.attention.base import KVStore, layer_groups, visible_prefix
+from sgl_diffusion.attention.sdpa import canvas_step_attention
+from sgl_diffusion.models.parallel import sglang_runtime
+from sgl_diffusion.runtime.canvas_batch import Segment
+
+logger = logging.getLogger(__name__)
+
+PREFIX_GRANULE = 64  # the smallest full-attention prefix bucket; buckets double from here
+StepMode = Literal["eager", "compile", "cuda_graph"]
+
+
+def prefix_bucket(length: int) -> int:
+    """The padded context length of a full-attention group: the next power of two >= ``length``, PREFIX_GRANULE
+    at least (log2 shapes over the whole context)."""
+    return max(PREFIX_GRANULE, 1 << max(0, length - 1).bit_length())
+
+
+def batch_bucket(num_canvases: int, buckets: Sequence[int] | None) -> int:
+    """The padded batch size: the smallest bucket that holds ``num_canvases`` (no buckets: the batch itself)."""
+    if not buckets:
+        return num_canvases
+    for size in sorted(buckets):
+        if size >= num_canvases:
+            return size
+    raise ValueError(f"{num_canvases} canvases exceed the largest batch bucket {max(buckets)}")
+
+
+@dataclass
+class StepInputs:
+    """The static-shape inputs of one canvas step (persistent per shape: a CUDA graph reads them in place)."""
+
+    ids: torch.Tensor  # [B*C] int64
+    positions: torch.Tensor  # [B*C] int64
+    soft_embeds: torch.Tensor  # [B*C, H] model dtype
+    rows: tuple[torch.Tensor, ...]  # per layer group, [B, P_g] int64 buffer rows of the visible context
+    key_masks: tuple[torch.Tensor, ...]  # per layer group, [B, P_g + C] bool: True on real context rows and own keys
+
+    @property
+    def batch_size(self) -> int:
+        return self.rows[0].shape[0]
+
+
+class CanvasStepPlanner:
+    """Writes a canvas-only batch into the persistent static-shape ``StepInputs`` of its shape."""
+
+    def __init__(self, model, kv: KVStore, batch_buckets: Sequence[int] | None = None):
+        cfg = model.cfg
+        self.kv = kv
+        self.canvas_length, self.hidden_size = cfg.canvas_length, cfg.hidden_size
+        weight = model.embed_tokens.weight
+        self.dtype, self.device = weight.dtype, weight.device
+        self.groups = layer_groups([layer.self_attn.info for layer in model.layers])
+        self.group_of_layer = tuple(next(g for g, group in enumerate(self.groups) if i in group.layer_ids)
+                                    for i in range(len(model.layers)))  # fmt: skip
+        self.batch_buckets = tuple(batch_buckets) if batch_buckets else None
+        self.inputs: dict[tuple[int, ...], StepInputs] = {}
+
+    def shape(self, segments: Sequence[Segment]) -> tuple[int, ...]:
+        """(B, P per layer group) of a batch of canvas segments: the key of its graph."""
+        widths = []
+        for group in self.groups:
+            if group.window is not None:
+                widths.append(group.window - 1)
+            else:
+                widths.append(prefix_bucket(max(visible_prefix(seg, None).numel() for seg in segments)))
+        return (batch_bucket(len(segments), self.batch_buckets), *widths)
+
+    def plan(self, segments: Sequence[Segment], ids: torch.Tensor, soft_embeds: torch.Tensor | None) -> StepInputs:
+        """Fill the inputs of ``segments`` (whole canvases, in batch order): ids [n*C], soft_embeds [n*C, H] or None
+        (every canvas on its first step). Returns the persistent StepInputs of the batch's shape."""
+        assert all(seg.kind == "canvas" and seg.num_tokens == self.canvas_length for seg in segments)
+        key = self.shape(segments)
+        inputs = self.inputs.get(key)
+        if inputs is None:
+            inputs = self.inputs[key] = self._allocate(key)
+        n, c = len(segments) * self.canvas_length, self.canvas_length
+        inputs.ids[:n].copy_(ids)
+        inputs.ids[n:].zero_()
+        positions = torch.cat([torch.arange(seg.start_pos, seg.start_pos + c) for seg in segments])
+        inputs.positions[:n].copy_(positions)
+        inputs.positions[n:].zero_()
+        if soft_embeds is None:
+            inputs.soft_embeds.zero_()
+        else:
+            inputs.soft_embeds[:n].copy_(soft_embeds)
+            inputs.soft_embeds[n:].zero_()
+        for group, rows, mask in zip(self.groups, inputs.rows, inputs.key_masks):
+            width = rows.shape[1]
+            host_rows = torch.zeros(rows.shape, dtype=torch.long)
+            host_mask = torch.zeros(mask.shape, dtype=torch.bool)
+            host_mask[:, width:] = True  # every canvas (dummies too) sees its own keys
+            visible = [visible_prefix(seg, group.window) for seg in segments]
+            lengths = [v.numel() for v in visible]
+            flat = self.kv.rows(group.layer_ids[0], torch.cat(visible)).cpu()  # one mapping and one copy per group
+            for b, (start, length) in enumerate(zip(itertools.accumulate([0, *lengths]), lengths)):
+                host_rows[b, :length] = flat[start : start + length]
+                host_mask[b, :length] = True
+            rows.copy_(host_rows)
+            mask.copy_(host_mask)
+        return inputs
+
+    def _allocate(self, key: tuple[int, ...]) -> StepInputs:
+        batch, widths = key[0], key[1:]
+        n = batch * self.canvas_length
+        inputs = StepInputs(
+            ids=torch.zeros(n, dtype=torch.long, device=self.device),
+            positions=torch.zeros(n, dtype=torch.long, device=self.device),
+            soft_embeds=torch.zeros(n, self.hidden_size, dtype=self.dtype, device=self.device),
+            rows=tuple(torch.zeros(batch, p, dtype=torch.long, device=self.device) for p in widths),
+            key_masks=tuple(torch.zeros(batch, p + self.canvas_length, dtype=torch.bool, device=self.device)
+                            for p in widths),
+        )  # fmt: skip
+        # NOTE: for torch.compile, only the batch and the full groups' context vary; everything else (hidden size,
+        # canvas length, the sliding groups' W - 1) stays static, and no size that happens to equal another (B*C and
+        # H, say) is unified with it. "maybe": a batch of one is a graph of its own (sizes 0 and 1 specialise).
+        for tensor in (inputs.ids, inputs.positions, inputs.soft_embeds, *inputs.rows, *inputs.key_masks):
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        for group, rows, mask in zip(self.groups, inputs.rows, inputs.key_masks):
+            if group.window is None:
+                torch._dynamo.maybe_mark_dynamic(rows, 1)
+                torch._dynamo.maybe_mark_dynamic(mask, 1)
+        return inputs
+
+
+def run_step(model, group_of_layer: tuple[int, ...], kv_buffers, ids, positions, soft_embeds, rows, key_masks):
+    """The step as one function of tensors (what is compiled or captured): -> last hidden states [B*C, H]."""
+
+    def attend(q, k, v, layer):
+        group = group_of_layer[layer.layer_id]
+        k_buf, v_buf = kv_buffers[layer.layer_id]
+        return canvas_step_attention(q, k, v, k_buf, v_buf, rows[group], key_masks[group])
+
+    return model.denoise_step(ids, positions, soft_embeds, attend)
+
+
+class CanvasStep:
+    """Canvas-only forwards through the static step; ``__call__`` has the mixed forward's contract for them."""
+
+    def __init__(self, model, kv: KVStore, mode: StepMode = "eager", batch_buckets: Sequence[int] | None = None):
+        if mode == "cuda_graph" and not batch_buckets:
+            raise ValueError("CUDA graphs need batch buckets (static batch sizes)")
+        self.model, self.kv, self.mode = model, kv, mode
+        self.planner = CanvasStepPlanner(model, kv, batch_buckets)
+        step = functools.partial(run_step, model, self.planner.group_of_layer)
+        # NOTE: dynamic batch and context sizes (marked by the planner): one graph for a single canvas and one for any
+        # larger batch, whatever the prefix bucket; a static graph per shape costs 20-40 s of compile on a CPU at
+        # every new prompt-length bucket.
+        self._step = torch.compile(step, fullgraph=True) if mode == "compile" else step
+        self._graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = None
+        logger.info("sgl-diffusion: canvas-only rounds run the graph-ready canvas step (%s)", mode)
+
+    def accepts(self, num_canvases: int) -> bool:
+        """Whether a round of that many canvases fits a batch bucket (larger rounds run the mixed forward)."""
+        buckets = self.planner.batch_buckets
+        return not buckets or num_canvases <= max(buckets)
+
+    def kv_buffers(self):
+        return [self.kv.buffers(i) for i in range(len(self.model.layers))]
+
+    @torch.no_grad()
+    def __call__(self, segments: Sequence[Segment], ids: torch.Tensor, soft_embeds: torch.Tensor | None):
+        """Last hidden states [n*C, H] of the n canvases ``segments`` (flat ids [n*C], soft_embeds [n*C, H] | None)."""
+        inputs = self.planner.plan(segments, ids, soft_embeds)
+        n = len(segments) * self.planner.canvas_length
+        args = (self.kv_buffers(), inputs.ids, inputs.positions, inputs.soft_embeds, inputs.rows, inputs.key_masks)
+        with sglang_runtime():
+            if self.mode != "cuda_graph":
+                return self._step(*args)[:n]
+            graph, out = self._graph(self.planner.shape(segments), args)
+            graph.replay()
+        return out[:n].clone()  # the next replay overwrites `out`; the runner may keep rows of it
+
+    def _graph(self, key, args):
+        if key not in self._graphs:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up outside capture: kernel autotuning, lazy inits
+                self._step(*args)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = self._step(*args)
+            self._pool = graph.pool()
+            self._graphs[key] = graph, out
+            logger.info("sgl-diffusion: captured the canvas step for shape %s", key)
+        return self._graphs[key]
