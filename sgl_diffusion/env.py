@@ -56,6 +56,27 @@ class CacheEnv:
         return _from_environ(cls, os.environ if environ is None else environ)
 
 
+@dataclasses.dataclass(frozen=True)
+class SamplerEnv:
+    """Where the sampler's random numbers come from (README "Graphed canvas steps"). Read where the engine is built.
+
+    ``exact``: each request's own torch.Generator, drawn in transformers' order (a seeded request gives
+    transformers' tokens). ``counter``: a counter-based hash of (seed, canvas, step, position, token id)
+    (sampling/graph_sampler.py): draws that graph capture allows and that do not depend on what else shares a
+    batch; with ``--enable-torch-compile`` the sampler joins the graphed canvas step, several steps per replay.
+    """
+
+    rng: str = "exact"
+
+    def __post_init__(self):
+        if self.rng not in ("exact", "counter"):
+            raise ValueError(f"{env_name('rng')} must be 'exact' or 'counter' (got {self.rng!r})")
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> SamplerEnv:
+        return _from_environ(cls, os.environ if environ is None else environ)
+
+
 def env_name(field: str) -> str:
     return PREFIX + field.upper()
 

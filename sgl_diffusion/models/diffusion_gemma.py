@@ -40,6 +40,7 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
         self.hf_config = config
         self.cfg = cfg = DiffusionGemmaConfig.from_hf(config)
         _, tp = tp_rank_size()
+        self.tp_size = tp  # read in forward as an int, not from sglang's context: a compiled step holds it
         if cfg.num_heads % tp:  # sglang's layers would only assert it
             raise ValueError(f"tensor parallelism: {tp} ranks do not divide the {cfg.num_heads} attention heads")
         # NOTE: vocab-parallel and tied to the LM head: each rank holds a slice of the vocab rows (padded to sglang's
@@ -78,7 +79,7 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
         begin, end = shard.org_vocab_start_index, shard.org_vocab_end_index
         weight = self.embed_tokens.weight[: end - begin]  # this rank's real rows: ids [begin, end)
         partial = probs[..., begin:end].to(weight.dtype) @ weight
-        return all_reduce(partial) * self.embed_scale.to(weight.dtype)
+        return (all_reduce(partial) if self.tp_size > 1 else partial) * self.embed_scale.to(weight.dtype)
 
     def image_embeds(self, pixel_values: torch.Tensor, image_position_ids: torch.Tensor) -> torch.Tensor:
         """Soft tokens of a batch of images, flattened in order: [num_image_tokens, H]."""
@@ -143,7 +144,8 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
         weight = self.embed_tokens.weight  # this rank's vocab rows, padded: [V_padded / tp, H]
         if self.embed_tokens.tp_size == 1:
             weight = weight[: self.cfg.vocab_size]  # no GEMM columns for the padding rows: the unpadded GEMM's bits
-        logits = all_gather(self.norm(hidden) @ weight.T)[..., : self.cfg.vocab_size].float()
+        logits = self.norm(hidden) @ weight.T
+        logits = (all_gather(logits) if self.tp_size > 1 else logits)[..., : self.cfg.vocab_size].float()
         return torch.tanh(logits / cap) * cap
 
     def _image_token_mask(self, batch: CanvasBatch) -> torch.Tensor:

@@ -37,6 +37,8 @@ def in_sglang_runtime(method):
 
     @functools.wraps(method)
     def wrapper(*args, **kwargs):
+        if torch.compiler.is_compiling():  # a compiled step runs inside its caller's context (dynamo cannot build one)
+            return method(*args, **kwargs)
         with sglang_runtime():
             return method(*args, **kwargs)
 

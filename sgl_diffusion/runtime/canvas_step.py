@@ -37,6 +37,7 @@ from sgl_diffusion.attention.base import KVStore, layer_groups, visible_prefix
 from sgl_diffusion.attention.sdpa import canvas_step_attention
 from sgl_diffusion.models.parallel import sglang_runtime
 from sgl_diffusion.runtime.canvas_batch import Segment
+from sgl_diffusion.sampling import graph_sampler as gs
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +169,34 @@ def run_step(model, group_of_layer: tuple[int, ...], kv_buffers, ids, positions,
     return model.denoise_step(ids, positions, soft_embeds, attend)
 
 
+def run_rounds(model, group_of_layer, steps: int, sampler, kv_buffers, ids, positions, soft_embeds, rows, key_masks,
+               state: gs.GraphSamplerState, argmax, frozen):
+    """``steps`` denoise steps of B canvases, the counter-RNG sampler between them, no host sync: the canvas step,
+    the LM head, ``sampler`` (graph_sampler.graph_step), the next self-conditioning input, and rows frozen from the
+    step they finish on (as the runner freezes them). -> (ids, soft_embeds, argmax, state, frozen, steps taken [B],
+    positions accepted [B]) after the last step."""
+    b = rows[0].shape[0]
+    c = key_masks[0].shape[1] - rows[0].shape[1]
+    dtype = soft_embeds.dtype
+    taken = torch.zeros(b, dtype=torch.int32, device=ids.device)
+    accepted = torch.zeros(b, dtype=torch.long, device=ids.device)
+    for _ in range(steps):
+        hidden = run_step(model, group_of_layer, kv_buffers, ids, positions, soft_embeds, rows, key_masks)
+        result, advanced = sampler(model.logits(hidden).view(b, c, -1), state, dtype)
+        soft_next = model.soft_embed(result.self_conditioning_probs).view(b * c, -1)
+        keep = frozen[:, None]
+        ids = torch.where(keep, ids.view(b, c), result.next_canvas).view(-1)
+        soft_embeds = torch.where(keep.repeat_interleave(c, 0), soft_embeds, soft_next)
+        argmax = torch.where(keep, argmax, result.argmax)
+        # NOTE: field by field, not state._replace (dynamo returns a malformed tuple for it)
+        state = gs.GraphSamplerState(*(torch.where(frozen.view(-1, *[1] * (new.dim() - 1)), old, new)
+                                       for old, new in zip(state, advanced)))  # fmt: skip
+        taken = taken + (~frozen).int()
+        accepted = accepted + torch.where(frozen, 0, result.accepted.sum(-1))
+        frozen = frozen | result.done
+    return ids, soft_embeds, argmax, state, frozen, taken, accepted
+
+
 class CanvasStep:
     """Canvas-only forwards through the static step; ``__call__`` has the mixed forward's contract for them."""
 
@@ -181,7 +210,9 @@ class CanvasStep:
         # larger batch, whatever the prefix bucket; a static graph per shape costs 20-40 s of compile on a CPU at
         # every new prompt-length bucket.
         self._step = torch.compile(step, fullgraph=True) if mode == "compile" else step
-        self._graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._rounds: dict[int, object] = {}  # steps per round -> the compiled (or plain) run_rounds
+        self._sampler_inputs: dict[tuple[int, ...], tuple] = {}
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, object]] = {}
         self._pool = None
         logger.info("sgl-diffusion: canvas-only rounds run the graph-ready canvas step (%s)", mode)
 
@@ -202,21 +233,91 @@ class CanvasStep:
         with sglang_runtime():
             if self.mode != "cuda_graph":
                 return self._step(*args)[:n]
-            graph, out = self._graph(self.planner.shape(segments), args)
-            graph.replay()
+            out = self._replay(("step", *self.planner.shape(segments)), self._step, args)
         return out[:n].clone()  # the next replay overwrites `out`; the runner may keep rows of it
 
-    def _graph(self, key, args):
+    @torch.no_grad()
+    def rounds(self, segments: Sequence[Segment], ids: torch.Tensor, soft_embeds: torch.Tensor | None,
+               states: list, steps: int, frozen: torch.Tensor | None = None) -> list[bool]:
+        """``steps`` denoise steps of the canvases ``segments`` (whose runner.CanvasStates are ``states``: plain ones,
+        counter RNG) in one call of the step, sampler included; the states advance as DiffusionRunner.run advances
+        them, rows in ``frozen`` [n] bool (done already) included. -> done per state, the round's one host read."""
+        inputs = self.planner.plan(segments, ids, soft_embeds)
+        shape = self.planner.shape(segments)
+        state, argmax, frozen = self._fill_sampler_inputs(shape, states, frozen)
+        args = (self.kv_buffers(), inputs.ids, inputs.positions, inputs.soft_embeds, inputs.rows, inputs.key_masks,
+                state, argmax, frozen)  # fmt: skip
+        with sglang_runtime():
+            if self.mode != "cuda_graph":
+                out = self._rounds_fn(steps)(*args)
+            else:
+                out = self._replay(("rounds", steps, state.history.shape[1], *shape), self._rounds_fn(steps), args)
+        ids_out, soft_out, argmax_out, state_out, frozen_out, taken, accepted = out
+        done = frozen_out[: len(states)].tolist()
+        c, k_max = self.planner.canvas_length, state_out.history.shape[1]
+        for i, s in enumerate(states):  # copies: a replay overwrites its outputs
+            s.canvas = ids_out[i * c : (i + 1) * c].clone()
+            s.soft_embeds = soft_out[i * c : (i + 1) * c].clone()
+            s.argmax = argmax_out[i].clone()
+            s.history = state_out.history[i, k_max - s.params.stability_threshold :].clone()
+            s.steps_taken = s.steps_taken + taken[i]
+            s.accepted = s.accepted + accepted[i]
+            s.step_remaining -= steps
+        return done
+
+    def _rounds_fn(self, steps: int):
+        if steps not in self._rounds:
+            # NOTE: under CUDA graphs only the sampler is compiled (eagerly its hash is ~60 int64 passes; 10x slower
+            # on an H200), the rest is captured as it runs; on a CPU the whole round is one compiled graph.
+            sampler = torch.compile(gs.graph_step, fullgraph=True) if self.mode == "cuda_graph" else gs.graph_step
+            fn = functools.partial(run_rounds, self.model, self.planner.group_of_layer, steps, sampler)
+            self._rounds[steps] = torch.compile(fn, fullgraph=True) if self.mode == "compile" else fn
+        return self._rounds[steps]
+
+    def _fill_sampler_inputs(self, shape, states, done: torch.Tensor | None):
+        """The counter sampler's inputs in persistent buffers of the batch's shape: each state's row, dummy canvases
+        frozen from the start (with the first row's parameters, so that their unused steps stay finite)."""
+        from sgl_diffusion.runtime.runner import counter_sampler_state
+
+        host = counter_sampler_state(states, self.planner.device)
+        pad = shape[0] - len(states)
+        host = gs.GraphSamplerState(*(torch.cat([t, t[:1].expand(pad, *t.shape[1:])]) for t in host))
+        key = (*shape, host.history.shape[1])
+        if key not in self._sampler_inputs:
+            buffers = (gs.GraphSamplerState(*(torch.empty_like(t) for t in host)),
+                       torch.zeros(shape[0], self.planner.canvas_length, dtype=torch.long, device=self.planner.device),
+                       torch.zeros(shape[0], dtype=torch.bool, device=self.planner.device))  # fmt: skip
+            for tensor in (*buffers[0], buffers[1], buffers[2]):
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
+            self._sampler_inputs[key] = buffers
+        state, argmax, frozen = self._sampler_inputs[key]
+        for buffer, value in zip(state, host):
+            buffer.copy_(value)
+        argmax.zero_()
+        for i, s in enumerate(states):
+            if s.argmax is not None:
+                argmax[i].copy_(s.argmax)
+        frozen.zero_()
+        if done is not None:
+            frozen[: len(states)].copy_(done)
+        frozen[len(states) :] = True
+        return state, argmax, frozen
+
+    def _replay(self, key, fn, args):
+        """``fn(*args)`` as a CUDA graph: captured on the first call for ``key`` (after a warm-up run outside
+        capture), replayed over the refilled input buffers after that. Returns the graph's output tensors."""
         if key not in self._graphs:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up outside capture: kernel autotuning, lazy inits
-                self._step(*args)
+            with torch.cuda.stream(stream):  # warm-up outside capture: compiles, kernel autotuning, lazy inits
+                fn(*args)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
-                out = self._step(*args)
+                out = fn(*args)
             self._pool = graph.pool()
             self._graphs[key] = graph, out
-            logger.info("sgl-diffusion: captured the canvas step for shape %s", key)
-        return self._graphs[key]
+            logger.info("sgl-diffusion: captured %s", key)
+        graph, out = self._graphs[key]
+        graph.replay()
+        return out

@@ -35,16 +35,16 @@ class FreeListSlots(KVSlots):
 
 class OfflineEngine:
     def __init__(self, model, eos_token_ids=(), num_slots: int = 4096, steps_per_round: int = 1,
-                 mixed_rounds: bool = True, canvas_step: StepMode | None = None):
+                 mixed_rounds: bool = True, canvas_step: StepMode | None = None, rng: str = "exact"):
         """``canvas_step``: run canvas-only rounds through the static step in this mode (runtime/canvas_step.py);
-        None: every round through the model's mixed forward."""
+        None: every round through the model's mixed forward. ``rng``: the sampler's (env.SamplerEnv)."""
         cfg = model.cfg
         device = model.embed_tokens.weight.device
         dtype = model.embed_tokens.weight.dtype
         kv = TorchKVStore(num_slots, [(s.num_kv_heads, s.head_dim) for s in cfg.layers], dtype, device)
         self.slots = FreeListSlots(num_slots, device)
         step = None if canvas_step is None else CanvasStep(model, kv, canvas_step)
-        runner = DiffusionRunner(model, SdpaBackend(kv, cfg.sliding_window), step)
+        runner = DiffusionRunner(model, SdpaBackend(kv, cfg.sliding_window), step, rng)
         self.scheduler = CanvasScheduler(runner, self.slots, eos_sink(eos_token_ids), device, steps_per_round,
                                          mixed_rounds)
 

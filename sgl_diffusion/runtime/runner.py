@@ -15,6 +15,7 @@ from sgl_diffusion.attention.base import BaseAttnBackend
 from sgl_diffusion.runtime.canvas_batch import CanvasBatch
 from sgl_diffusion.runtime.canvas_step import CanvasStep
 from sgl_diffusion.sampling import entropy_bound as eb
+from sgl_diffusion.sampling import graph_sampler as gs
 from sgl_diffusion.sampling.params import DiffusionParams
 
 SAMPLER_TILE_BYTES = 1 << 30  # budget for the vocab-sized float32 transients of one sampler tile
@@ -42,6 +43,19 @@ class CanvasState:
     # from the committed step's logits (grammar commit, logprobs, prompt scores); 0 keeps nothing
     keep_hidden: int = 0
     hidden: torch.Tensor | None = None  # [keep_hidden, H]
+    # the request's denoise pass (a new canvas, or fixed positions set): keys the counter-RNG sampler's draws
+    canvas_index: int = 0
+
+    @property
+    def seed(self) -> int:
+        """The request's seed (drawn at random for an unseeded one): keys the counter-RNG sampler's draws."""
+        seed = self.generator.initial_seed()  # an unsigned 64-bit value
+        return seed - (1 << 64) if seed >= 1 << 63 else seed  # the same bits as an int64
+
+    @property
+    def plain(self) -> bool:
+        """Nothing but free denoising: no fixed position, no banned token, no kept hidden states."""
+        return self.fixed is None and not self.banned and not self.keep_hidden
 
     @classmethod
     def first(cls, params: DiffusionParams, generator, canvas_length: int, vocab_size: int, device) -> CanvasState:
@@ -56,13 +70,15 @@ class CanvasState:
         canvas = eb.init_canvas_noise(c, vocab_size, self.generator, device=self.canvas.device)
         return CanvasState(self.params, self.generator, canvas,
                            eb.new_history(self.params.stability_threshold, c, canvas.device),
-                           self.params.max_denoising_steps, banned=self.banned, keep_hidden=self.keep_hidden)
+                           self.params.max_denoising_steps, banned=self.banned, keep_hidden=self.keep_hidden,
+                           canvas_index=self.canvas_index + 1)
 
     def clamp(self, fixed: torch.Tensor, tokens: torch.Tensor) -> None:
         """Fix the positions where ``fixed`` [C] bool is set to ``tokens`` [C] int64 from the next step on: the
         canvas input holds them now, and the sampler never renoises them (see sampling/entropy_bound.py)."""
         self.fixed, self.fixed_tokens = fixed, tokens
         self.canvas = torch.where(fixed, tokens, self.canvas)
+        self.canvas_index += 1  # a new denoise pass (a grammar repair restarts the schedule): new counter draws
 
 
 def make_generator(seed: int | None, device) -> torch.Generator:
@@ -75,12 +91,15 @@ def make_generator(seed: int | None, device) -> torch.Generator:
 
 
 class DiffusionRunner:
-    def __init__(self, model, attn: BaseAttnBackend, canvas_step: CanvasStep | None = None):
+    def __init__(self, model, attn: BaseAttnBackend, canvas_step: CanvasStep | None = None, rng: str = "exact"):
         """``canvas_step``: runs canvas-only forwards (compiled or captured, runtime/canvas_step.py); None: every
-        forward is the model's mixed one."""
+        forward is the model's mixed one. ``rng`` (env.SamplerEnv): "exact" draws from each request's generator in
+        transformers' order; "counter" from sampling/graph_sampler.py's counter hash, and then a canvas-only round of
+        plain canvases runs all its steps inside the canvas step (sampler included, no host sync between them)."""
         self.model = model
         self.attn = attn
         self.canvas_step = canvas_step
+        self.rng = rng
         self.vocab_size = model.cfg.vocab_size
 
     def canvas_inputs(self, states: list[CanvasState]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -101,13 +120,24 @@ class DiffusionRunner:
         but its state is frozen (as HF does for finished rows of a batch). Returns per-state ``done``;
         a done state's ``argmax`` is the canvas to commit.
         """
+        if states and self._graphs_rounds(states) and batch.token_kinds == "canvas":
+            return self.canvas_step.rounds(batch.segments, batch.input_ids, batch.canvas_soft_embeds, states,
+                                           1 + extra_steps)
         done = self._step(self.forward(batch), states, None)
+        if states and extra_steps and self._graphs_rounds(states):  # the round's first step was a mixed forward
+            ids, soft = self.canvas_inputs(states)
+            return self.canvas_step.rounds(batch.canvas_segments, ids, soft, states, extra_steps, frozen=done)
         canvas_segments = batch.canvas_segments
         for _ in range(extra_steps if states else 0):
             ids, soft = self.canvas_inputs(states)
             segments = [dataclasses.replace(seg) for seg in canvas_segments]
             done = self._step(self.forward(CanvasBatch(segments, ids, soft)), states, done)
         return done.tolist() if states else []
+
+    def _graphs_rounds(self, states: list[CanvasState]) -> bool:
+        """Whether canvas-only steps of ``states`` run inside the canvas step, sampler included."""
+        step = self.canvas_step
+        return self.rng == "counter" and step is not None and step.accepts(len(states)) and all(s.plain for s in states)
 
     def forward(self, batch: CanvasBatch) -> torch.Tensor | None:
         """The canvases' last hidden states: through the canvas step when every segment is a canvas."""
@@ -132,13 +162,31 @@ class DiffusionRunner:
                 for i in range(0, len(states), tile)]
         return torch.cat(done)
 
+    def _counter_step(self, logits, states: list[CanvasState], dtype) -> eb.StepResult:
+        """The step's sampling with the counter-RNG sampler, eagerly (mixed rounds, and rows with fixed positions,
+        banned tokens or kept hidden states): the same draws a graphed round makes for these rows."""
+        fixed = fixed_tokens = banned = None
+        if any(s.fixed is not None for s in states):
+            none = torch.zeros_like(states[0].canvas, dtype=torch.bool)
+            fixed = torch.stack([none if s.fixed is None else s.fixed for s in states])
+            fixed_tokens = torch.stack([s.canvas if s.fixed_tokens is None else s.fixed_tokens for s in states])
+        if any(s.banned for s in states):
+            banned = torch.zeros(len(states), self.vocab_size, dtype=torch.bool, device=logits.device)
+            for b, s in enumerate(states):
+                banned[b, list(s.banned)] = True
+        state = counter_sampler_state(states, logits.device)
+        return gs.graph_step(logits, state, dtype, fixed, fixed_tokens, banned)[0]
+
     def _sample_tile(self, hidden, states, frozen) -> torch.Tensor:
         rows = [eb.SamplerRow(s.params, max(s.step_remaining, 1), s.history, s.fixed, s.fixed_tokens, s.banned)
                 for s in states]
         logits = self.model.logits(hidden.flatten(0, 1)).view(*hidden.shape[:2], -1)
         # NOTE: the self-conditioning probabilities come out in the model dtype, rounded where HF rounds them
         dtype = self.model.embed_tokens.weight.dtype
-        result = eb.step(logits, eb.prepare(rows), [s.generator for s in states], self_conditioning_dtype=dtype)
+        if self.rng == "counter":
+            result = self._counter_step(logits, states, dtype)
+        else:
+            result = eb.step(logits, eb.prepare(rows), [s.generator for s in states], self_conditioning_dtype=dtype)
         del logits
         soft = self.model.soft_embed(result.self_conditioning_probs)  # [rows, C, H]; the probs die with the tile
         for i, s in enumerate(states):
@@ -153,6 +201,11 @@ class DiffusionRunner:
             s.steps_taken = s.steps_taken + _unless(keep, 0, 1)
             s.step_remaining -= 1
         return result.done if frozen is None else result.done | frozen
+
+
+def counter_sampler_state(states: list[CanvasState], device) -> gs.GraphSamplerState:
+    return gs.graph_state([s.params for s in states], [s.seed for s in states], [s.canvas_index for s in states],
+                          [max(s.step_remaining, 1) for s in states], [s.history for s in states], device)
 
 
 def _unless(frozen: torch.Tensor | None, old, new):

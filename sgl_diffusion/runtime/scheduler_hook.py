@@ -30,6 +30,7 @@ from sgl_diffusion.attention import BACKENDS, choose_attention_backend, create_a
 from sgl_diffusion.attention.kv import SglangKVStore
 from sgl_diffusion.runtime.drafts import DraftOutputStreamer, make_draft
 from sgl_diffusion.runtime.req_logprobs import hand_over_logprobs, set_prompt_logprobs
+from sgl_diffusion.env import SamplerEnv
 from sgl_diffusion.runtime.canvas_step import CanvasStep
 from sgl_diffusion.runtime.runner import DiffusionRunner
 from sgl_diffusion.runtime.metrics import DiffusionMetrics
@@ -137,7 +138,8 @@ class DiffusionEngine:
         logger.info("sgl-diffusion: attention backend %s: %s", self.attention_backend,
                     BACKENDS[self.attention_backend])  # fmt: skip
         self.policy = CanvasScheduler(
-            DiffusionRunner(model, attn, graphed_canvas_step(model, attn.kv, scheduler.server_args, self.device)),
+            DiffusionRunner(model, attn, graphed_canvas_step(model, attn.kv, scheduler.server_args, self.device),
+                            SamplerEnv.from_environ().rng),
             RadixKVSlots(scheduler.tree_cache, scheduler.req_to_token_pool, self.device),
             self._accept_canvas,
             self.device,
