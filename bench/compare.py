@@ -72,6 +72,9 @@ KERNELS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_grouped_mm", "aten::b
            "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math")  # fmt: skip
 
 
+COMPILE_NOTE = ", our server with --enable-torch-compile"
+
+
 def main() -> None:
     args = parse_args()
     if args.memory_probe:
@@ -90,13 +93,14 @@ def main() -> None:
     seeds = [args.seed + i for i in range(n)]
     steps = "default sampler settings" if args.max_steps is None else f"at most {args.max_steps} steps per canvas"
     print(f"checkpoint {model_dir} | {n} prompts, max_new_tokens {MAX_NEW_TOKENS}, {steps} | "
-          f"threads {args.threads}, repeats {args.repeats} | {load_before}", flush=True)
+          f"threads {args.threads}, repeats {args.repeats}{COMPILE_NOTE * args.torch_compile} | {load_before}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="bench-compare-") as tmp:
         tmp = Path(tmp)
         ar_dir = build_ar_baseline(model_dir, tmp / "ar")
         # NOTE: both servers start at once (start-up is mostly imports); an idle one sleeps (--sleep-on-idle)
-        servers = [launch_server(model_dir, tmp / "ours.log", ["--dtype", "float32"], threads=args.threads),
+        ours_flags = ["--dtype", "float32", *(["--enable-torch-compile"] if args.torch_compile else [])]
+        servers = [launch_server(model_dir, tmp / "ours.log", ours_flags, threads=args.threads),
                    launch_server(ar_dir, tmp / "ar.log", ["--dtype", "float32"], threads=args.threads,
                                  env=ar_server_env())]  # fmt: skip
         try:
@@ -551,6 +555,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads on both sides (1 is steadier on a busy machine)")
     p.add_argument("--seed", type=int, default=1000)
+    p.add_argument("--torch-compile", action="store_true",
+                   help="our server with --enable-torch-compile (canvas-only rounds compiled; warm-up compiles)")
     p.add_argument("--requests", type=int, default=16, help="N of the many-request comparison")
     p.add_argument("--max-steps", type=int, default=None,
                    help="max_denoising_steps on both sides (default: the checkpoint's, 48; smoke runs on random weights)")

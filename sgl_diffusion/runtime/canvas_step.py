@@ -216,6 +216,26 @@ class CanvasStep:
         self._pool = None
         logger.info("sgl-diffusion: canvas-only rounds run the graph-ready canvas step (%s)", mode)
 
+    def warm_up(self, params, rng: str, steps_per_round: int) -> None:
+        """Compile (CPU) or capture (CUDA) before serving, so that no request waits for it: the step for one canvas
+        and for a batch (no buckets) or every batch bucket (CUDA graphs), at the smallest context bucket; with the
+        counter sampler also the graphed round (``steps_per_round`` steps, and the steps after a round's mixed
+        first step). ``params``: sampler parameters for the warm-up canvases (the checkpoint's defaults)."""
+        from sgl_diffusion.runtime.runner import CanvasState, make_generator
+
+        c, device = self.planner.canvas_length, self.planner.device
+        vocab_size = self.model.cfg.vocab_size
+        for n in self.planner.batch_buckets or (1, 2):  # dynamic batch sizes: a graph for one canvas, one for more
+            segments = [Segment("canvas", i, c, 0, torch.empty(0, dtype=torch.long, device=device)) for i in range(n)]
+            ids = torch.zeros(n * c, dtype=torch.long, device=device)
+            self(segments, ids, None)
+            if rng != "counter":
+                continue
+            for steps in {steps_per_round, steps_per_round - 1} - {0}:
+                states = [CanvasState.first(params, make_generator(0, device), c, vocab_size, device)
+                          for _ in range(n)]  # fmt: skip
+                self.rounds(segments, ids, None, states, steps)
+
     def accepts(self, num_canvases: int) -> bool:
         """Whether a round of that many canvases fits a batch bucket (larger rounds run the mixed forward)."""
         buckets = self.planner.batch_buckets

@@ -137,19 +137,28 @@ class DiffusionEngine:
                                         model.embed_tokens.weight.dtype, self.device)  # fmt: skip
         logger.info("sgl-diffusion: attention backend %s: %s", self.attention_backend,
                     BACKENDS[self.attention_backend])  # fmt: skip
+        self.defaults = load_defaults(scheduler.server_args.model_path)
+        self.cfg = model.cfg
+        rng = SamplerEnv.from_environ().rng
+        # sglang's knob for "decode steps per scheduling round", read as denoise steps per round
+        steps_per_round = max(1, scheduler.server_args.num_continuous_decode_steps)
+        canvas_step = graphed_canvas_step(model, attn.kv, scheduler.server_args, self.device)
+        if canvas_step is not None:
+            started = time.perf_counter()
+            params = DiffusionParams.from_request(None, self.defaults, vocab_size=self.cfg.vocab_size,
+                                                  canvas_length=self.cfg.canvas_length)
+            with torch.inference_mode():  # as sglang's event loop runs: graphs guard on it, and would compile again
+                canvas_step.warm_up(params, rng, steps_per_round)
+            logger.info("sgl-diffusion: canvas step warmed up in %.1f s", time.perf_counter() - started)
         self.policy = CanvasScheduler(
-            DiffusionRunner(model, attn, graphed_canvas_step(model, attn.kv, scheduler.server_args, self.device),
-                            SamplerEnv.from_environ().rng),
+            DiffusionRunner(model, attn, canvas_step, rng),
             RadixKVSlots(scheduler.tree_cache, scheduler.req_to_token_pool, self.device),
             self._accept_canvas,
             self.device,
-            # sglang's knob for "decode steps per scheduling round", read as denoise steps per round
-            steps_per_round=max(1, scheduler.server_args.num_continuous_decode_steps),
+            steps_per_round=steps_per_round,
         )
-        self.defaults = load_defaults(scheduler.server_args.model_path)
         collector = getattr(scheduler.metrics_reporter, "metrics_collector", None)
         self.metrics = DiffusionMetrics(collector.labels) if collector is not None else None
-        self.cfg = model.cfg
         self.drafts = None  # a DraftOutputStreamer once a request asks for drafts
         # /v1/loads counts running requests from sglang's running_batch, which the canvas loop never fills
         scheduler.load_inquirer = dataclasses.replace(

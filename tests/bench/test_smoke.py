@@ -80,3 +80,11 @@ def test_bench_round_runs(tiny_checkpoint_dir):
     assert re.search(r"^ours batch 2: [\d.]+ \[", out, re.M) and "transformers batch 1:" in out, out
     assert re.search(r"^sampler batch 2: [\d.]+ \[", out, re.M), out
     assert re.search(r"^ours batch 2 sections \(cpu ms per round\): round [\d.]+, .*model forward [\d.]+", out, re.M), out
+
+
+def test_bench_canvas_step_runs():
+    """The side-by-side run of the canvas step's modes, uncompiled ones only (a compile takes tens of seconds): the
+    static layout gives the mixed forward's tokens, the graphed counter rounds are reachable from the CLI."""
+    out = keys(run("bench_canvas_step.py", "--modes", "mixed,static,counter", "--requests", "2", "--repeats", "1"))
+    assert out["same_tokens_static"] == 2 and out["same_tokens_counter"] == 2
+    assert {"speedup_n1_static", "ms_per_request_n1_mixed", "right_counter"} <= out.keys()

@@ -145,3 +145,18 @@ def test_cuda_graph_replay_matches_eager():
         ids, soft = ids.cuda(), None if soft is None else soft.cuda()
         assert rel_err(graphed(segments, ids, soft), eager(segments, ids, soft)) < 1e-5
     assert len(graphed._graphs) == 1  # one shape, captured once
+
+
+def test_warm_up_compiles_both_graphs_before_serving(model, cached):
+    """After warm_up, a batch of one and a batch of several canvases over a longer context compile nothing new."""
+    from sgl_diffusion.sampling.params import DiffusionParams
+
+    torch._dynamo.reset()
+    kv, _, prefixes = cached
+    step = CanvasStep(model, kv, "compile")
+    step.warm_up(DiffusionParams(48, 0.1, 0.4, 0.8, 0.0, 1), "exact", 1)
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert frames >= 2
+    for batch in (prefixes[2:], prefixes):
+        step(*canvas_batch(model, batch, first_step=False))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames

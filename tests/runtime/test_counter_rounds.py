@@ -127,3 +127,16 @@ def test_canvas_step_counts_its_own_rounds_only(trained):
     step.rounds = lambda *args, **kwargs: pytest.fail("exact mode ran the sampler inside the step")
     params = DiffusionParams(48, 0.1, 0.4, 0.8, 0.0, 1, seed=1)
     assert engine.generate([DiffusionRequest(prompts[0], params, 8)])[0]
+
+
+def test_warm_up_runs_every_graphed_round_shape(trained):
+    """Warm-up compiles what serving will run: the step, and rounds of steps_per_round steps and of the steps after
+    a mixed first step, for one canvas and for a batch."""
+    model, gen, _ = trained
+    engine = OfflineEngine(model, eos_token_ids=gen.eos_token_id, canvas_step="eager", rng="counter", steps_per_round=3)
+    step = engine.scheduler.runner.canvas_step
+    calls, rounds = [], step.rounds
+    step.rounds = lambda segments, ids, soft, states, steps, **kw: calls.append((len(states), steps)) or rounds(
+        segments, ids, soft, states, steps, **kw)
+    step.warm_up(DiffusionParams(48, 0.1, 0.4, 0.8, 0.0, 1), "counter", 3)
+    assert sorted(calls) == [(1, 2), (1, 3), (2, 2), (2, 3)]
