@@ -42,6 +42,7 @@ from sgl_diffusion.sampling import graph_sampler as gs
 logger = logging.getLogger(__name__)
 
 PREFIX_GRANULE = 64  # the smallest full-attention prefix bucket; buckets double from here
+RECOMPILE_LIMIT = 64  # graphs per compiled function (dynamo's default is 8)
 StepMode = Literal["eager", "compile", "cuda_graph"]
 
 
@@ -169,31 +170,40 @@ def run_step(model, group_of_layer: tuple[int, ...], kv_buffers, ids, positions,
     return model.denoise_step(ids, positions, soft_embeds, attend)
 
 
-def run_rounds(model, group_of_layer, steps: int, sampler, kv_buffers, ids, positions, soft_embeds, rows, key_masks,
-               state: gs.GraphSamplerState, argmax, frozen):
+def run_rounds(model, group_of_layer, steps: int, sampler, tile: int | None, kv_buffers, ids, positions, soft_embeds,
+               rows, key_masks, state: gs.GraphSamplerState, argmax, frozen):
     """``steps`` denoise steps of B canvases, the counter-RNG sampler between them, no host sync: the canvas step,
     the LM head, ``sampler`` (graph_sampler.graph_step), the next self-conditioning input, and rows frozen from the
-    step they finish on (as the runner freezes them). -> (ids, soft_embeds, argmax, state, frozen, steps taken [B],
-    positions accepted [B]) after the last step."""
+    step they finish on (as the runner freezes them). ``tile``: canvases per LM-head-and-sampler pass (their
+    vocab-sized temporaries, runner.sampler_tile_rows; needs a static B), None: all at once.
+    -> (ids, soft_embeds, argmax, state, frozen, steps taken [B], positions accepted [B]) after the last step."""
     b = rows[0].shape[0]
     c = key_masks[0].shape[1] - rows[0].shape[1]
     dtype = soft_embeds.dtype
     taken = torch.zeros(b, dtype=torch.int32, device=ids.device)
     accepted = torch.zeros(b, dtype=torch.long, device=ids.device)
     for _ in range(steps):
-        hidden = run_step(model, group_of_layer, kv_buffers, ids, positions, soft_embeds, rows, key_masks)
-        result, advanced = sampler(model.logits(hidden).view(b, c, -1), state, dtype)
-        soft_next = model.soft_embed(result.self_conditioning_probs).view(b * c, -1)
+        hidden = run_step(model, group_of_layer, kv_buffers, ids, positions, soft_embeds, rows, key_masks).view(b, c, -1)
+        spans = [slice(None)] if tile is None else [slice(i, i + tile) for i in range(0, b, tile)]
+        parts = []
+        for span in spans:
+            rows_state = gs.GraphSamplerState(*(field[span] for field in state))
+            result, advanced = sampler(model.logits(hidden[span].flatten(0, 1)).view(-1, c, model.cfg.vocab_size),
+                                       rows_state, dtype)  # fmt: skip
+            soft = model.soft_embed(result.self_conditioning_probs)  # the vocab-sized probabilities die here
+            parts.append((result.next_canvas, result.argmax, result.accepted.sum(-1), result.done, soft, advanced))
+        next_canvas, new_argmax, new_accepted, done, soft_next = (torch.cat([p[i] for p in parts]) for i in range(5))
+        advanced = gs.GraphSamplerState(*(torch.cat([p[5][f] for p in parts]) for f in range(len(state))))
         keep = frozen[:, None]
-        ids = torch.where(keep, ids.view(b, c), result.next_canvas).view(-1)
-        soft_embeds = torch.where(keep.repeat_interleave(c, 0), soft_embeds, soft_next)
-        argmax = torch.where(keep, argmax, result.argmax)
+        ids = torch.where(keep, ids.view(b, c), next_canvas).view(-1)
+        soft_embeds = torch.where(keep.repeat_interleave(c, 0), soft_embeds, soft_next.view(b * c, -1))
+        argmax = torch.where(keep, argmax, new_argmax)
         # NOTE: field by field, not state._replace (dynamo returns a malformed tuple for it)
         state = gs.GraphSamplerState(*(torch.where(frozen.view(-1, *[1] * (new.dim() - 1)), old, new)
                                        for old, new in zip(state, advanced)))  # fmt: skip
         taken = taken + (~frozen).int()
-        accepted = accepted + torch.where(frozen, 0, result.accepted.sum(-1))
-        frozen = frozen | result.done
+        accepted = accepted + torch.where(frozen, 0, new_accepted)
+        frozen = frozen | done
     return ids, soft_embeds, argmax, state, frozen, taken, accepted
 
 
@@ -214,6 +224,13 @@ class CanvasStep:
         self._sampler_inputs: dict[tuple[int, ...], tuple] = {}
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, object]] = {}
         self._pool = None
+        from sgl_diffusion.runtime.runner import sampler_tile_rows
+
+        self.sampler_tile = sampler_tile_rows(model.cfg.canvas_length, model.cfg.vocab_size)
+        if mode != "eager":
+            # NOTE: each (graph kind, batch 1 or more, steps, history depth) is a graph of one code object, and at
+            # dynamo's default limit of 8 a fullgraph compile raises instead of running; a server needs a few more
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         logger.info("sgl-diffusion: canvas-only rounds run the graph-ready canvas step (%s)", mode)
 
     def warm_up(self, params, rng: str, steps_per_round: int) -> None:
@@ -290,7 +307,9 @@ class CanvasStep:
             # NOTE: under CUDA graphs only the sampler is compiled (eagerly its hash is ~60 int64 passes; 10x slower
             # on an H200), the rest is captured as it runs; on a CPU the whole round is one compiled graph.
             sampler = torch.compile(gs.graph_step, fullgraph=True) if self.mode == "cuda_graph" else gs.graph_step
-            fn = functools.partial(run_rounds, self.model, self.planner.group_of_layer, steps, sampler)
+            # tiles need a static batch (CUDA graphs); a compiled CPU round keeps B dynamic and samples it whole
+            tile = self.sampler_tile if self.mode == "cuda_graph" else None
+            fn = functools.partial(run_rounds, self.model, self.planner.group_of_layer, steps, sampler, tile)
             self._rounds[steps] = torch.compile(fn, fullgraph=True) if self.mode == "compile" else fn
         return self._rounds[steps]
 

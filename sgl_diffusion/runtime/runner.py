@@ -157,7 +157,7 @@ class DiffusionRunner:
             return torch.zeros(0, dtype=torch.bool)
         c = states[0].canvas.numel()
         hidden = hidden.view(len(states), c, -1)
-        tile = max(1, SAMPLER_TILE_BYTES // (c * self.vocab_size * 4 * 3))
+        tile = sampler_tile_rows(c, self.vocab_size)
         done = [self._sample_tile(hidden[i : i + tile], states[i : i + tile], None if frozen is None else frozen[i : i + tile])
                 for i in range(0, len(states), tile)]
         return torch.cat(done)
@@ -201,6 +201,12 @@ class DiffusionRunner:
             s.steps_taken = s.steps_taken + _unless(keep, 0, 1)
             s.step_remaining -= 1
         return result.done if frozen is None else result.done | frozen
+
+
+def sampler_tile_rows(canvas_length: int, vocab_size: int) -> int:
+    """Canvases per LM-head-and-sampler tile: their [rows, C, V] float32 logits and two temporaries fit
+    SAMPLER_TILE_BYTES."""
+    return max(1, SAMPLER_TILE_BYTES // (canvas_length * vocab_size * 4 * 3))
 
 
 def counter_sampler_state(states: list[CanvasState], device) -> gs.GraphSamplerState:

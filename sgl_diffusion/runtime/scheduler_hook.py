@@ -31,6 +31,7 @@ from sgl_diffusion.attention.kv import SglangKVStore
 from sgl_diffusion.runtime.drafts import DraftOutputStreamer, make_draft
 from sgl_diffusion.runtime.req_logprobs import hand_over_logprobs, set_prompt_logprobs
 from sgl_diffusion.env import SamplerEnv
+from sgl_diffusion.models import fused_moe
 from sgl_diffusion.runtime.canvas_step import CanvasStep
 from sgl_diffusion.runtime.runner import DiffusionRunner
 from sgl_diffusion.runtime.metrics import DiffusionMetrics
@@ -119,6 +120,13 @@ def graphed_canvas_step(model, kv, server_args, device: torch.device) -> CanvasS
                        "one rank only (its all-reduces are not in the graph); canvases run eagerly", server_args.tp_size)
         return None
     if device.type == "cuda":
+        if server_args.disable_cuda_graph:
+            logger.warning("sgl-diffusion: --enable-torch-compile with --disable-cuda-graph: canvases run eagerly")
+            return None
+        if not fused_moe.applies(model.embed_tokens.weight):
+            logger.warning("sgl-diffusion: no CUDA graphs for a %s model (its experts run a loop that syncs the "
+                           "host); canvases run eagerly", model.embed_tokens.weight.dtype)
+            return None
         largest = server_args.cuda_graph_max_bs_decode or 64
         buckets = server_args.cuda_graph_bs_decode or [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= largest]
         return CanvasStep(model, kv, "cuda_graph", buckets)

@@ -31,12 +31,12 @@ RNG design
   (banned) tokens are never drawn.
 * Stream 1, renoise ids: one uniform per (row, position) at vocab id 0, noise = min(floor(u * V), V - 1).
 * Stream 2, a canvas's initial noise (`graph_init_noise`), keyed with step 0 (steps use step >= 1).
-* Chunking: the stream-0 draw is generated and consumed in static chunks of whole canvas positions, at most
-  `draw_chunk` (default GRAPH_DRAW_CHUNK = 2^24) uniforms each. Eager peak of the draw, besides the probabilities:
-  about 5 live [rows, V] 8-byte temporaries of one chunk (5 * 128 MiB = 640 MiB at the default; 64 positions of
-  V = 262144 per chunk, 4 chunks per 256-token canvas); `draw_chunk=1 << 22` cuts it to 160 MiB. Either stays
-  under the step's own peak (its [B, C, V] float32 temporaries, as in exact mode). Results do not depend on the
-  chunk size.
+* Chunking: the stream-0 draw is generated and consumed in static chunks of whole canvas positions (along C, so
+  that the batch size stays dynamic in a compiled graph), `draw_chunk // V` positions of every row per chunk
+  (default GRAPH_DRAW_CHUNK = 2^22: 16 positions of V = 262144, 16 chunks per 256-token canvas). Eager peak of the
+  draw, besides the probabilities: about 5 live [B x positions, V] 8-byte temporaries of one chunk (160 MiB per
+  row at the default), under the step's own peak (its [B, C, V] float32 temporaries, 256 MiB per row for each).
+  Results do not depend on the chunk size.
 
 Cost (H200, torch 2.11, B=4, C=256, V=262144, bf16 self-conditioning; allocations beyond the logits):
 eager graph_step 87 ms, peak 3.5 GiB (exact mode's eb.step: 12.9 ms, 3.5 GiB); torch.compile(graph_step,
@@ -66,7 +66,7 @@ import torch
 from . import entropy_bound as eb
 from .params import DiffusionParams
 
-GRAPH_DRAW_CHUNK = 1 << 24  # stream-0 uniforms per chunk (whole canvas positions; at least one position)
+GRAPH_DRAW_CHUNK = 1 << 22  # stream-0 uniforms per row and chunk (whole canvas positions; at least one position)
 
 STREAM_CANDIDATE, STREAM_NOISE, STREAM_INIT = 0, 1, 2
 
@@ -235,18 +235,22 @@ def _canvas_keys(state: GraphSamplerState, canvas_length: int, stream: int, step
 
 def counter_multinomial(probs: torch.Tensor, state: GraphSamplerState, draw_chunk: int | None = None) -> torch.Tensor:
     """Stream 0: one token per position from `probs` [B, C, V] (non-negative weights, any float dtype), [B, C] int64:
-    the exponential race argmax_v probs[v] / -log(u_v), in float64, in static chunks of whole positions."""
+    the exponential race argmax_v probs[v] / -log(u_v), in float64, in static chunks of whole positions.
+
+    NOTE: chunked along the canvas (C, static), never along the batch: a loop over B would fix the batch size in a
+    compiled graph (one graph per size, and dynamo's recompile limit). A chunk holds B x (draw_chunk // V) positions.
+    """
     batch, canvas_length, vocab_size = probs.shape
-    h0, h1 = _canvas_keys(state, canvas_length, STREAM_CANDIDATE)
-    flat = probs.reshape(batch * canvas_length, vocab_size)
-    per_chunk = max(1, (GRAPH_DRAW_CHUNK if draw_chunk is None else draw_chunk) // vocab_size)
+    h0, h1 = (h.view(batch, canvas_length) for h in _canvas_keys(state, canvas_length, STREAM_CANDIDATE))
+    per_chunk = max(1, (GRAPH_DRAW_CHUNK if draw_chunk is None else draw_chunk) // vocab_size)  # positions per row
     col = _scramble(torch.arange(vocab_size, dtype=torch.int64, device=probs.device))
     out = []
-    for start in range(0, flat.shape[0], per_chunk):
-        stop = min(start + per_chunk, flat.shape[0])
-        q = _uniform_from_scrambled(h0[start:stop], h1[start:stop], col).log_().neg_()  # Exp(1), > 0
-        out.append(torch.div(flat[start:stop], q).argmax(dim=-1))
-    return torch.cat(out).view(batch, canvas_length) if len(out) > 1 else out[0].view(batch, canvas_length)
+    for start in range(0, canvas_length, per_chunk):
+        stop = min(start + per_chunk, canvas_length)
+        q = _uniform_from_scrambled(h0[:, start:stop].reshape(-1), h1[:, start:stop].reshape(-1), col).log_().neg_()
+        weights = probs[:, start:stop].reshape(-1, vocab_size)
+        out.append(torch.div(weights, q).argmax(dim=-1).view(batch, stop - start))  # q is Exp(1), > 0
+    return torch.cat(out, dim=1) if len(out) > 1 else out[0]
 
 
 def counter_noise(state: GraphSamplerState, canvas_length: int, vocab_size: int, stream: int = STREAM_NOISE,

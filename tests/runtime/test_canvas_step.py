@@ -133,18 +133,35 @@ def test_runner_sends_only_fitting_canvas_only_rounds_to_the_step(model, cached)
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (unverified on one so far)")
 def test_cuda_graph_replay_matches_eager():
-    model = make_pair("default")[1]
-    model = model.cuda()
+    """bf16 (a float32 model's experts run the host-syncing loop, which no CUDA graph holds): captured once, then
+    replays over refilled buffers match the eager step."""
+    model = make_pair("default")[1].cuda().to(torch.bfloat16)
     kv, attn = our_kv(model)
-    kv.k = [t.cuda() for t in kv.k]
-    kv.v = [t.cuda() for t in kv.v]
+    kv.k = [t.cuda().to(torch.bfloat16) for t in kv.k]
+    kv.v = [t.cuda().to(torch.bfloat16) for t in kv.v]
     slots = prefill(model, attn, prompt_ids(40, model.cfg.vocab_size).cuda()).cuda()
     graphed, eager = CanvasStep(model, kv, "cuda_graph", (1, 2)), CanvasStep(model, kv, "eager")
     for seed in range(3):  # capture, then replays over refilled buffers
         segments, ids, soft = canvas_batch(model, [slots], first_step=seed == 0, seed=seed)
-        ids, soft = ids.cuda(), None if soft is None else soft.cuda()
-        assert rel_err(graphed(segments, ids, soft), eager(segments, ids, soft)) < 1e-5
+        ids, soft = ids.cuda(), None if soft is None else soft.cuda().to(torch.bfloat16)
+        assert rel_err(graphed(segments, ids, soft).float(), eager(segments, ids, soft).float()) < 2e-2
     assert len(graphed._graphs) == 1  # one shape, captured once
+
+
+def test_server_picks_the_canvas_step_from_its_flags(model, cached):
+    """--enable-torch-compile compiles the step on a CPU; without it, or under --tp > 1, there is none."""
+    from types import SimpleNamespace
+
+    from sgl_diffusion.runtime.scheduler_hook import graphed_canvas_step
+
+    kv = cached[0]
+    args = SimpleNamespace(enable_torch_compile=True, tp_size=1, disable_cuda_graph=False,
+                           cuda_graph_max_bs_decode=None, cuda_graph_bs_decode=None)  # fmt: skip
+    step = graphed_canvas_step(model, kv, args, torch.device("cpu"))
+    assert step.mode == "compile" and step.planner.batch_buckets is None
+    assert graphed_canvas_step(model, kv, SimpleNamespace(**{**vars(args), "tp_size": 2}), torch.device("cpu")) is None
+    off = SimpleNamespace(**{**vars(args), "enable_torch_compile": False})
+    assert graphed_canvas_step(model, kv, off, torch.device("cpu")) is None
 
 
 def test_warm_up_compiles_both_graphs_before_serving(model, cached):

@@ -34,12 +34,17 @@ def trained(trained_checkpoint_dir):
     return model, gen, [tiny_tasks.prompt_ids(tok, e) for e in EXAMPLES]
 
 
-def generate(trained, indices, canvas_step=None, steps_per_round=1):
+def counter_engine(trained, canvas_step=None, steps_per_round=1):
+    model, gen, _ = trained
+    return OfflineEngine(model, eos_token_ids=gen.eos_token_id, canvas_step=canvas_step, rng="counter",
+                         steps_per_round=steps_per_round)  # fmt: skip
+
+
+def generate(trained, indices, canvas_step=None, steps_per_round=1, engine=None):
     """Counter-RNG generations of the prompts at ``indices`` batched together: (tokens, steps of each canvas in
-    commit order, rounds run inside the canvas step)."""
+    commit order, the canvases of each round run inside the canvas step)."""
     model, gen, prompts = trained
-    engine = OfflineEngine(model, eos_token_ids=gen.eos_token_id, canvas_step=canvas_step, rng="counter",
-                           steps_per_round=steps_per_round)  # fmt: skip
+    engine = engine or counter_engine(trained, canvas_step, steps_per_round)
     defaults = DiffusionDefaults.from_generation_config(json.loads(gen.to_json_string()))
     steps, sink = {}, engine.scheduler.sink
 
@@ -79,11 +84,18 @@ def test_graphed_rounds_give_the_step_by_step_tokens(trained):
 
 
 def test_compiled_rounds_give_the_eager_rounds_tokens(trained):
-    """The whole round (2 steps: forward, LM head, counter sampler, next input) compiled with fullgraph=True."""
+    """The whole round (forward, LM head, counter sampler, next input) compiled with fullgraph=True: after the
+    warm-up (one canvas, and a batch), serving five requests at once (batches of 1 to 5 canvases) compiles no more
+    graphs, and the tokens and step counts are the eager rounds'."""
     torch._dynamo.reset()  # graphs compiled for other models in this process count towards dynamo's recompile limit
-    want, want_steps, _ = generate(trained, range(3), canvas_step="eager", steps_per_round=2)
-    got, got_steps, graphed = generate(trained, range(3), canvas_step="compile", steps_per_round=2)
-    assert graphed and got == want and got_steps == want_steps
+    want, want_steps, _ = generate(trained, range(5), canvas_step="eager")
+    engine = counter_engine(trained, canvas_step="compile")
+    engine.scheduler.runner.canvas_step.warm_up(DiffusionParams(48, 0.1, 0.4, 0.8, 0.0, 1), "counter", 1)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    got, got_steps, graphed = generate(trained, range(5), engine=engine)
+    assert graphed and max(graphed) > 2
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert got == want and got_steps == want_steps
 
 
 def test_counter_step_holds_fixed_positions_and_never_draws_banned_tokens(model):
@@ -132,9 +144,7 @@ def test_canvas_step_counts_its_own_rounds_only(trained):
 def test_warm_up_runs_every_graphed_round_shape(trained):
     """Warm-up compiles what serving will run: the step, and rounds of steps_per_round steps and of the steps after
     a mixed first step, for one canvas and for a batch."""
-    model, gen, _ = trained
-    engine = OfflineEngine(model, eos_token_ids=gen.eos_token_id, canvas_step="eager", rng="counter", steps_per_round=3)
-    step = engine.scheduler.runner.canvas_step
+    step = counter_engine(trained, canvas_step="eager", steps_per_round=3).scheduler.runner.canvas_step
     calls, rounds = [], step.rounds
     step.rounds = lambda segments, ids, soft, states, steps, **kw: calls.append((len(states), steps)) or rounds(
         segments, ids, soft, states, steps, **kw)
