@@ -192,9 +192,6 @@ def test_noise_ids_are_uniform_and_in_range():
     assert init.min() >= 0 and init.max() < v
     assert all(binomial_ok(x, rows * c, 1 / v) for x in torch.bincount(init.flatten(), minlength=v).tolist())
     assert (init != gs.counter_noise(state, c, v)).float().mean() > 0.5
-    # the extreme uniforms stay in range for a large vocabulary too
-    big = 262147
-    assert math.floor((1 - 2.0**-53) * big) == big - 1 and math.floor(2.0**-53 * big) == 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -291,8 +288,10 @@ def test_graph_state_layout():
     assert torch.equal(state.history[1, 1], histories[1][0]) and (state.history[1, 0] == -1).all()
     assert (state.history[2] == -1).all() and state.seed.tolist() == seeds
     assert state.t_min.dtype == torch.float64 and state.t_min.tolist() == [p.t_min for p in ps]
-    unseeded = gs.graph_state([BASE], [None], [0], [48], [eb.new_history(1, C)], "cpu")
-    assert unseeded.seed.dtype == torch.int64
+    torch.manual_seed(0)
+    first = gs.graph_state([BASE], [None], [0], [48], [eb.new_history(1, C)], "cpu").seed
+    second = gs.graph_state([BASE], [None], [0], [48], [eb.new_history(1, C)], "cpu").seed
+    assert first.dtype == torch.int64 and first.item() != second.item()  # an unseeded row gets a random seed
 
 
 def fake_decoder(canvas: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
