@@ -8,10 +8,9 @@ Text shapes come from ``bench/roofline.py``'s ``Arch`` (one reader of the config
 a server holds beyond them: the norms, the vision tower and its projection, and the per-rank split at TP 2.
 
 - Weights: bf16 = 2 bytes per parameter. FP8 (``--quantization fp8``, or an FP8 checkpoint): the attention
-  projections and the dense and self-conditioning MLPs at 1 byte. The routed experts (22.8B of the 24.5B linear
-  parameters) stay bf16: the package dequantizes them at load (README "Quantized weights"), so FP8 saves little
-  today; ``fp8 experts`` is what it will hold once they are stored in fp8. The tied embedding, routers, norms and
-  the vision tower stay bf16 (the per-channel / block scales are < 0.1%, not counted).
+  projections, the dense and self-conditioning MLPs and the routed experts (22.8B of the 24.5B linear parameters,
+  held in fp8 with their scales: README "Quantized weights") at 1 byte. The tied embedding, routers, norms and
+  the vision tower stay bf16 (the per-expert / block scales are < 0.1%, not counted).
 - KV per token: sliding layers K and V of ``num_key_value_heads x head_dim``; full layers have one k_proj (K = V
   in the checkpoint) but the pool still holds two tensors: K is q/k-normed and rotated, V is the scale-free norm of
   the same projection, unrotated (``Attention`` in sgl_diffusion/models/layers.py stores both).
@@ -54,7 +53,7 @@ REAL_VISION = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=2
 @dataclass(frozen=True)
 class Params:
     text_linear: int  # attention projections, dense MLP, experts, self-conditioning MLP
-    experts: int  # the routed experts, part of text_linear: FP8 leaves them bf16 today
+    experts: int  # the routed experts, part of text_linear (fp8 under FP8, like the rest of it)
     embedding: int  # tied input embedding / LM head
     small: int  # norms, routers (proj, scale, per-expert scale)
     vision: int  # vision tower + its projection into the text model
@@ -90,9 +89,9 @@ def params(a: Arch, vision: dict | None) -> Params:
     return Params(linear, experts, embedding, routers + norm_params(a), vision_total)
 
 
-def weight_bytes(p: Params, fp8: bool, tp: int = 1, fp8_experts: bool = False) -> int:
-    """Bytes of weights on one of ``tp`` ranks; with ``fp8``, the experts in fp8 only if ``fp8_experts``."""
-    one_byte = (p.text_linear if fp8_experts else p.text_linear - p.experts) if fp8 else 0
+def weight_bytes(p: Params, fp8: bool, tp: int = 1) -> int:
+    """Bytes of weights on one of ``tp`` ranks; with ``fp8``, every text linear layer (experts too) at 1 byte."""
+    one_byte = p.text_linear if fp8 else 0
     sharded = one_byte + (p.text_linear - one_byte) * 2 + p.embedding * 2
     return -(-sharded // tp) + (p.small + p.vision) * 2
 
@@ -181,8 +180,7 @@ def main() -> None:
     print(f"params: {p.total / 1e9:.2f}B ({p.text_linear / 1e9:.2f}B text linear, {p.embedding / 1e9:.2f}B embedding, "
           f"{p.small / 1e6:.1f}M norms+routers, {p.vision / 1e6:.1f}M vision)")  # fmt: skip
     print(f"weights: bf16 {weight_bytes(p, False) / 1e9:.1f} GB, fp8 {weight_bytes(p, True) / 1e9:.1f} GB "
-          f"({p.experts / 1e9:.2f}B routed expert parameters stay bf16: dequantized at load), "
-          f"fp8 experts {weight_bytes(p, True, fp8_experts=True) / 1e9:.1f} GB (not yet)")
+          f"({p.experts / 1e9:.2f}B routed expert parameters among the fp8 ones)")
     windowed = full * args.context + sliding * min(args.context, a.window)
     print(f"kv per token (bf16): full layers {full} B ({a.full_layers} layers), sliding layers {sliding} B "
           f"({a.layers - a.full_layers} layers, only the last {a.window} tokens of a request are read); "

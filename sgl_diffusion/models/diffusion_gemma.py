@@ -30,8 +30,8 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
     @in_sglang_runtime
     def __init__(self, config, quant_config=None, prefix: str = ""):
         """``quant_config``: sglang's (``--quantization fp8`` or a checkpoint's quantization_config); the attention
-        and dense-MLP projections take its method. The embedding / LM head, router, norms, routed experts and
-        vision tower stay in the model dtype (layers.DecoderLayer says why)."""
+        and dense-MLP projections take its method, and an fp8 one keeps the routed experts in fp8 (layers.Experts).
+        The embedding / LM head, router, norms and vision tower stay in the model dtype (layers.DecoderLayer)."""
         super().__init__()
         _refuse_quantization_without_kernels(quant_config)
         from transformers import AutoModel
@@ -49,7 +49,8 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
         expect(self.embed_tokens.weight, {None: (cfg.vocab_size, cfg.hidden_size)})
         # NOTE: HF casts sqrt(H) to the weight dtype first: 53.066 becomes 53.0 in bf16.
         self.register_buffer("embed_scale", torch.tensor(cfg.hidden_size**0.5), persistent=False)
-        # the block size of an FP8 checkpoint's scales, for the expert tensors weights.py dequantizes at load
+        # the block size of an FP8 checkpoint's scales, for the tensors weights.py dequantizes at load (the experts
+        # of a model built without an fp8 quant_config; with one, Experts reads quant_config.weight_block_size)
         self.fp8_block_size = (getattr(config, "quantization_config", None) or {}).get("weight_block_size")
         # NOTE: prefixes are the checkpoint's module names, which a quantization config's ignored_layers list
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, quant_config, f"model.decoder.layers.{i}")
@@ -107,7 +108,7 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
             decoder_rows = canvas_mask[:, None]
 
         positions = batch.positions
-        rope = {sliding: rope_cos_sin(inv, positions, x.dtype) for sliding, inv in self.inv_freq.items()}
+        rope = self._rope(positions, x.dtype)
         if not self.cfg.bidirectional_images:
             batch = _causal_images(batch)  # the soft tokens are in x already; attention treats them as text
         attn.plan(batch)
@@ -131,10 +132,18 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
         ``parallel.sglang_runtime()`` around it.
         """
         x = self.self_conditioning(self.embed(ids), soft_embeds)
-        rope = {sliding: rope_cos_sin(inv, positions, x.dtype) for sliding, inv in self.inv_freq.items()}
+        rope = self._rope(positions, x.dtype)
         for layer, spec in zip(self.layers, self.cfg.layers):
             x = layer(x, *rope[spec.sliding], True, attend)
         return x
+
+    def _rope(self, positions: torch.Tensor, dtype) -> dict[bool, tuple[torch.Tensor, torch.Tensor]]:
+        """cos, sin per layer kind (sliding or not) at ``positions``."""
+        if next(iter(self.inv_freq.values())).device != positions.device:
+            # NOTE: a dict does not follow model.to(device): moved once, before any graph capture (a host-to-device
+            # copy inside a CUDA graph capture is an error)
+            self.inv_freq = {sliding: inv.to(positions.device) for sliding, inv in self.inv_freq.items()}
+        return {sliding: rope_cos_sin(inv, positions, dtype) for sliding, inv in self.inv_freq.items()}
 
     @in_sglang_runtime
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -28,16 +28,24 @@ def applies(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype in FUSED_DTYPES
 
 
-def fused_experts(x, gate_up_proj, down_proj, weights, ids, activation: str) -> torch.Tensor:
+def fused_experts(x, gate_up_proj, down_proj, weights, ids, activation: str, gate_up_scale=None, down_scale=None,
+                  block_shape: list[int] | None = None) -> torch.Tensor:
     """x [N, H]; gate_up_proj [E, 2I, H] (gate rows first: sglang's w13) and down_proj [E, H, I] (its w2);
     weights [N, K] routing weights, ids [N, K] expert ids (indices into the experts handed in; -1: a pair the
-    kernel skips, another expert-parallel rank's); ``activation`` a ``hidden_activation``. -> [N, H]."""
+    kernel skips, another expert-parallel rank's); ``activation`` a ``hidden_activation``. -> [N, H].
+
+    fp8 experts (float8_e4m3fn weights): ``gate_up_scale`` / ``down_scale`` their scales, per ``block_shape``
+    [bn, bk] block ([E, rows / bn, cols / bk]) or per expert ([E], ``block_shape`` None), for the kernel's w8a8
+    fp8 path (activations quantized on the fly: per token-group with blocks, per tensor without)."""
     if x.dtype not in FUSED_DTYPES:
         raise TypeError(f"sglang's fused MoE computes {x.dtype} inputs in fp16; use it for {FUSED_DTYPES} only")
     from sglang.srt.layers.moe.moe_runner.triton_utils.fused_moe import fused_experts_impl
 
+    fp8 = {}
+    if gate_up_scale is not None:
+        fp8 = dict(use_fp8_w8a8=True, w1_scale=gate_up_scale, w2_scale=down_scale, block_shape=block_shape)
     with sglang_runtime():
         return fused_experts_impl(
             x, gate_up_proj, down_proj, weights.to(torch.float32), ids.to(torch.int32),
-            activation=ACTIVATIONS[activation],
+            activation=ACTIVATIONS[activation], **fp8,
         )

@@ -22,7 +22,10 @@ from sgl_diffusion.attention.base import AttnLayer
 from sgl_diffusion.models import fused_moe
 from sgl_diffusion.models.config import DiffusionGemmaConfig, RopeSpec
 from sgl_diffusion.models.parallel import all_reduce, moe_ranks
-from sgl_diffusion.models.weights import expect, load_experts_slice
+from sgl_diffusion.models.weights import (
+    FP8, dequantize, expect, load_experts_block_scale, load_experts_fp8, load_experts_slice,
+    load_experts_tensor_scale,
+)
 
 # What a layer's attention calls: q [N, H, D], k/v [N, KV, D] and the layer's geometry -> [N, H, D]. The mixed forward
 # binds an attention backend and its planned batch; the graph-ready canvas step binds its static gather-and-mask.
@@ -204,13 +207,19 @@ class Experts(nn.Module):
     NOTE: not sglang's FusedMoE: off CUDA and AMX it runs ``moe_forward_native``, which has no gelu_tanh (the
     checkpoint's activation) and syncs the host for the tokens per expert; on CUDA ``fused_moe`` calls the same
     Triton kernel FusedMoE would, on these weights.
-    NOTE: never quantized. sglang's fp8 MoE method is FusedMoE's, which this loop replaces, and dequantizing an
-    expert on the fly per forward would add a full-size copy per expert to every step's GEMMs; so an FP8
-    checkpoint's expert tensors are dequantized to the model dtype at load (weights.py) and the experts keep
-    their bf16 memory under ``--quantization fp8``. Storing them in fp8 waits for FusedMoE (with gelu_tanh).
+
+    FP8 (an fp8 ``quant_config``: ``--quantization fp8`` or the checkpoint's quantization_config, unless its
+    ignored_layers name this module): both tensors are float8_e4m3fn, with fp32 scales beside them. A block-quantized
+    checkpoint (weight_block_size [bn, bk]) loads its block scales, sliced like the weights in block units:
+    ``gate_up_proj_scale_inv`` [E_local, 2 I_local / bn, H / bk] and ``down_proj_scale_inv`` [E_local, H / bn,
+    I_local / bk] (I_local must be a multiple of bn and bk). A per-tensor checkpoint's scales, and online
+    quantization of a bf16 checkpoint (each expert quantized at load with its own amax / e4m3 max, as sglang's online
+    fp8 quantizes a tensor), give one scale per expert: ``gate_up_proj_scale`` / ``down_proj_scale`` [E_local].
+    On CUDA in bf16/fp16 the fused kernel takes the fp8 weights and scales (``use_fp8_w8a8``); the torch loop
+    dequantizes each expert it runs, per call, to x's dtype (weight.float() * scale).
     """
 
-    def __init__(self, cfg: DiffusionGemmaConfig):
+    def __init__(self, cfg: DiffusionGemmaConfig, quant_config=None, prefix: str = ""):
         super().__init__()
         e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
         ranks = moe_ranks()
@@ -219,20 +228,62 @@ class Experts(nn.Module):
         self.expert_parallel = ranks.ep_size > 1
         self.tp_size = ranks.ep_size * ranks.tp_size  # the TP group the partial outputs are summed over
         local = divide(i, ranks.tp_size)
-        self.gate_up_proj = nn.Parameter(torch.empty(self.num_local, 2 * local, h))
-        self.down_proj = nn.Parameter(torch.empty(self.num_local, h, local))
+        fp8 = _fp8_experts(quant_config, prefix)
+        self.block = list(quant_config.weight_block_size) if fp8 and quant_config.weight_block_size else None
+        dtype = FP8 if fp8 else None
+        self.gate_up_proj = nn.Parameter(torch.empty(self.num_local, 2 * local, h, dtype=dtype), requires_grad=not fp8)
+        self.down_proj = nn.Parameter(torch.empty(self.num_local, h, local, dtype=dtype), requires_grad=not fp8)
         expect(self.gate_up_proj, {None: (e, 2 * i, h)}, pad_dim=1, parts=2)
         expect(self.down_proj, {None: (e, h, i)}, pad_dim=2)
         mine = dict(first=self.first, rank=ranks.tp_rank, size=ranks.tp_size)
-        self.gate_up_proj.weight_loader = functools.partial(load_experts_slice, dim=1, parts=2, **mine)
-        self.down_proj.weight_loader = functools.partial(load_experts_slice, dim=2, parts=1, **mine)
+        gate_up = functools.partial(load_experts_slice, dim=1, parts=2, **mine)
+        down = functools.partial(load_experts_slice, dim=2, parts=1, **mine)
+        self.scale_names: tuple[str, str] | None = None  # fp8: the two scale parameters' names
+        if fp8:
+            gate_up, down = self._fp8_scales(quant_config, e, h, local, ranks.tp_size, gate_up, down)
+        self.gate_up_proj.weight_loader, self.down_proj.weight_loader = gate_up, down
         self.activation = cfg.hidden_activation
+
+    def _fp8_scales(self, quant_config, e: int, h: int, local: int, tp: int, gate_up, down):
+        """Register the scale parameters; return the fp8 weights' loaders."""
+        if self.block:
+            bn, bk = self.block
+            if local % bn or local % bk:
+                raise ValueError(
+                    f"fp8 experts: each MoE-TP rank's expert intermediate size ({local} = moe_intermediate_size / "
+                    f"{tp} ranks) is not a multiple of the checkpoint's weight_block_size {self.block}: its block "
+                    "scales cannot be split over the ranks; use fewer tensor-parallel ranks (or --ep-size)")
+            shapes = {"gate_up_proj": (2 * local // bn, -(-h // bk)), "down_proj": (-(-h // bn), local // bk)}
+            suffix = "_scale_inv"
+        else:
+            shapes, suffix = {"gate_up_proj": (), "down_proj": ()}, "_scale"
+        online = not quant_config.is_checkpoint_fp8_serialized
+        loaders = {"gate_up_proj": gate_up, "down_proj": down}
+        for name, shape in shapes.items():
+            scale = nn.Parameter(torch.ones(self.num_local, *shape, dtype=torch.float32), requires_grad=False)
+            if self.block:  # sliced as its weight is, in block units
+                scale.weight_loader = functools.partial(load_experts_block_scale, num_experts=e, slicer=loaders[name])
+            else:
+                scale.weight_loader = functools.partial(load_experts_tensor_scale, num_experts=e, first=self.first)
+            scale.computed_at_load = online  # online: no checkpoint tensor; the weight's loader computes it
+            setattr(self, name + suffix, scale)
+            loaders[name] = functools.partial(load_experts_fp8, slicer=loaders[name], scale=scale, first=self.first,
+                                              online=online)
+        self.scale_names = ("gate_up_proj" + suffix, "down_proj" + suffix)
+        return loaders["gate_up_proj"], loaders["down_proj"]
+
+    def _scales(self):
+        """(gate_up scales, down scales, block shape) of fp8 experts; (None, None, None) otherwise."""
+        if self.scale_names is None:
+            return None, None, None
+        return getattr(self, self.scale_names[0]), getattr(self, self.scale_names[1]), self.block
 
     def forward(self, x, weights, ids):
         """x [N, H], weights [N, K] fp32, ids [N, K] global expert ids -> [N, H], summed over the TP group."""
         if fused_moe.applies(x):
             local = self._local_ids(ids) if self.expert_parallel else ids
-            out = fused_moe.fused_experts(x, self.gate_up_proj, self.down_proj, weights, local, self.activation)
+            out = fused_moe.fused_experts(x, self.gate_up_proj, self.down_proj, weights, local, self.activation,
+                                          *self._scales())
         else:
             out = self._forward_torch(x, weights, ids)
         return all_reduce(out) if self.tp_size > 1 else out  # the size, not a context read: a compiled step holds it
@@ -243,41 +294,55 @@ class Experts(nn.Module):
         return torch.where((local >= 0) & (local < self.num_local), local, -1)
 
     def _forward_torch(self, x, weights, ids):
-        args = (x, weights, ids, self.gate_up_proj, self.down_proj, self.first, self.activation)
+        args = (x, weights, ids, self.gate_up_proj, self.down_proj, self.first, self.activation, *self._scales())
         # NOTE: a compiled canvas step sees the loop as one opaque op: its per-expert token lists are data-dependent
         # shapes that no graph holds, and the op keeps the loop's bits (and so transformers parity) in the graph.
         return torch.ops.sgl_diffusion.experts_loop(*args) if torch.compiler.is_compiling() else experts_loop(*args)
 
 
-def experts_loop(x, weights, ids, gate_up_proj, down_proj, first: int, activation: str) -> torch.Tensor:
+def _fp8_experts(quant_config, prefix: str) -> bool:
+    """Whether the experts are stored in fp8: an fp8 quant_config whose ignored_layers do not name them."""
+    if quant_config is None or quant_config.get_name() != "fp8":
+        return False
+    return not any(prefix == skip or prefix.startswith(f"{skip}.") for skip in quant_config.ignored_layers)
+
+
+def experts_loop(x, weights, ids, gate_up_proj, down_proj, first: int, activation: str,
+                 gate_up_scale: torch.Tensor | None = None, down_scale: torch.Tensor | None = None,
+                 block: list[int] | None = None) -> torch.Tensor:
     """The routed experts on the CPU: one GEMM pair per expert that has tokens, in chunks of MOE_CHUNK_TOKENS.
     ``gate_up_proj`` / ``down_proj`` hold experts first .. first + E_local - 1; other experts' pairs stay 0.
+    fp8 experts: their scales (per expert [E_local], or per ``block`` [E_local, rows / bn, cols / bk]); each expert
+    that has tokens is dequantized to x's dtype for its GEMMs.
 
     NOTE: not transformers' grouped_mm on the CPU: its GEMMs round differently as the tokens per expert change, so a
     seeded request's tokens would depend on what else shares its forward.
     """
+    scales = (gate_up_scale, down_scale, block)
     if x.shape[0] <= MOE_CHUNK_TOKENS:
-        return _experts_chunk(x, weights, ids, gate_up_proj, down_proj, first, ACTIVATIONS[activation])
+        return _experts_chunk(x, weights, ids, gate_up_proj, down_proj, first, ACTIVATIONS[activation], *scales)
     step = MOE_CHUNK_TOKENS
     return torch.cat([
         _experts_chunk(x[i : i + step], weights[i : i + step], ids[i : i + step], gate_up_proj, down_proj, first,
-                       ACTIVATIONS[activation])
+                       ACTIVATIONS[activation], *scales)
         for i in range(0, x.shape[0], step)
     ])  # fmt: skip
 
 
 @torch.library.custom_op("sgl_diffusion::experts_loop", mutates_args=())
 def _experts_loop_op(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up_proj: torch.Tensor,
-                     down_proj: torch.Tensor, first: int, activation: str) -> torch.Tensor:
-    return experts_loop(x, weights, ids, gate_up_proj, down_proj, first, activation)
+                     down_proj: torch.Tensor, first: int, activation: str, gate_up_scale: torch.Tensor | None = None,
+                     down_scale: torch.Tensor | None = None, block: list[int] | None = None) -> torch.Tensor:
+    return experts_loop(x, weights, ids, gate_up_proj, down_proj, first, activation, gate_up_scale, down_scale, block)
 
 
 @_experts_loop_op.register_fake
-def _(x, weights, ids, gate_up_proj, down_proj, first, activation):
+def _(x, weights, ids, gate_up_proj, down_proj, first, activation, gate_up_scale=None, down_scale=None, block=None):
     return torch.empty_like(x)
 
 
-def _experts_chunk(x, weights, ids, gate_up_proj, down_proj, first: int, act):
+def _experts_chunk(x, weights, ids, gate_up_proj, down_proj, first: int, act, gate_up_scale=None, down_scale=None,
+                   block=None):
     # NOTE: transformers' default experts implementation (grouped_mm) sums each token's K weighted expert
     # outputs in fp32, in slot order, and rounds once. Another order, or a running bf16 sum as its eager loop
     # keeps, moves a bf16 result by an ulp now and then, which a random tiny model amplifies to O(1).
@@ -288,8 +353,12 @@ def _experts_chunk(x, weights, ids, gate_up_proj, down_proj, first: int, act):
         if not first <= expert < first + gate_up_proj.shape[0]:
             continue  # another expert-parallel rank's: its pairs stay 0 here
         token, slot = torch.where(ids == expert)
-        gate, up = F.linear(x[token], gate_up_proj[expert - first]).chunk(2, dim=-1)
-        y = F.linear(act(gate) * up, down_proj[expert - first])
+        w13, w2 = gate_up_proj[expert - first], down_proj[expert - first]
+        if gate_up_scale is not None:  # fp8: this expert dequantized for this call only
+            w13 = dequantize(w13, gate_up_scale[expert - first], block).to(x.dtype)
+            w2 = dequantize(w2, down_scale[expert - first], block).to(x.dtype)
+        gate, up = F.linear(x[token], w13).chunk(2, dim=-1)
+        y = F.linear(act(gate) * up, w2)
         out[token, slot] = y * weights[token, slot, None]  # weights are fp32
     return out.sum(dim=1).to(x.dtype)
 
@@ -297,9 +366,8 @@ def _experts_chunk(x, weights, ids, gate_up_proj, down_proj, first: int, act):
 class DecoderLayer(nn.Module):
     """Attention + (dense MLP || routed MoE), shared by the encode and the denoise modes.
 
-    ``quant_config`` (sglang's, e.g. fp8) reaches the attention and dense-MLP projections only: the router stays a
-    plain full-precision linear (its top-k decides which experts run), and the routed experts stay in the model
-    dtype (``Experts``; an FP8 checkpoint's expert tensors are dequantized at load, see weights.py).
+    ``quant_config`` (sglang's, e.g. fp8) reaches the attention and dense-MLP projections and the routed experts
+    (fp8: ``Experts``): the router stays a plain full-precision linear (its top-k decides which experts run).
     """
 
     def __init__(self, cfg: DiffusionGemmaConfig, layer_id: int, quant_config=None, prefix: str = ""):
@@ -308,7 +376,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg, layer_id, quant_config, f"{prefix}.self_attn")
         self.mlp = GatedMLP(h, cfg.intermediate_size, cfg.hidden_activation, quant_config, f"{prefix}.mlp")
         self.router = Router(cfg)
-        self.experts = Experts(cfg)
+        self.experts = Experts(cfg, quant_config, f"{prefix}.experts")
         for name in (
             "input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
             "post_feedforward_layernorm", "post_feedforward_layernorm_1",

@@ -12,9 +12,10 @@ does (gelu(0) * 0 = 0). Padding here, not in sglang's loaders, gives the same re
 
 FP8 checkpoints (sglang's format: float8_e4m3fn weights, each with a ``weight_scale_inv`` [rows / bn, cols / bk]
 of block scales or a per-tensor ``weight_scale``): the projections built with sglang's fp8 method load weight and
-scales through their own loaders. An fp8 tensor whose parameter is not fp8 (the routed experts, whose scales are
-named ``gate_up_proj_scale_inv``, and anything the model keeps in full precision) is dequantized here, once its
-scale has arrived too: weight.float() * scale, expanded over its blocks.
+scales through their own loaders, and so do fp8 routed experts (``layers.Experts``: their scales are named
+``gate_up_proj_scale_inv`` / ``gate_up_proj_scale``; the loaders below slice them). An fp8 tensor whose parameter
+is not fp8 (the experts of a model built without an fp8 quant_config, and anything the model keeps in full
+precision) is dequantized here, once its scale has arrived too: weight.float() * scale, expanded over its blocks.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ _ENCODER_SCALAR = re.compile(r"model\.encoder\.language_model\.layers\.(\d+)\.la
 # checkpoint projections that load into a part of one fused projection of ours (the vision tower is transformers')
 _STACKED = re.compile(r"^(?!vision_tower\.|embed_vision\.)(.+)\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\."
                       r"(weight|weight_scale|weight_scale_inv|input_scale)$")
+# fp8 routed experts' scales (layers.Experts): block scales (_scale_inv) or one per expert (_scale)
+_EXPERT_SCALE = re.compile(r"\.experts\.(gate_up|down)_proj_scale(_inv)?$")
 # a quantized projection's scale parameters, beside its weight (sglang's fp8 names)
 SCALES = ("weight_scale", "weight_scale_inv", "input_scale")
 # checkpoint projection -> (our fused projection, sglang's shard id for its weight_loader)
@@ -76,13 +79,15 @@ def load_checkpoint_weights(model: nn.Module, weights: Iterable[tuple[str, torch
             target = targets[param_name]
         try:
             with torch.no_grad():
-                load_one(target, tensor, shard, is_scale=param_name.rsplit(".", 1)[-1] in SCALES)
+                load_one(target, tensor, shard, is_scale=_is_scale(param_name))
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
         loaded.add((param_name, shard))
     pending.check_done()
     expected = set()
     for n, p in params.items():
+        if getattr(p, "computed_at_load", False):  # online fp8 experts' scales: their weights' loaders set them
+            continue
         module, _, leaf = n.rpartition(".")
         owner = params[f"{module}.weight"] if leaf in SCALES else p  # a scale has one part per part of its weight
         expected |= {(n, shard) for shard in getattr(owner, "checkpoint_shapes", (None,))}
@@ -92,6 +97,11 @@ def load_checkpoint_weights(model: nn.Module, weights: Iterable[tuple[str, torch
 
 
 FP8 = torch.float8_e4m3fn
+
+
+def _is_scale(param_name: str) -> bool:
+    """A quantized projection's scale, or an fp8 expert tensor's (``experts.gate_up_proj_scale_inv``)."""
+    return param_name.rsplit(".", 1)[-1] in SCALES or _EXPERT_SCALE.search(param_name) is not None
 
 
 class _Dequantizer:
@@ -201,3 +211,47 @@ def load_experts_slice(param: torch.Tensor, loaded: torch.Tensor, first: int, di
     """Routed experts: of the full ``loaded`` [E, ...], this expert-parallel rank's ``param.shape[0]`` experts from
     ``first`` on, each sliced along ``dim`` as ``load_rank_slice`` slices (``rank`` of ``size`` MoE-TP ranks)."""
     load_rank_slice(param, loaded.narrow(0, first, param.shape[0]), dim, parts, rank, size)
+
+
+def load_experts_fp8(param: torch.Tensor, loaded: torch.Tensor, slicer, scale: torch.Tensor, first: int,
+                     online: bool) -> None:
+    """fp8 routed experts: an fp8 checkpoint tensor is sliced as it is (``slicer``: the ``load_experts_slice`` of
+    this parameter; its scale loads on its own). Online (``--quantization fp8`` on a bf16 / fp32 checkpoint), each
+    of this rank's experts is quantized as sglang's online fp8 quantizes a tensor (``input_to_float8``: scale =
+    amax / e4m3 max, over the whole expert, so every MoE-TP rank holds the same scale) into ``scale`` [E_local]."""
+    if loaded.dtype == FP8:
+        if online:
+            raise ValueError("fp8 expert tensor in a checkpoint without an fp8 quantization_config")
+        return slicer(param, loaded)
+    if not online:
+        raise ValueError(f"the fp8 checkpoint's expert tensor is {loaded.dtype}, not float8_e4m3fn: quantize it, or "
+                         "name the layer's experts in the quantization_config's ignored_layers")
+    from sglang.srt.layers.quantization.fp8_utils import input_to_float8
+
+    mine = loaded.narrow(0, first, param.shape[0])
+    quantized = torch.empty(mine.shape, dtype=FP8, device=mine.device)
+    for e in range(mine.shape[0]):
+        quantized[e], scale[e] = input_to_float8(mine[e], FP8)
+    slicer(param, quantized, first=0)  # this rank's experts already
+
+
+def load_experts_block_scale(param: torch.Tensor, loaded: torch.Tensor, num_experts: int, slicer) -> None:
+    """Block scales [E, rows / bn, cols / bk] of fp8 experts, sliced as their weight is (``slicer``), in blocks."""
+    sizes = [num_experts, *param.shape[1:]]
+    for dim in (1, 2):
+        if slicer.keywords["dim"] == dim:
+            sizes[dim] *= slicer.keywords["size"]
+    if tuple(loaded.shape) != tuple(sizes):
+        raise ValueError(f"fp8 expert block scales {tuple(loaded.shape)} do not fit the model's {tuple(sizes)} "
+                         "(weight_block_size, or the experts' sizes, differ from the checkpoint's)")
+    slicer(param, loaded.float())
+
+
+def load_experts_tensor_scale(param: torch.Tensor, loaded: torch.Tensor, num_experts: int, first: int) -> None:
+    """Per-tensor scale of fp8 experts: one for all of them ([] or [1]) or one per expert ([E]) -> this rank's."""
+    flat = loaded.float().reshape(-1)
+    if flat.numel() == 1:
+        flat = flat.expand(num_experts)
+    if flat.numel() != num_experts:
+        raise ValueError(f"fp8 expert scale {tuple(loaded.shape)}: want one scale, or one per expert ({num_experts})")
+    param.copy_(flat.narrow(0, first, param.shape[0]))

@@ -151,9 +151,8 @@ def test_memory_numbers_equal_a_hand_count_of_the_real_checkpoint():
     assert memory.weight_bytes(p, fp8=False) == 2 * hand["total"]  # 51.6 GB
     routed = 30 * 128 * 3 * 2816 * 704  # layers x experts x (gate, up, down) x hidden x moe_intermediate
     assert p.experts == routed
-    # fp8 today: the experts stay bf16 (dequantized at load); with fp8 experts, every text linear layer at 1 byte
-    assert memory.weight_bytes(p, fp8=True) == (hand["linear"] - routed) + 2 * (hand["total"] - hand["linear"] + routed)
-    assert memory.weight_bytes(p, fp8=True, fp8_experts=True) == hand["linear"] + 2 * (hand["total"] - hand["linear"])
+    # fp8: every text linear layer at 1 byte, the routed experts included (27.1 GB)
+    assert memory.weight_bytes(p, fp8=True) == hand["linear"] + 2 * (hand["total"] - hand["linear"])
     # KV per token, bf16: K and V of every layer kind (full layers store the normed K and the rotated K apart)
     assert memory.kv_bytes_per_token(arch) == (5 * 2 * 2 * 512 * 2, 25 * 2 * 8 * 256 * 2) == (20480, 204800)
     assert memory.kv_bytes_per_token(arch, tp=2) == (5 * 2 * 1 * 512 * 2, 25 * 2 * 4 * 256 * 2)
