@@ -73,8 +73,9 @@ class StepInputs:
     key_masks: tuple[torch.Tensor, ...]  # per layer group, [B, P_g + C] bool: True on real context rows and own keys
 
     @property
-    def batch_size(self) -> int:
-        return self.rows[0].shape[0]
+    def shape(self) -> tuple[int, ...]:
+        """(B, P per layer group): the key of the graph that reads these buffers (CanvasStepPlanner.shape)."""
+        return (self.rows[0].shape[0], *(rows.shape[1] for rows in self.rows))
 
 
 class CanvasStepPlanner:
@@ -270,7 +271,7 @@ class CanvasStep:
         with sglang_runtime():
             if self.mode != "cuda_graph":
                 return self._step(*args)[:n]
-            out = self._replay(("step", *self.planner.shape(segments)), self._step, args)
+            out = self._replay(("step", *inputs.shape), self._step, args)
         return out[:n].clone()  # the next replay overwrites `out`; the runner may keep rows of it
 
     @torch.no_grad()
@@ -280,7 +281,7 @@ class CanvasStep:
         counter RNG) in one call of the step, sampler included; the states advance as DiffusionRunner.run advances
         them, rows in ``frozen`` [n] bool (done already) included. -> done per state, the round's one host read."""
         inputs = self.planner.plan(segments, ids, soft_embeds)
-        shape = self.planner.shape(segments)
+        shape = inputs.shape
         state, argmax, frozen = self._fill_sampler_inputs(shape, states, frozen)
         args = (self.kv_buffers(), inputs.ids, inputs.positions, inputs.soft_embeds, inputs.rows, inputs.key_masks,
                 state, argmax, frozen)  # fmt: skip

@@ -178,14 +178,14 @@ class DiffusionRunner:
         return gs.graph_step(logits, state, dtype, fixed, fixed_tokens, banned)[0]
 
     def _sample_tile(self, hidden, states, frozen) -> torch.Tensor:
-        rows = [eb.SamplerRow(s.params, max(s.step_remaining, 1), s.history, s.fixed, s.fixed_tokens, s.banned)
-                for s in states]
         logits = self.model.logits(hidden.flatten(0, 1)).view(*hidden.shape[:2], -1)
         # NOTE: the self-conditioning probabilities come out in the model dtype, rounded where HF rounds them
         dtype = self.model.embed_tokens.weight.dtype
         if self.rng == "counter":
             result = self._counter_step(logits, states, dtype)
         else:
+            rows = [eb.SamplerRow(s.params, max(s.step_remaining, 1), s.history, s.fixed, s.fixed_tokens, s.banned)
+                    for s in states]
             result = eb.step(logits, eb.prepare(rows), [s.generator for s in states], self_conditioning_dtype=dtype)
         del logits
         soft = self.model.soft_embed(result.self_conditioning_probs)  # [rows, C, H]; the probs die with the tile

@@ -76,7 +76,6 @@ def test_whole_generations_match_transformers_at_the_default_schedule(trained, t
     assert all(len(r) > ours.cfg.canvas_length for r in ref)  # every one spans two canvases
 
 
-
 def test_canvases_stop_early_and_commit_several_tokens_per_forward(trained):
     """Adaptive stopping stops: every canvas well under the 48-step budget, and tokens per forward (committed
     tokens / (denoise steps + one commit per canvas)) far above 1."""
