@@ -18,7 +18,8 @@ window, one after the other, repeated (--repeats, interleaved), and each figure 
   width and active size (random weights; sglang's CPU engine), and the wall time per token of both;
 - overhead_ratio_b1 / _b8: wall time of one denoise round (forward, LM head, sampler) on 1 / 8 canvases over the
   time of the same round's GEMM and attention kernels alone (self time of aten::mm/addmm/bmm/_grouped_mm and the
-  SDPA kernels in a torch.profiler trace): how far from the machine's compute limit the round is;
+  SDPA kernels in a torch.profiler trace): how far from the machine's compute limit the round is. With
+  --torch-compile these are the compiled rounds the server runs, and overhead_ratio_eager_b* the eager ones;
 - peak_mem_per_canvas_mb: growth of a process's peak RSS per additional canvas in flight (a round at 1 and at
   --mem-batch canvases, each in a fresh process).
 
@@ -116,6 +117,9 @@ def main() -> None:
             for proc, _ in servers:
                 stop_server(proc)
     overhead = {b: overhead_ratio(model_dir, prompts, b, 3 if args.quick else 8) for b in (1, 8)}
+    # the server's own rounds when it compiles them (the eager ones above still bound the targets)
+    served = {b: overhead_ratio(model_dir, prompts, b, 3 if args.quick else 8, "compile") for b in (1, 8)} \
+        if args.torch_compile else overhead
     budget = kernel_budget(model_dir, hf, prompts, seeds, args.max_steps, r["hf_mode"] == "batched")
     mem = peak_memory_per_canvas(model_dir, args.mem_batch)
     load_after = load_average()
@@ -132,15 +136,17 @@ def main() -> None:
         "forwards_vs_ar": ours_fwd_per_tok / 1.0,
         "wall_per_token_ms_ours": r["t_ours_n1"] / r["tokens_n1"] * 1e3,
         "wall_per_token_ms_ar": ar,
-        "overhead_ratio_b1": overhead[1]["ratio"],
-        "overhead_ratio_b8": overhead[8]["ratio"],
+        "overhead_ratio_b1": served[1]["ratio"],
+        "overhead_ratio_b8": served[8]["ratio"],
         "peak_mem_per_canvas_mb": mem,
         "mean_steps_per_canvas": r["steps_per_canvas"],
         "accuracy_ours": acc_ours,
         "accuracy_hf": acc_hf,
     }
+    if served is not overhead:
+        lines |= {"overhead_ratio_eager_b1": overhead[1]["ratio"], "overhead_ratio_eager_b8": overhead[8]["ratio"]}
     lines |= bounds(r, overhead, budget, n)
-    table = report(args, r, overhead, ar, mem, same, lines, load_before, load_after)
+    table = report(args, r, overhead, served, ar, mem, same, lines, load_before, load_after)
     print(table)
     for key, value in lines.items():
         print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")
@@ -311,46 +317,49 @@ def load_ours(model_dir):
     return model
 
 
-def round_inputs(model, prompts, batch: int):
-    """An engine whose ``batch`` requests are past their prefill: every later round is denoise-only."""
+def round_inputs(model, prompts, batch: int, canvas_step: str | None = None):
+    """An engine whose ``batch`` requests are past their prefill: every later round is denoise-only. ``canvas_step``:
+    OfflineEngine's (``compile``: the server's --enable-torch-compile)."""
     from sgl_diffusion.runtime.offline import OfflineEngine
     from sgl_diffusion.runtime.scheduler_policy import DiffusionRequest
     from sgl_diffusion.sampling.params import DiffusionParams
 
     steps = 1024  # never reached: the rounds below stop long before
     params = [DiffusionParams(steps, 0.1, 0.4, 0.8, 0.0, 1, seed=i) for i in range(batch)]
-    engine = OfflineEngine(model)
+    engine = OfflineEngine(model, canvas_step=canvas_step)
     for i in range(batch):
         engine.scheduler.add(DiffusionRequest(prompts[i % len(prompts)], params[i], 10**6))
     engine.scheduler.step()  # prefills + first steps
     return engine
 
 
-def overhead_ratio(model_dir, prompts, batch: int, rounds: int) -> dict:
+def overhead_ratio(model_dir, prompts, batch: int, rounds: int, canvas_step: str | None = None) -> dict:
     """Denoise-only rounds of ``batch`` canvases, ms per round: ``wall``, ``forward`` (the model forward's wall time
     within it), ``kernels`` (GEMM + attention self time under the profiler), ``all_ops`` (self time of every aten op),
-    ``ops`` (top-level non-view aten calls), and ``ratio`` = wall / kernels."""
+    ``ops`` (top-level non-view aten calls), and ``ratio`` = wall / kernels. ``canvas_step="compile"``: the rounds of
+    a server with --enable-torch-compile (compiled first, outside the timing)."""
     from torch.profiler import ProfilerActivity, profile
 
     model = load_ours(model_dir)
     with torch.inference_mode():
-        engine = round_inputs(model, prompts, batch)
+        engine = round_inputs(model, prompts, batch, canvas_step)
         for _ in range(2):
             engine.scheduler.step()
         walls, forward = [], []
-        model_forward = model.forward
+        runner = engine.scheduler.runner
+        runner_forward = runner.forward
 
         def timed_forward(*a, **k):
             t0 = time.perf_counter()
-            out = model_forward(*a, **k)
+            out = runner_forward(*a, **k)
             forward.append(time.perf_counter() - t0)
             return out
 
-        model.forward = timed_forward  # an instance attribute: nn.Module.__call__ looks it up there first
+        runner.forward = timed_forward  # the model's forward, or the canvas step's
         for _ in range(rounds * 3):
             dt, _ = timed(engine.scheduler.step)
             walls.append(dt)
-        del model.forward
+        del runner.forward
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(rounds):
                 engine.scheduler.step()
@@ -504,7 +513,7 @@ def trained_dir() -> Path:
     return trained_checkpoint(log=lambda m: print(m, flush=True))
 
 
-def report(args, r, overhead, ar, mem, same, lines, load_before, load_after) -> str:
+def report(args, r, overhead, served, ar, mem, same, lines, load_before, load_after) -> str:
     t, n = r["times"], args.requests
     ms = lambda k: fmt_spread(t[k], 1e3, 0)  # noqa: E731
     rows = [
@@ -518,11 +527,13 @@ def report(args, r, overhead, ar, mem, same, lines, load_before, load_after) -> 
         f"{'our server, 8 sent together (ms)':44} {ms('ours8'):>40}",
         f"{'sglang token-by-token (tiny Llama), ms/token':44} {ar:>40.2f}",
     ]  # fmt: skip
-    for b in (1, 8):
-        o = overhead[b]
-        rows.append(f"{f'denoise round, {b} canvas(es): wall / forward / kernels / all aten ops (ms)':70} "
-                    f"{o['wall']:.2f} / {o['forward']:.2f} / {o['kernels']:.2f} / {o['all_ops']:.2f}; "
-                    f"{o['ops']:.0f} non-view aten calls")  # fmt: skip
+    probes = [("", overhead)] if served is overhead else [("eager ", overhead), ("compiled ", served)]
+    for kind, probe in probes:
+        for b in (1, 8):
+            o = probe[b]
+            rows.append(f"{f'{kind}denoise round, {b} canvas(es): wall / forward / kernels / all aten ops (ms)':70} "
+                        f"{o['wall']:.2f} / {o['forward']:.2f} / {o['kernels']:.2f} / {o['all_ops']:.2f}; "
+                        f"{o['ops']:.0f} non-view aten calls")  # fmt: skip
     notes = (f"{n} requests: {r['tokens']} tokens in {r['canvases']} canvases, "
              f"{r['steps_per_canvas']:.2f} denoise steps "
              f"per canvas (of 48); transformers' better N={n} mode: {r['hf_mode']}; our tokens equal transformers' "

@@ -152,20 +152,28 @@ def _sdpa(q, k, v, mask) -> torch.Tensor:
     return o[0].transpose(0, 1)
 
 
-def canvas_step_attention(q, k, v, k_buf, v_buf, rows, key_mask) -> torch.Tensor:
-    """Attention of B whole canvases in one SDPA call, with static shapes (runtime/canvas_step.py plans the inputs).
+def canvas_step_attention(q, k, v, k_buf, v_buf, rows, key_mask, writes=None) -> torch.Tensor:
+    """Attention of B rows of C queries in one SDPA call, with static shapes (runtime/canvas_step.py plans the inputs).
 
-    q [B*C, H, D], k/v [B*C, KV, D] the canvases' own; k_buf/v_buf a layer's KV buffers; ``rows`` [B, P] the buffer
-    rows of each canvas's visible context, padded; ``key_mask`` [B, P + C] bool over [context rows ; own canvas],
-    False on the padding. -> [B*C, H, D]. No host sync and no data-dependent shape: graph-capturable.
+    q [B*C, H, D], k/v [B*C, KV, D] the rows' own; k_buf/v_buf a layer's KV buffers; ``rows`` [B, P] the buffer rows
+    of each row's visible context, padded; ``key_mask`` over [context rows ; own C keys], False on the padding:
+    [B, P + C] bool for canvases (every query sees the same keys), [B, C, P + C] per query in rounds that encode.
+    ``writes`` [B*C] (rounds that encode): the buffer row each token's k/v goes to, written before any row reads
+    its context (0, the padding row, for tokens that keep nothing). -> [B*C, H, D]. No host sync and no
+    data-dependent shape: graph-capturable.
     """
     b, p = rows.shape
     n, _, d = q.shape
-    c = key_mask.shape[1] - p  # the canvas length (static), not n // b (a ratio of two dynamic sizes)
+    c = key_mask.shape[-1] - p  # the canvas length (static), not n // b (a ratio of two dynamic sizes)
+    if writes is not None:
+        k_buf.index_copy_(0, writes, k.to(k_buf.dtype))
+        if v_buf is not k_buf:
+            v_buf.index_copy_(0, writes, v.to(v_buf.dtype))
     keys = torch.cat([k_buf[rows].to(k.dtype), k.view(b, c, -1, d)], dim=1)  # [B, P + C, KV, D]
     values = torch.cat([v_buf[rows].to(v.dtype), v.view(b, c, -1, d)], dim=1)
+    mask = key_mask[:, None, None, :] if key_mask.dim() == 2 else key_mask[:, None]
     out = F.scaled_dot_product_attention(
         q.view(b, c, -1, d).transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-        attn_mask=key_mask[:, None, None, :], scale=1.0, enable_gqa=True,
+        attn_mask=mask, scale=1.0, enable_gqa=True,
     )  # [B, H, C, D]
     return out.transpose(1, 2).reshape(n, -1, d)

@@ -122,19 +122,24 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
             return None
         return x if kinds == "canvas" else x[batch.canvas_mask]
 
-    def denoise_step(self, ids: torch.Tensor, positions: torch.Tensor, soft_embeds: torch.Tensor, attend: Attend):
-        """A canvas-only forward as a pure tensor function (runtime/canvas_step.py plans its inputs): ids and
-        positions [n] (whole canvases), self-conditioning input [n, H] (zeros on a first step: the same bits as no
-        input, since MLP(pre_norm(0)) == 0), ``attend`` the step's static attention -> last hidden states [n, H].
+    def denoise_step(self, ids: torch.Tensor, positions: torch.Tensor, soft_embeds: torch.Tensor, attend: Attend,
+                     decoder: torch.Tensor | None = None):
+        """A forward of whole canvases as a pure tensor function (runtime/canvas_step.py plans its inputs): ids and
+        positions [n], self-conditioning input [n, H] (zeros on a first step: the same bits as no input, since
+        MLP(pre_norm(0)) == 0), ``attend`` the step's static attention -> last hidden states [n, H]. ``decoder``
+        [n, 1] bool: which tokens are canvas tokens in a round that also encodes (the others take no
+        self-conditioning and the encoder's layer scalars; ``attend`` writes their KV); None: all are.
 
         NOTE: no host sync, no data-dependent shape, no Python branch on data, and no sglang context built inside,
         so it compiles with fullgraph=True and captures in a CUDA graph. The caller enters
         ``parallel.sglang_runtime()`` around it.
         """
-        x = self.self_conditioning(self.embed(ids), soft_embeds)
+        x = self.embed(ids)
+        conditioned = self.self_conditioning(x, soft_embeds)
+        x = conditioned if decoder is None else torch.where(decoder, conditioned, x)
         rope = self._rope(positions, x.dtype)
         for layer, spec in zip(self.layers, self.cfg.layers):
-            x = layer(x, *rope[spec.sliding], True, attend)
+            x = layer(x, *rope[spec.sliding], True if decoder is None else decoder, attend)
         return x
 
     def _rope(self, positions: torch.Tensor, dtype) -> dict[bool, tuple[torch.Tensor, torch.Tensor]]:

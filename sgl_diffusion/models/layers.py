@@ -32,6 +32,8 @@ from sgl_diffusion.models.weights import (
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttnLayer], torch.Tensor]
 
 MOE_CHUNK_TOKENS = 2048  # tokens per pass of the torch experts: bounds their [tokens, K, H] fp32 buffer
+# a compiled step runs every local expert over every token when that is at most this many times the routed work
+DENSE_EXPERTS_MAX_WASTE = 4
 
 # hidden_activation -> the function transformers' ACT2FN gives for it (config.ACTIVATIONS lists the same keys)
 ACTIVATIONS = {
@@ -243,6 +245,9 @@ class Experts(nn.Module):
             gate_up, down = self._fp8_scales(quant_config, e, h, local, ranks.tp_size, gate_up, down)
         self.gate_up_proj.weight_loader, self.down_proj.weight_loader = gate_up, down
         self.activation = cfg.hidden_activation
+        # NOTE: a compiled step on a CPU cannot fuse the loop (an opaque op, and each expert's host sync costs more
+        # than its GEMMs on a small model); with few experts per routed slot, all of them over every token is cheaper
+        self.dense_when_compiled = not fp8 and self.num_local <= DENSE_EXPERTS_MAX_WASTE * cfg.top_k_experts
 
     def _fp8_scales(self, quant_config, e: int, h: int, local: int, tp: int, gate_up, down):
         """Register the scale parameters; return the fp8 weights' loaders."""
@@ -295,9 +300,13 @@ class Experts(nn.Module):
 
     def _forward_torch(self, x, weights, ids):
         args = (x, weights, ids, self.gate_up_proj, self.down_proj, self.first, self.activation, *self._scales())
+        if not torch.compiler.is_compiling():
+            return experts_loop(*args)
+        if self.dense_when_compiled:
+            return experts_dense(*args[:7])
         # NOTE: a compiled canvas step sees the loop as one opaque op: its per-expert token lists are data-dependent
         # shapes that no graph holds, and the op keeps the loop's bits (and so transformers parity) in the graph.
-        return torch.ops.sgl_diffusion.experts_loop(*args) if torch.compiler.is_compiling() else experts_loop(*args)
+        return torch.ops.sgl_diffusion.experts_loop(*args)
 
 
 def _fp8_experts(quant_config, prefix: str) -> bool:
@@ -327,6 +336,20 @@ def experts_loop(x, weights, ids, gate_up_proj, down_proj, first: int, activatio
                        ACTIVATIONS[activation], *scales)
         for i in range(0, x.shape[0], step)
     ])  # fmt: skip
+
+
+def experts_dense(x, weights, ids, gate_up_proj, down_proj, first: int, activation: str) -> torch.Tensor:
+    """``experts_loop``'s result with no host sync and no data-dependent shape (what a compiled step can fuse): every
+    local expert over every token, then each token's K outputs picked, weighted and summed in fp32 in slot order as
+    the loop sums them. Its GEMMs are E_local / K times the routed ones (Experts.dense_when_compiled)."""
+    e = gate_up_proj.shape[0]
+    gate, up = torch.matmul(x, gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)  # [E, N, I] each
+    y = torch.matmul(ACTIVATIONS[activation](gate) * up, down_proj.transpose(1, 2))  # [E, N, H]
+    local = ids - first
+    mine = (local >= 0) & (local < e)  # another expert-parallel rank's pairs stay 0 here
+    picked = y[local.clamp(0, e - 1), torch.arange(x.shape[0], device=x.device)[:, None]]  # [N, K, H]
+    out = torch.where(mine[..., None], picked * weights[..., None], 0.0)  # weights are fp32
+    return out.sum(dim=1).to(x.dtype)
 
 
 @torch.library.custom_op("sgl_diffusion::experts_loop", mutates_args=())

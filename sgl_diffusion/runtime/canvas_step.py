@@ -1,4 +1,4 @@
-"""The graph-ready canvas step: a canvas-only round as host planning, then one static-shape tensor function.
+"""The graph-ready canvas step: a round as host planning, then one static-shape tensor function.
 
 Most rounds carry only canvases (every request denoising, none prefilling or committing). For them the mixed
 forward's per-segment work (an index of each request's own length per layer, one attention call per canvas, Python
@@ -12,6 +12,15 @@ branches on the batch) is replaced by:
   padded to the next bucket with dummy canvases (own keys only, outputs dropped).
 - ``model.denoise_step`` over those buffers, attention as one batched SDPA per layer
   (``attention.sdpa.canvas_step_attention``): no host sync, no data-dependent shape.
+
+Rounds that also encode (a prompt's prefill or a finished canvas's commit, beside canvases or alone) take the same
+layout in rows of C tokens (``CanvasStepPlanner.plan_batch``): a canvas is one row, an encode segment is cut into
+rows of C tokens (the last one padded), and every row gets a per-query mask over [its context ; its own C keys]
+(causal, and the window on sliding groups, for encode rows; everything it sees for canvas rows). An encode row's
+context is the request's cached context plus the rows of its segment before it. Each layer writes the encode rows'
+K/V into the KV buffers first (padding tokens and canvases write to buffer row 0, the pools' padding row), then
+every row gathers its context, so a canvas reads the commit its request makes in the same round, as in the mixed
+forward.
 
 ``CanvasStep`` runs it one of three ways: ``eager`` (the reference, used by tests), ``compile`` (torch.compile with
 fullgraph=True, the CPU's ``--enable-torch-compile``; dynamic shapes, so batch sizes and prefix buckets do not
@@ -36,12 +45,14 @@ import torch
 from sgl_diffusion.attention.base import KVStore, layer_groups, visible_prefix
 from sgl_diffusion.attention.sdpa import canvas_step_attention
 from sgl_diffusion.models.parallel import sglang_runtime
-from sgl_diffusion.runtime.canvas_batch import Segment
+from sgl_diffusion.runtime.canvas_batch import CanvasBatch, Segment
 from sgl_diffusion.sampling import graph_sampler as gs
 
 logger = logging.getLogger(__name__)
 
 PREFIX_GRANULE = 64  # the smallest full-attention prefix bucket; buckets double from here
+# prompt tokens a graphed round encodes at most (more: the mixed forward): each C-token row gathers its whole context
+PREFILL_TOKENS_LIMIT = 2048
 RECOMPILE_LIMIT = 64  # graphs per compiled function (dynamo's default is 8)
 StepMode = Literal["eager", "compile", "cuda_graph"]
 
@@ -70,12 +81,38 @@ class StepInputs:
     positions: torch.Tensor  # [B*C] int64
     soft_embeds: torch.Tensor  # [B*C, H] model dtype
     rows: tuple[torch.Tensor, ...]  # per layer group, [B, P_g] int64 buffer rows of the visible context
-    key_masks: tuple[torch.Tensor, ...]  # per layer group, [B, P_g + C] bool: True on real context rows and own keys
+    # per layer group, [B, P_g + C] bool: True on real context rows and own keys; rounds that encode: [B, C, P_g + C],
+    # per query
+    key_masks: tuple[torch.Tensor, ...]
+    # rounds that encode: [B*C, 1] bool, True on canvas rows (the decoder's layer scalars and self-conditioning);
+    # None: every row is a canvas
+    decoder: torch.Tensor | None = None
+    # rounds that encode: per layer group, [B*C] int64 buffer rows each token's K/V is written to (0, the padding
+    # row, for canvas and padding tokens); None: nothing is written
+    writes: tuple[torch.Tensor, ...] | None = None
 
     @property
-    def shape(self) -> tuple[int, ...]:
-        """(B, P per layer group): the key of the graph that reads these buffers (CanvasStepPlanner.shape)."""
-        return (self.rows[0].shape[0], *(rows.shape[1] for rows in self.rows))
+    def shape(self) -> tuple[int | str, ...]:
+        """(B, P per layer group, and "encode" for a round that encodes): the key of the graph reading these buffers."""
+        kind = () if self.decoder is None else ("encode",)
+        return (self.rows[0].shape[0], *(rows.shape[1] for rows in self.rows), *kind)
+
+
+@dataclass(frozen=True)
+class _Row:
+    """C queries of one segment in a round that encodes: tokens [start, start + length) of ``seg``."""
+
+    seg: Segment
+    start: int
+    length: int
+
+    def context(self, window: int | None) -> torch.Tensor:
+        """Slots of what the row's queries may see before it: the cached context, then the segment's earlier rows
+        (encode rows); the last W - 1 of them on a sliding group."""
+        if self.seg.kind == "canvas":
+            return visible_prefix(self.seg, window)
+        before = torch.cat([self.seg.prefix_slots, self.seg.new_slots[: self.start]])
+        return before if window is None else before[max(0, before.numel() - (window - 1)) :]
 
 
 class CanvasStepPlanner:
@@ -137,38 +174,134 @@ class CanvasStepPlanner:
             mask.copy_(host_mask)
         return inputs
 
-    def _allocate(self, key: tuple[int, ...]) -> StepInputs:
-        batch, widths = key[0], key[1:]
-        n = batch * self.canvas_length
+    def plan_batch(self, batch: CanvasBatch) -> tuple[StepInputs, torch.Tensor]:
+        """Fill the inputs of a round that encodes (``batch``: any segments without image runs) in rows of C tokens.
+        Returns the persistent StepInputs of its shape and the rows of its canvases [n] int64, in batch order."""
+        c = self.canvas_length
+        rows = [_Row(seg, start, min(c, seg.num_tokens - start)) for seg in batch.segments
+                for start in range(0, seg.num_tokens, c)]  # fmt: skip
+        key = self.batch_shape(batch)
+        inputs = self.inputs.get(key)
+        if inputs is None:
+            inputs = self.inputs[key] = self._allocate(key)
+        canvas_rows = self._fill_tokens(inputs, batch, rows)
+        for group, context_rows, mask, writes in zip(self.groups, inputs.rows, inputs.key_masks, inputs.writes):
+            self._fill_group(group, rows, context_rows, mask, writes)
+        return inputs, canvas_rows
+
+    def _fill_tokens(self, inputs: StepInputs, batch: CanvasBatch, rows: list[_Row]) -> torch.Tensor:
+        """ids, positions, decoder flags and self-conditioning input of every row (padding rows: zeros);
+        -> the canvas rows [n] on the device."""
+        r, c = inputs.rows[0].shape[0], self.canvas_length
+        ids = torch.zeros(r, c, dtype=torch.long)
+        positions = torch.zeros(r, c, dtype=torch.long)
+        host_ids = batch.input_ids.cpu()
+        for i, row in enumerate(rows):
+            offset = row.seg.offset + row.start
+            ids[i, : row.length] = host_ids[offset : offset + row.length]
+            positions[i] = row.seg.start_pos + row.start + torch.arange(c)
+        canvas_rows = torch.tensor([i for i, row in enumerate(rows) if row.seg.kind == "canvas"], dtype=torch.long)
+        decoder = torch.zeros(r, c, dtype=torch.bool)
+        decoder[canvas_rows] = True
+        inputs.ids.copy_(ids.view(-1))
+        inputs.positions.copy_(positions.view(-1))
+        inputs.decoder.copy_(decoder.view(-1, 1))
+        inputs.soft_embeds.zero_()
+        canvas_rows = canvas_rows.to(self.device)
+        if batch.canvas_soft_embeds is not None and canvas_rows.numel():
+            soft = inputs.soft_embeds.view(r, c, -1)
+            soft[canvas_rows] = batch.canvas_soft_embeds.view(-1, c, self.hidden_size).to(self.dtype)
+        return canvas_rows
+
+    def _fill_group(self, group, rows: list[_Row], context_rows, mask, writes) -> None:
+        """One layer group's context rows [R, P], per-query masks [R, C, P + C] and KV write rows [R*C]."""
+        r, width = context_rows.shape
+        c = self.canvas_length
+        own = torch.arange(c)
+        causal = own[None, :] <= own[:, None]  # [query, own key]
+        if group.window is not None:
+            causal &= own[None, :] > own[:, None] - group.window
+        context = [row.context(group.window) for row in rows]
+        lengths = [ctx.numel() for ctx in context]
+        new = [row.seg.new_slots[row.start : row.start + row.length] for row in rows if row.seg.kind != "canvas"]
+        flat = self.kv.rows(group.layer_ids[0], torch.cat([*context, *new])).cpu()  # one mapping and one copy
+        new_rows = iter(torch.split(flat[sum(lengths) :], [n.numel() for n in new]))
+        host_rows = torch.zeros(r, width, dtype=torch.long)
+        host_mask = torch.zeros(r, c, width + c, dtype=torch.bool)
+        host_mask[:, :, width:] = causal  # encode rows, and padding rows of a batch bucket, which see nothing else
+        host_writes = torch.zeros(r, c, dtype=torch.long)
+        for i, (row, start, length) in enumerate(zip(rows, itertools.accumulate([0, *lengths]), lengths)):
+            host_rows[i, :length] = flat[start : start + length]
+            if row.seg.kind == "canvas":  # all of its context and all of itself
+                host_mask[i, :, :length] = True
+                host_mask[i, :, width:] = True
+                continue
+            host_writes[i, : row.length] = next(new_rows)
+            if group.window is None:
+                host_mask[i, :, :length] = True
+            else:  # context key j sits length - j tokens before the row; query q sees W - 1 tokens back
+                distance = length - torch.arange(length)[None, :] + own[:, None]
+                host_mask[i, :, :length] = distance < group.window
+        context_rows.copy_(host_rows)
+        mask.copy_(host_mask)
+        writes.copy_(host_writes.view(-1))
+
+    def batch_shape(self, batch: CanvasBatch) -> tuple[int | str, ...]:
+        """(rows, P per layer group, "encode") of a round that encodes: the key of its graph."""
+        c = self.canvas_length
+        num_rows = sum(-(-seg.num_tokens // c) for seg in batch.segments)
+        widths = []
+        for group in self.groups:
+            if group.window is not None:
+                widths.append(group.window - 1)
+            else:  # an encode segment's last row sees its whole context but its own last row
+                longest = max(seg.start_pos + (seg.num_tokens - 1) // c * c * (seg.kind != "canvas")
+                              for seg in batch.segments)  # fmt: skip
+                widths.append(prefix_bucket(longest))
+        # NOTE: two rows at least (a lone commit gets a padding row): a compiled graph of one row would be another
+        # graph, with its own 15-30 s of compile on a CPU, for the cost of one row
+        return (batch_bucket(max(num_rows, 2), self.batch_buckets), *widths, "encode")
+
+    def _allocate(self, key: tuple[int | str, ...]) -> StepInputs:
+        encodes = key[-1] == "encode"
+        batch, widths = key[0], key[1 : len(key) - encodes]
+        c = self.canvas_length
+        n = batch * c
+        zeros = functools.partial(torch.zeros, device=self.device)
         inputs = StepInputs(
-            ids=torch.zeros(n, dtype=torch.long, device=self.device),
-            positions=torch.zeros(n, dtype=torch.long, device=self.device),
-            soft_embeds=torch.zeros(n, self.hidden_size, dtype=self.dtype, device=self.device),
-            rows=tuple(torch.zeros(batch, p, dtype=torch.long, device=self.device) for p in widths),
-            key_masks=tuple(torch.zeros(batch, p + self.canvas_length, dtype=torch.bool, device=self.device)
-                            for p in widths),
-        )  # fmt: skip
+            ids=zeros(n, dtype=torch.long),
+            positions=zeros(n, dtype=torch.long),
+            soft_embeds=zeros(n, self.hidden_size, dtype=self.dtype),
+            rows=tuple(zeros(batch, p, dtype=torch.long) for p in widths),
+            key_masks=tuple(zeros(batch, *(c,) * encodes, p + c, dtype=torch.bool) for p in widths),
+            decoder=zeros(n, 1, dtype=torch.bool) if encodes else None,
+            writes=tuple(zeros(n, dtype=torch.long) for _ in widths) if encodes else None,
+        )
         # NOTE: for torch.compile, only the batch and the full groups' context vary; everything else (hidden size,
         # canvas length, the sliding groups' W - 1) stays static, and no size that happens to equal another (B*C and
         # H, say) is unified with it. "maybe": a batch of one is a graph of its own (sizes 0 and 1 specialise).
-        for tensor in (inputs.ids, inputs.positions, inputs.soft_embeds, *inputs.rows, *inputs.key_masks):
+        for tensor in (inputs.ids, inputs.positions, inputs.soft_embeds, *inputs.rows, *inputs.key_masks,
+                       *(() if inputs.decoder is None else (inputs.decoder, *inputs.writes))):  # fmt: skip
             torch._dynamo.maybe_mark_dynamic(tensor, 0)
         for group, rows, mask in zip(self.groups, inputs.rows, inputs.key_masks):
             if group.window is None:
                 torch._dynamo.maybe_mark_dynamic(rows, 1)
-                torch._dynamo.maybe_mark_dynamic(mask, 1)
+                torch._dynamo.maybe_mark_dynamic(mask, mask.dim() - 1)
         return inputs
 
 
-def run_step(model, group_of_layer: tuple[int, ...], kv_buffers, ids, positions, soft_embeds, rows, key_masks):
-    """The step as one function of tensors (what is compiled or captured): -> last hidden states [B*C, H]."""
+def run_step(model, group_of_layer: tuple[int, ...], kv_buffers, ids, positions, soft_embeds, rows, key_masks,
+             decoder=None, writes=None):
+    """The step as one function of tensors (what is compiled or captured): -> last hidden states [B*C, H].
+    ``decoder`` and ``writes`` (StepInputs): a round that encodes; None, canvases only."""
 
     def attend(q, k, v, layer):
         group = group_of_layer[layer.layer_id]
         k_buf, v_buf = kv_buffers[layer.layer_id]
-        return canvas_step_attention(q, k, v, k_buf, v_buf, rows[group], key_masks[group])
+        return canvas_step_attention(q, k, v, k_buf, v_buf, rows[group], key_masks[group],
+                                     None if writes is None else writes[group])  # fmt: skip
 
-    return model.denoise_step(ids, positions, soft_embeds, attend)
+    return model.denoise_step(ids, positions, soft_embeds, attend, decoder)
 
 
 def run_rounds(model, group_of_layer, steps: int, sampler, tile: int | None, kv_buffers, ids, positions, soft_embeds,
@@ -236,17 +369,23 @@ class CanvasStep:
 
     def warm_up(self, params, rng: str, steps_per_round: int) -> None:
         """Compile (CPU) or capture (CUDA) before serving, so that no request waits for it: the step for one canvas
-        and for a batch (no buckets) or every batch bucket (CUDA graphs), at the smallest context bucket; with the
+        and for a batch (no buckets) or every batch bucket (CUDA graphs), at the smallest context bucket, for
+        canvases alone and for a round that also encodes; with the
         counter sampler also the graphed round (``steps_per_round`` steps, and the steps after a round's mixed
         first step). ``params``: sampler parameters for the warm-up canvases (the checkpoint's defaults)."""
         from sgl_diffusion.runtime.runner import CanvasState, make_generator
 
         c, device = self.planner.canvas_length, self.planner.device
         vocab_size = self.model.cfg.vocab_size
+        nothing = torch.empty(0, dtype=torch.long, device=device)
         for n in self.planner.batch_buckets or (1, 2):  # dynamic batch sizes: a graph for one canvas, one for more
-            segments = [Segment("canvas", i, c, 0, torch.empty(0, dtype=torch.long, device=device)) for i in range(n)]
+            segments = [Segment("canvas", i, c, 0, nothing) for i in range(n)]
             ids = torch.zeros(n * c, dtype=torch.long, device=device)
             self(segments, ids, None)
+            # a round that encodes: a commit (alone: a finished answer's last canvas) and n - 1 canvases; it writes
+            # its KV to slot 0, the pools' padding slot
+            commit = Segment("commit", 0, c, 0, nothing, torch.zeros(c, dtype=torch.long, device=device))
+            self.encode_round(CanvasBatch([commit, *segments[1:]], ids))
             if rng != "counter":
                 continue
             for steps in {steps_per_round, steps_per_round - 1} - {0}:
@@ -258,6 +397,18 @@ class CanvasStep:
         """Whether a round of that many canvases fits a batch bucket (larger rounds run the mixed forward)."""
         buckets = self.planner.batch_buckets
         return not buckets or num_canvases <= max(buckets)
+
+    def accepts_batch(self, batch: CanvasBatch) -> bool:
+        """Whether a round that encodes runs here (``encode_round``): no images, a batch bucket holds its rows, its
+        prompts are short (PREFILL_TOKENS_LIMIT) and, under CUDA graphs, it commits canvases but prefills nothing
+        (a long prompt's rows are for FlashInfer's causal kernels, not a masked SDPA)."""
+        if batch.image_embeds is not None or any(seg.image_runs for seg in batch.segments):
+            return False
+        prefill = sum(seg.num_tokens for seg in batch.segments if seg.kind == "prefill")
+        if prefill > (0 if self.mode == "cuda_graph" else PREFILL_TOKENS_LIMIT):
+            return False
+        c = self.planner.canvas_length
+        return self.accepts(sum(-(-seg.num_tokens // c) for seg in batch.segments))
 
     def kv_buffers(self):
         return [self.kv.buffers(i) for i in range(len(self.model.layers))]
@@ -273,6 +424,23 @@ class CanvasStep:
                 return self._step(*args)[:n]
             out = self._replay(("step", *inputs.shape), self._step, args)
         return out[:n].clone()  # the next replay overwrites `out`; the runner may keep rows of it
+
+    @torch.no_grad()
+    def encode_round(self, batch: CanvasBatch) -> torch.Tensor | None:
+        """The mixed forward's contract for a round that encodes (``accepts_batch``): writes the encode segments'
+        KV and returns the canvases' last hidden states [n*C, H] (None without canvases)."""
+        inputs, canvas_rows = self.planner.plan_batch(batch)
+        args = (self.kv_buffers(), inputs.ids, inputs.positions, inputs.soft_embeds, inputs.rows, inputs.key_masks,
+                inputs.decoder, inputs.writes)  # fmt: skip
+        with sglang_runtime():
+            if self.mode != "cuda_graph":
+                out = self._step(*args)
+            else:
+                out = self._replay(("step", *inputs.shape), self._step, args)
+        if not canvas_rows.numel():
+            return None
+        c = self.planner.canvas_length
+        return out.view(-1, c, out.shape[-1])[canvas_rows].flatten(0, 1)  # a copy: the next replay overwrites `out`
 
     @torch.no_grad()
     def rounds(self, segments: Sequence[Segment], ids: torch.Tensor, soft_embeds: torch.Tensor | None,

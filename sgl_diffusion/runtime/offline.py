@@ -19,7 +19,9 @@ class FreeListSlots(KVSlots):
     """Slots from a free list; no prefix cache."""
 
     def __init__(self, num_slots: int, device):
-        self.free_slots = torch.arange(num_slots, device=device)
+        # NOTE: slots 1..num_slots; slot 0 is the padding slot, as in sglang's pools (graphed rounds write padding
+        # tokens' KV there)
+        self.free_slots = torch.arange(1, num_slots + 1, device=device)
         self.empty = torch.empty(0, dtype=torch.long, device=device)
 
     def reserve(self, req, tokens):
@@ -41,7 +43,7 @@ class OfflineEngine:
         cfg = model.cfg
         device = model.embed_tokens.weight.device
         dtype = model.embed_tokens.weight.dtype
-        kv = TorchKVStore(num_slots, [(s.num_kv_heads, s.head_dim) for s in cfg.layers], dtype, device)
+        kv = TorchKVStore(num_slots + 1, [(s.num_kv_heads, s.head_dim) for s in cfg.layers], dtype, device)
         self.slots = FreeListSlots(num_slots, device)
         step = None if canvas_step is None else CanvasStep(model, kv, canvas_step)
         runner = DiffusionRunner(model, SdpaBackend(kv, cfg.sliding_window), step, rng)

@@ -140,10 +140,14 @@ class DiffusionRunner:
         return self.rng == "counter" and step is not None and step.accepts(len(states)) and all(s.plain for s in states)
 
     def forward(self, batch: CanvasBatch) -> torch.Tensor | None:
-        """The canvases' last hidden states: through the canvas step when every segment is a canvas."""
+        """The canvases' last hidden states: through the canvas step when it takes the round."""
         step = self.canvas_step
-        if step is not None and batch.token_kinds == "canvas" and step.accepts(len(batch.segments)):
-            return step(batch.segments, batch.input_ids, batch.canvas_soft_embeds)
+        if step is not None:
+            if batch.token_kinds == "canvas":
+                if step.accepts(len(batch.segments)):
+                    return step(batch.segments, batch.input_ids, batch.canvas_soft_embeds)
+            elif step.accepts_batch(batch):
+                return step.encode_round(batch)
         return self.model(batch, self.attn)
 
     def _step(self, hidden, states: list[CanvasState], frozen: torch.Tensor | None) -> torch.Tensor:

@@ -1,12 +1,22 @@
 """The graph-ready canvas step (runtime/canvas_step.py): its static layout computes what the mixed forward computes,
-it compiles with fullgraph=True (no host sync, no data-dependent shape, no graph break) into graphs that later batch
-sizes and prefix buckets reuse, and the runner sends it canvas-only rounds only."""
+for canvas-only rounds and for rounds that also encode (prefills and commits in rows of C tokens, their KV written
+as the mixed forward writes it), it compiles with fullgraph=True (no host sync, no data-dependent shape, no graph
+break) into graphs that later batch sizes and prefix buckets reuse, and the runner sends it the rounds it takes."""
+
+import copy
 
 import pytest
 import torch
 
+from sgl_diffusion.attention.sdpa import SdpaBackend
 from sgl_diffusion.runtime.canvas_batch import CanvasBatch, Segment
-from sgl_diffusion.runtime.canvas_step import CanvasStep, CanvasStepPlanner, batch_bucket, prefix_bucket
+from sgl_diffusion.runtime.canvas_step import (
+    PREFILL_TOKENS_LIMIT,
+    CanvasStep,
+    CanvasStepPlanner,
+    batch_bucket,
+    prefix_bucket,
+)
 from sgl_diffusion.runtime.runner import DiffusionRunner
 from tests.models.test_parity import make_pair, our_kv, prefill, prompt_ids, rel_err
 
@@ -53,6 +63,98 @@ def test_static_step_computes_the_mixed_forward(model, cached, first_step, bucke
     got = CanvasStep(model, kv, "eager", buckets)(segments, ids, soft)
     assert got.shape == want.shape
     assert rel_err(got, want) < 1e-5
+
+
+def encode_batch(model, prefixes, first_step: bool, seed=0) -> CanvasBatch:
+    """A round with every kind of row: a 45-token prompt (two rows, the second padded), request 1's commit and its
+    next canvas (which reads that commit), request 0's canvas, a 40-token prompt after a 20-token cached prefix (its
+    second row sees the window across the two), and a 7-token commit (a finished answer's last canvas)."""
+    c, vocab = model.cfg.canvas_length, model.cfg.vocab_size
+    gen = torch.Generator().manual_seed(seed)
+    none = torch.empty(0, dtype=torch.long)
+    commit = torch.arange(700, 700 + c)
+    segments = [
+        Segment("prefill", 0, 45, 0, none, torch.arange(600, 645)),
+        Segment("commit", 1, c, CONTEXTS[1], prefixes[1], commit),
+        Segment("canvas", 1, c, CONTEXTS[1] + c, torch.cat([prefixes[1], commit])),
+        Segment("canvas", 2, c, CONTEXTS[0], prefixes[0]),
+        Segment("prefill", 3, 40, 20, prefixes[2][:20], torch.arange(800, 840)),
+        Segment("commit", 4, 7, CONTEXTS[2], prefixes[2], torch.arange(900, 907)),
+    ]
+    ids = torch.randint(0, vocab, (sum(seg.num_tokens for seg in segments),), generator=gen)
+    soft = None if first_step else torch.randn(2 * c, model.cfg.hidden_size, generator=gen)
+    return CanvasBatch(segments, ids, soft)
+
+
+@pytest.mark.parametrize("first_step", [True, False])
+@pytest.mark.parametrize("buckets", [None, (16,)])
+def test_round_that_encodes_computes_the_mixed_forward(model, cached, first_step, buckets):
+    """Prefills (one after a cached prefix), commits (whole and partial) and canvases in one round, padded to a batch
+    bucket or not: the canvases' hidden states and every KV row the round writes are the mixed forward's, and
+    nothing else in the KV store changes but row 0, the padding row."""
+    kv, _, prefixes = cached
+    want_kv, got_kv = copy.deepcopy(kv), copy.deepcopy(kv)
+    want = model(encode_batch(model, prefixes, first_step), SdpaBackend(want_kv, model.cfg.sliding_window))
+    got = CanvasStep(model, got_kv, "eager", buckets).encode_round(encode_batch(model, prefixes, first_step))
+    assert got.shape == want.shape == (2 * model.cfg.canvas_length, model.cfg.hidden_size)
+    assert rel_err(got, want) < 1e-5
+    written = torch.cat([torch.arange(600, 645), torch.arange(700, 700 + model.cfg.canvas_length),
+                         torch.arange(800, 840), torch.arange(900, 907)])  # fmt: skip
+    for got_buf, want_buf, before in zip(got_kv.k + got_kv.v, want_kv.k + want_kv.v, kv.k + kv.v):
+        assert rel_err(got_buf[written], want_buf[written]) < 1e-5
+        assert not torch.equal(got_buf[written], before[written])
+        untouched = torch.ones(before.shape[0], dtype=torch.bool)
+        untouched[written] = untouched[0] = False
+        assert torch.equal(got_buf[untouched], before[untouched])
+
+
+def test_round_that_encodes_alone_returns_nothing_and_writes_its_kv(model, cached):
+    """A round of commits only (finished answers' last canvases): no hidden states, the KV of the mixed forward."""
+    kv, _, prefixes = cached
+    want_kv, got_kv = copy.deepcopy(kv), copy.deepcopy(kv)
+
+    def batch():
+        return CanvasBatch([Segment("commit", 0, 7, CONTEXTS[2], prefixes[2], torch.arange(900, 907))],
+                           torch.arange(7) + 11)  # fmt: skip
+
+    assert model(batch(), SdpaBackend(want_kv, model.cfg.sliding_window)) is None
+    assert CanvasStep(model, got_kv, "eager").encode_round(batch()) is None
+    for got_buf, want_buf in zip(got_kv.k + got_kv.v, want_kv.k + want_kv.v):
+        assert rel_err(got_buf[900:907], want_buf[900:907]) < 1e-5
+
+
+def test_encode_rows_layout(model, cached):
+    """Rows of C tokens: a prompt's second row sees the cached prefix and the first row, causally, within the window
+    on sliding groups; padding tokens and canvases write to row 0; canvases see their whole context; a dummy row of
+    the batch bucket sees its own keys only."""
+    kv, _, prefixes = cached
+    c, w = model.cfg.canvas_length, model.cfg.sliding_window
+    planner = CanvasStepPlanner(model, kv, batch_buckets=(16,))
+    inputs, canvas_rows = planner.plan_batch(encode_batch(model, prefixes, first_step=False))
+    # rows: prompt (2), commit, canvas, canvas, prompt after a prefix (2), partial commit, then 8 dummies
+    assert inputs.shape == (16, w - 1, 128, "encode") and canvas_rows.tolist() == [3, 4]
+    assert inputs.decoder.view(16, c)[:, 0].tolist() == [i in (3, 4) for i in range(16)]
+    [(sliding, s_rows, s_mask, s_writes), (full, f_rows, f_mask, f_writes)] = sorted(
+        zip(planner.groups, inputs.rows, inputs.key_masks, inputs.writes), key=lambda g: g[0].window is None)
+    second = 6  # the 40-token prompt's second row: tokens 32..39 after a 20-token prefix
+    context = torch.cat([prefixes[2][:20], torch.arange(800, 832)])
+    assert torch.equal(f_rows[second, :52], context) and f_mask[second, :, :52].all()
+    assert not f_mask[second, :, 52:128].any()
+    assert torch.equal(s_rows[second, : w - 1], context[-(w - 1) :])
+    # query q sees the last w - 1 - q context keys and its own keys 0..q
+    for q in (0, 5, c - 1):
+        assert s_mask[second, q, : w - 1].tolist() == [j >= q for j in range(w - 1)]
+        assert f_mask[second, q, 128:].tolist() == [j <= q for j in range(c)]
+    assert s_mask[second, c - 1, w - 1 :].tolist() == [c - 1 - w < j <= c - 1 for j in range(c)]
+    for writes in (s_writes, f_writes):
+        rows = writes.view(16, c)
+        assert rows[1, : 45 - c].tolist() == list(range(600 + c, 645)) and not rows[1, 45 - c :].any()
+        assert not rows[3:5].any() and not rows[8:].any()
+        assert rows[7, :7].tolist() == list(range(900, 907))
+    assert f_mask[3, :, : CONTEXTS[1] + c].all() and not f_mask[3, :, CONTEXTS[1] + c : 128].any()
+    assert f_mask[3, :, 128:].all()  # a canvas sees all of itself
+    assert not f_mask[9, :, :128].any() and torch.equal(f_mask[9, :, 128:], torch.ones(c, c, dtype=torch.bool).tril())
+    assert inputs.positions.view(16, c)[6, 0] == 20 + c
 
 
 def test_plan_layout(model, cached):
@@ -116,19 +218,41 @@ class CountingStep(CanvasStep):
         self.calls.append(len(segments))
         return super().__call__(segments, ids, soft_embeds)
 
+    def encode_round(self, batch):
+        self.calls.append(batch.token_kinds)
+        return super().encode_round(batch)
 
-def test_runner_sends_only_fitting_canvas_only_rounds_to_the_step(model, cached):
+
+def test_runner_sends_the_step_the_rounds_that_fit(model, cached):
+    """Canvas-only rounds within the batch buckets, and rounds that encode whose rows fit them and whose prompts are
+    short; rounds with images, long prompts or too many rows run the mixed forward."""
     kv, attn, prefixes = cached
-    step = CountingStep(model, kv, "eager", batch_buckets=(1, 2))
+    c = model.cfg.canvas_length
+    step = CountingStep(model, copy.deepcopy(kv), "eager", batch_buckets=(1, 2, 4))
     runner = DiffusionRunner(model, attn, step)
     segments, ids, soft = canvas_batch(model, prefixes[:2], first_step=True)
     runner.forward(CanvasBatch(segments, ids, soft))
-    segments, ids, soft = canvas_batch(model, prefixes, first_step=True)
-    runner.forward(CanvasBatch(segments, ids, soft))  # 3 canvases: past the largest bucket, the mixed forward
-    encode = Segment("commit", 0, 4, 0, torch.empty(0, dtype=torch.long), torch.arange(900, 904))
-    mixed = [encode, *canvas_batch(model, prefixes[:1], first_step=True)[0]]
-    runner.forward(CanvasBatch(mixed, torch.zeros(4 + model.cfg.canvas_length, dtype=torch.long)))
-    assert step.calls == [2]
+    segments, ids, soft = canvas_batch(model, [*prefixes, prefixes[0], prefixes[1]], first_step=True)
+    runner.forward(CanvasBatch(segments, ids, soft))  # 5 canvases: past the largest bucket, the mixed forward
+    none = torch.empty(0, dtype=torch.long)
+
+    def encoding(kind, n, canvases=1, image_runs=()):
+        encode = Segment(kind, 0, n, 0, none, torch.arange(300, 300 + n), image_runs)
+        canvas = canvas_batch(model, prefixes[:canvases], first_step=True)[0]
+        return CanvasBatch([encode, *canvas], torch.zeros(n + canvases * c, dtype=torch.long))
+
+    runner.forward(encoding("commit", 4))
+    runner.forward(encoding("prefill", 40, canvases=2))  # 2 rows of prompt, 2 canvases: bucket 4
+    runner.forward(encoding("prefill", 4, canvases=3, image_runs=((0, 2),)))  # images: the mixed forward
+    runner.forward(encoding("prefill", 3 * c))  # 4 rows: fits
+    assert step.calls == [2, "mixed", "mixed", "mixed"]
+    runner.forward(encoding("prefill", 4 * c))  # 5 rows: the mixed forward
+    assert len(step.calls) == 4
+    compiled = CanvasStep(model, kv, "compile")  # no buckets: prompts up to PREFILL_TOKENS_LIMIT tokens
+    assert compiled.accepts_batch(encoding("prefill", 4 * c)) and compiled.accepts_batch(encoding("commit", c))
+    assert not compiled.accepts_batch(encoding("prefill", PREFILL_TOKENS_LIMIT + 1))
+    graphs = CanvasStep(model, kv, "cuda_graph", (1, 2, 4))  # never constructed on a CPU server: a planning check
+    assert graphs.accepts_batch(encoding("commit", c)) and not graphs.accepts_batch(encoding("prefill", 4))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (unverified on one so far)")
@@ -164,8 +288,9 @@ def test_server_picks_the_canvas_step_from_its_flags(model, cached):
     assert graphed_canvas_step(model, kv, off, torch.device("cpu")) is None
 
 
-def test_warm_up_compiles_both_graphs_before_serving(model, cached):
-    """After warm_up, a batch of one and a batch of several canvases over a longer context compile nothing new."""
+def test_warm_up_compiles_every_graph_before_serving(model, cached):
+    """After warm_up, a batch of one and a batch of several canvases over a longer context, and rounds that encode
+    (nine rows, or one), compile nothing new; the compiled round that encodes computes the eager one."""
     from sgl_diffusion.sampling.params import DiffusionParams
 
     torch._dynamo.reset()
@@ -176,4 +301,11 @@ def test_warm_up_compiles_both_graphs_before_serving(model, cached):
     assert frames >= 2
     for batch in (prefixes[2:], prefixes):
         step(*canvas_batch(model, batch, first_step=False))
+    kv_before = copy.deepcopy(kv)
+    hidden = step.encode_round(encode_batch(model, prefixes, first_step=False))  # 9 rows over context bucket 128
+    lone = CanvasBatch([Segment("commit", 0, 7, CONTEXTS[2], prefixes[2], torch.arange(900, 907))], torch.arange(7))
+    assert step.encode_round(lone) is None  # one row
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames
+    kv.k, kv.v = kv_before.k, kv_before.v  # the module's other tests read the cached contexts only
+    want = CanvasStep(model, copy.deepcopy(kv), "eager").encode_round(encode_batch(model, prefixes, first_step=False))
+    assert rel_err(hidden, want) < 1e-5
