@@ -4,7 +4,8 @@
 
 Modes (``--modes``, each one engine over the same checkpoint, requests, seeds and default sampler settings):
 - ``mixed``: every round through the model's mixed forward (a server without --enable-torch-compile);
-- ``static``: canvas-only rounds through the canvas step, uncompiled (the static layout alone);
+- ``static``: every round through the canvas step (canvas-only rounds, and rounds that prefill or commit as rows
+  of C tokens), uncompiled (the static layout alone);
 - ``compiled``: the same step compiled with fullgraph=True (--enable-torch-compile; exact sampler);
 - ``counter``: the counter-RNG sampler (SGL_DIFFUSION_RNG=counter), mixed forwards;
 - ``counter-compiled``: counter RNG with the whole canvas-only round compiled, sampler included.
