@@ -165,10 +165,10 @@ def canvas_step_attention(q, k, v, k_buf, v_buf, rows, key_mask, writes=None) ->
     b, p = rows.shape
     n, _, d = q.shape
     c = key_mask.shape[-1] - p  # the canvas length (static), not n // b (a ratio of two dynamic sizes)
-    if writes is not None:
-        k_buf.index_copy_(0, writes, k.to(k_buf.dtype))
+    if writes is not None:  # NOTE: an indexed store, not index_copy_, which has no fp8 kernel (an fp8 KV cache)
+        k_buf[writes] = k.to(k_buf.dtype)
         if v_buf is not k_buf:
-            v_buf.index_copy_(0, writes, v.to(v_buf.dtype))
+            v_buf[writes] = v.to(v_buf.dtype)
     keys = torch.cat([k_buf[rows].to(k.dtype), k.view(b, c, -1, d)], dim=1)  # [B, P + C, KV, D]
     values = torch.cat([v_buf[rows].to(v.dtype), v.view(b, c, -1, d)], dim=1)
     mask = key_mask[:, None, None, :] if key_mask.dim() == 2 else key_mask[:, None]

@@ -43,7 +43,7 @@ from typing import Literal
 import torch
 
 from sgl_diffusion.attention.base import KVStore, layer_groups, visible_prefix
-from sgl_diffusion.attention.sdpa import canvas_step_attention
+from sgl_diffusion.attention.sdpa import MASK_BUDGET_BYTES, canvas_step_attention
 from sgl_diffusion.models.parallel import sglang_runtime
 from sgl_diffusion.runtime.canvas_batch import CanvasBatch, Segment
 from sgl_diffusion.sampling import graph_sampler as gs
@@ -258,9 +258,11 @@ class CanvasStepPlanner:
                 longest = max(seg.start_pos + (seg.num_tokens - 1) // c * c * (seg.kind != "canvas")
                               for seg in batch.segments)  # fmt: skip
                 widths.append(prefix_bucket(longest))
-        # NOTE: two rows at least (a lone commit gets a padding row): a compiled graph of one row would be another
-        # graph, with its own 15-30 s of compile on a CPU, for the cost of one row
-        return (batch_bucket(max(num_rows, 2), self.batch_buckets), *widths, "encode")
+        if not self.batch_buckets:
+            # NOTE: two rows at least (a lone commit gets a padding row): a compiled graph of one row would be another
+            # graph, with its own 15-30 s of compile on a CPU, for the cost of one row
+            num_rows = max(num_rows, 2)
+        return (batch_bucket(num_rows, self.batch_buckets), *widths, "encode")
 
     def _allocate(self, key: tuple[int | str, ...]) -> StepInputs:
         encodes = key[-1] == "encode"
@@ -400,15 +402,20 @@ class CanvasStep:
 
     def accepts_batch(self, batch: CanvasBatch) -> bool:
         """Whether a round that encodes runs here (``encode_round``): no images, a batch bucket holds its rows, its
-        prompts are short (PREFILL_TOKENS_LIMIT) and, under CUDA graphs, it commits canvases but prefills nothing
-        (a long prompt's rows are for FlashInfer's causal kernels, not a masked SDPA)."""
+        prompts are short (PREFILL_TOKENS_LIMIT), its masks fit MASK_BUDGET_BYTES (many canvases over long contexts
+        run the mixed forward's kernels instead) and, under CUDA graphs, it commits canvases but prefills nothing (a
+        long prompt's rows are for FlashInfer's causal kernels, not a masked SDPA)."""
         if batch.image_embeds is not None or any(seg.image_runs for seg in batch.segments):
             return False
         prefill = sum(seg.num_tokens for seg in batch.segments if seg.kind == "prefill")
         if prefill > (0 if self.mode == "cuda_graph" else PREFILL_TOKENS_LIMIT):
             return False
         c = self.planner.canvas_length
-        return self.accepts(sum(-(-seg.num_tokens // c) for seg in batch.segments))
+        if not self.accepts(sum(-(-seg.num_tokens // c) for seg in batch.segments)):
+            return False
+        # every row has a per-query mask over its whole context: [R, C, P + C] bools, built on the host each round
+        rows, *widths = self.planner.batch_shape(batch)[:-1]
+        return rows * c * (max(widths) + c) <= MASK_BUDGET_BYTES
 
     def kv_buffers(self):
         return [self.kv.buffers(i) for i in range(len(self.model.layers))]

@@ -123,6 +123,53 @@ def test_round_that_encodes_alone_returns_nothing_and_writes_its_kv(model, cache
         assert rel_err(got_buf[900:907], want_buf[900:907]) < 1e-5
 
 
+def test_a_lone_commit_fits_a_bucket_of_one(model, cached):
+    """Under CUDA graphs' buckets a one-row round stays one row (a compiled CPU step pads it to two); warm-up runs
+    with a single bucket of 1 (--cuda-graph-max-bs-decode 1)."""
+    from sgl_diffusion.sampling.params import DiffusionParams
+
+    kv, _, prefixes = cached
+    got_kv, want_kv = copy.deepcopy(kv), copy.deepcopy(kv)
+    step = CanvasStep(model, got_kv, "eager", batch_buckets=(1,))
+
+    def lone():
+        return CanvasBatch([Segment("commit", 0, 7, CONTEXTS[2], prefixes[2], torch.arange(900, 907))],
+                           torch.arange(7) + 11)  # fmt: skip
+
+    assert step.accepts_batch(lone()) and step.planner.batch_shape(lone())[0] == 1
+    assert CanvasStep(model, kv, "compile").planner.batch_shape(lone())[0] == 2
+    assert step.encode_round(lone()) is None
+    model(lone(), SdpaBackend(want_kv, model.cfg.sliding_window))
+    for got_buf, want_buf in zip(got_kv.k + got_kv.v, want_kv.k + want_kv.v):
+        assert rel_err(got_buf[900:907], want_buf[900:907]) < 1e-5
+    step.warm_up(DiffusionParams(48, 0.1, 0.4, 0.8, 0.0, 1), "exact", 1)
+
+
+def test_round_that_encodes_writes_an_fp8_kv_cache(model, cached):
+    """An fp8 KV cache (--kv-cache-dtype fp8_e4m3: sglang's buffers are float8_e4m3fn views): the graphed round
+    stores a commit's K/V as the mixed forward stores it, and its canvas reads it back. (A prompt's later rows read
+    its earlier ones from the fp8 cache, as a chunked prefill does, where the mixed forward keeps them exact.)"""
+    kv, _, prefixes = cached
+    fp8 = copy.deepcopy(kv)
+    fp8.k = [t.to(torch.float8_e4m3fn) for t in fp8.k]
+    fp8.v = [t.to(torch.float8_e4m3fn) for t in fp8.v]
+    want_kv, got_kv = copy.deepcopy(fp8), copy.deepcopy(fp8)
+    c = model.cfg.canvas_length
+    commit = torch.arange(700, 700 + c)
+
+    def batch():
+        segments = [Segment("commit", 1, c, CONTEXTS[1], prefixes[1], commit),
+                    Segment("canvas", 1, c, CONTEXTS[1] + c, torch.cat([prefixes[1], commit]))]  # fmt: skip
+        return CanvasBatch(segments, torch.arange(2 * c) + 11)
+
+    want = model(batch(), SdpaBackend(want_kv, model.cfg.sliding_window))
+    got = CanvasStep(model, got_kv, "eager").encode_round(batch())
+    assert rel_err(got, want) < 1e-5
+    for got_buf, want_buf in zip(got_kv.k + got_kv.v, want_kv.k + want_kv.v):
+        assert got_buf.dtype == torch.float8_e4m3fn
+        assert rel_err(got_buf[commit].float(), want_buf[commit].float()) < 1e-2  # an fp8 step apart at most
+
+
 def test_encode_rows_layout(model, cached):
     """Rows of C tokens: a prompt's second row sees the cached prefix and the first row, causally, within the window
     on sliding groups; padding tokens and canvases write to row 0; canvases see their whole context; a dummy row of
@@ -253,6 +300,22 @@ def test_runner_sends_the_step_the_rounds_that_fit(model, cached):
     assert not compiled.accepts_batch(encoding("prefill", PREFILL_TOKENS_LIMIT + 1))
     graphs = CanvasStep(model, kv, "cuda_graph", (1, 2, 4))  # never constructed on a CPU server: a planning check
     assert graphs.accepts_batch(encoding("commit", c)) and not graphs.accepts_batch(encoding("prefill", 4))
+
+
+def test_masks_over_budget_run_the_mixed_forward(model, cached, monkeypatch):
+    """Every row of a round that encodes carries a [C, P + C] mask built on the host: past MASK_BUDGET_BYTES (many
+    canvases over long contexts) the round runs the mixed forward instead."""
+    from sgl_diffusion.runtime import canvas_step
+
+    kv, _, prefixes = cached
+    step = CanvasStep(model, kv, "eager")
+    batch = encode_batch(model, prefixes, first_step=False)
+    rows, _, widest, _ = step.planner.batch_shape(batch)
+    need = rows * model.cfg.canvas_length * (widest + model.cfg.canvas_length)
+    monkeypatch.setattr(canvas_step, "MASK_BUDGET_BYTES", need)
+    assert step.accepts_batch(batch)
+    monkeypatch.setattr(canvas_step, "MASK_BUDGET_BYTES", need - 1)
+    assert not step.accepts_batch(batch)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (unverified on one so far)")
