@@ -82,8 +82,9 @@ class FakeKernel:
         self.calls.append(SimpleNamespace(x=x, w13=w13, w2=w2, weights=topk_weights, ids=topk_ids,
                                           activation=activation, kwargs=kwargs))
         torch_name = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "silu": "silu"}[activation]
-        experts = Experts(SimpleNamespace(num_experts=w13.shape[0], hidden_size=x.shape[1],
-                                          moe_intermediate_size=w2.shape[2], hidden_activation=torch_name))
+        experts = Experts(SimpleNamespace(num_experts=w13.shape[0], top_k_experts=topk_ids.shape[1],
+                                          hidden_size=x.shape[1], moe_intermediate_size=w2.shape[2],
+                                          hidden_activation=torch_name))
         experts.gate_up_proj, experts.down_proj = torch.nn.Parameter(w13), torch.nn.Parameter(w2)
         return experts._forward_torch(x, topk_weights, topk_ids)
 
