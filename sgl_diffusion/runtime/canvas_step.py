@@ -246,10 +246,14 @@ class CanvasStepPlanner:
         mask.copy_(host_mask)
         writes.copy_(host_writes.view(-1))
 
+    def num_rows(self, batch: CanvasBatch) -> int:
+        """Rows of C tokens a round that encodes takes, before any padding."""
+        return sum(-(-seg.num_tokens // self.canvas_length) for seg in batch.segments)
+
     def batch_shape(self, batch: CanvasBatch) -> tuple[int | str, ...]:
         """(rows, P per layer group, "encode") of a round that encodes: the key of its graph."""
         c = self.canvas_length
-        num_rows = sum(-(-seg.num_tokens // c) for seg in batch.segments)
+        num_rows = self.num_rows(batch)
         widths = []
         for group in self.groups:
             if group.window is not None:
@@ -410,9 +414,9 @@ class CanvasStep:
         prefill = sum(seg.num_tokens for seg in batch.segments if seg.kind == "prefill")
         if prefill > (0 if self.mode == "cuda_graph" else PREFILL_TOKENS_LIMIT):
             return False
-        c = self.planner.canvas_length
-        if not self.accepts(sum(-(-seg.num_tokens // c) for seg in batch.segments)):
+        if not self.accepts(self.planner.num_rows(batch)):
             return False
+        c = self.planner.canvas_length
         # every row has a per-query mask over its whole context: [R, C, P + C] bools, built on the host each round
         rows, *widths = self.planner.batch_shape(batch)[:-1]
         return rows * c * (max(widths) + c) <= MASK_BUDGET_BYTES
