@@ -335,7 +335,7 @@ def round_inputs(model, prompts, batch: int, canvas_step: str | None = None):
 
 def overhead_ratio(model_dir, prompts, batch: int, rounds: int, canvas_step: str | None = None) -> dict:
     """Denoise-only rounds of ``batch`` canvases, ms per round: ``wall``, ``forward`` (the model forward's wall time
-    within it), ``kernels`` (GEMM + attention self time under the profiler), ``all_ops`` (self time of every aten op),
+    within it; a compiled round's: with the LM head and the sampler's decision, computed in its graph), ``kernels`` (GEMM + attention self time under the profiler), ``all_ops`` (self time of every aten op),
     ``ops`` (top-level non-view aten calls), and ``ratio`` = wall / kernels. ``canvas_step="compile"``: the rounds of
     a server with --enable-torch-compile (compiled first, outside the timing)."""
     from torch.profiler import ProfilerActivity, profile
@@ -347,19 +347,23 @@ def overhead_ratio(model_dir, prompts, batch: int, rounds: int, canvas_step: str
             engine.scheduler.step()
         walls, forward = [], []
         runner = engine.scheduler.runner
-        runner_forward = runner.forward
+        # the model's forward, or the canvas step's; a judging step's (exact mode compiled) holds the LM head and the
+        # sampler's decision too
+        owner = runner.canvas_step if runner.canvas_step is not None and runner.canvas_step.judges else runner
+        name = "judged" if owner is not runner else "forward"
+        untimed = getattr(owner, name)
 
         def timed_forward(*a, **k):
             t0 = time.perf_counter()
-            out = runner_forward(*a, **k)
+            out = untimed(*a, **k)
             forward.append(time.perf_counter() - t0)
             return out
 
-        runner.forward = timed_forward  # the model's forward, or the canvas step's
+        setattr(owner, name, timed_forward)
         for _ in range(rounds * 3):
             dt, _ = timed(engine.scheduler.step)
             walls.append(dt)
-        del runner.forward
+        delattr(owner, name)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(rounds):
                 engine.scheduler.step()

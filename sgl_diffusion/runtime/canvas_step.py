@@ -27,8 +27,12 @@ fullgraph=True, the CPU's ``--enable-torch-compile``; dynamic shapes, so batch s
 recompile past the first graphs) or ``cuda_graph`` (one CUDA graph per (batch bucket, prefix bucket), captured on
 first use in a shared memory pool and replayed after the planner refills its buffers; unverified on a GPU so far).
 
-The RNG is not in here: the forward draws nothing. The sampler after it is the runner's (exact mode, each request's
-own generator in transformers' order), so a compiled or captured forward changes only the forward's rounding.
+The RNG is not in here: the step draws nothing. In exact mode the draws are the runner's, from each request's own
+generator in transformers' order, so a compiled or captured step changes only rounding. A judging step (``judge``,
+a compiled CPU server in exact mode: ``run_judged_step``) also computes, inside the graph, everything the sampler
+decides before its draws (graph_sampler.decide: LM head, temperature, probabilities, entropies, acceptance, stopping
+rule, next self-conditioning input); the runner then only draws and picks (~1 ms less host work per round at batch
+1 on this CPU). The counter RNG puts the draws in the graph too (``rounds``).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -310,6 +314,31 @@ def run_step(model, group_of_layer: tuple[int, ...], kv_buffers, ids, positions,
     return model.denoise_step(ids, positions, soft_embeds, attend, decoder)
 
 
+def run_judged_step(model, group_of_layer: tuple[int, ...], kv_buffers, ids, positions, soft_embeds, rows, key_masks,
+                    decoder, writes, canvas_rows, state: gs.GraphSamplerState):
+    """The step, then for its canvases the LM head and everything the sampler decides before its draws
+    (graph_sampler.decide), and the next self-conditioning input. ``canvas_rows`` [n] int64: the rows of a round
+    that encodes to decide for; None: every row (canvases only). ``state`` [n]: the canvases' sampler rows.
+    -> (hidden [n, C, H], argmax, accepted, mean_entropy, done, probs [n, C, V] for the draws, soft [n, C, H])."""
+    hidden = run_step(model, group_of_layer, kv_buffers, ids, positions, soft_embeds, rows, key_masks, decoder, writes)
+    c = key_masks[0].shape[-1] - rows[0].shape[1]
+    hidden = hidden.view(-1, c, hidden.shape[-1])
+    if canvas_rows is not None:
+        hidden = hidden[canvas_rows]
+    logits = model.logits(hidden.flatten(0, 1)).view(hidden.shape[0], c, -1)
+    decision = gs.decide(logits, state, soft_embeds.dtype)
+    soft = model.soft_embed(decision.self_conditioning_probs)  # the vocab-sized probabilities die here
+    return hidden, decision.argmax, decision.accepted, decision.mean_entropy, decision.done, decision.probs, soft
+
+
+class Judged(NamedTuple):
+    """A round's canvases after the compiled part of their step (``CanvasStep.judged``), in batch order."""
+
+    hidden: torch.Tensor  # [n, C, H] last hidden states
+    decision: gs.Decision  # its self_conditioning_probs already embedded: ``soft``
+    soft: torch.Tensor  # [n, C, H] the next step's self-conditioning input
+
+
 def run_rounds(model, group_of_layer, steps: int, sampler, tile: int | None, kv_buffers, ids, positions, soft_embeds,
                rows, key_masks, state: gs.GraphSamplerState, argmax, frozen):
     """``steps`` denoise steps of B canvases, the counter-RNG sampler between them, no host sync: the canvas step,
@@ -350,16 +379,23 @@ def run_rounds(model, group_of_layer, steps: int, sampler, tile: int | None, kv_
 class CanvasStep:
     """Canvas-only forwards through the static step; ``__call__`` has the mixed forward's contract for them."""
 
-    def __init__(self, model, kv: KVStore, mode: StepMode = "eager", batch_buckets: Sequence[int] | None = None):
+    def __init__(self, model, kv: KVStore, mode: StepMode = "eager", batch_buckets: Sequence[int] | None = None,
+                 judge: bool = False):
+        """``judge`` (exact RNG, not under CUDA graphs): every round runs ``run_judged_step``, the sampler's decision
+        inside the step, and the runner draws from the requests' generators after it (``judged``)."""
         if mode == "cuda_graph" and not batch_buckets:
             raise ValueError("CUDA graphs need batch buckets (static batch sizes)")
         self.model, self.kv, self.mode = model, kv, mode
         self.planner = CanvasStepPlanner(model, kv, batch_buckets)
         step = functools.partial(run_step, model, self.planner.group_of_layer)
+        judged = functools.partial(run_judged_step, model, self.planner.group_of_layer)
         # NOTE: dynamic batch and context sizes (marked by the planner): one graph for a single canvas and one for any
         # larger batch, whatever the prefix bucket; a static graph per shape costs 20-40 s of compile on a CPU at
         # every new prompt-length bucket.
         self._step = torch.compile(step, fullgraph=True) if mode == "compile" else step
+        self._judged = torch.compile(judged, fullgraph=True) if mode == "compile" else judged
+        self.judges = judge and mode != "cuda_graph"
+        self.history_depth = 1  # sampler history rows of the dummy canvases of a round without any (warm_up sets it)
         self._rounds: dict[int, object] = {}  # steps per round -> the compiled (or plain) run_rounds
         self._sampler_inputs: dict[tuple[int, ...], tuple] = {}
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, object]] = {}
@@ -384,6 +420,7 @@ class CanvasStep:
         c, device = self.planner.canvas_length, self.planner.device
         vocab_size = self.model.cfg.vocab_size
         nothing = torch.empty(0, dtype=torch.long, device=device)
+        self.history_depth = params.stability_threshold
         for n in self.planner.batch_buckets or (1, 2):  # dynamic batch sizes: a graph for one canvas, one for more
             segments = [Segment("canvas", i, c, 0, nothing) for i in range(n)]
             ids = torch.zeros(n * c, dtype=torch.long, device=device)
@@ -398,6 +435,12 @@ class CanvasStep:
                 states = [CanvasState.first(params, make_generator(0, device), c, vocab_size, device)
                           for _ in range(n)]  # fmt: skip
                 self.rounds(segments, ids, None, states, steps)
+
+    def takes(self, batch: CanvasBatch) -> bool:
+        """Whether the round runs here (canvases alone: ``accepts``; a round that encodes: ``accepts_batch``)."""
+        if batch.token_kinds == "canvas":
+            return self.accepts(len(batch.segments))
+        return self.accepts_batch(batch)
 
     def accepts(self, num_canvases: int) -> bool:
         """Whether a round of that many canvases fits a batch bucket (larger rounds run the mixed forward)."""
@@ -425,8 +468,51 @@ class CanvasStep:
         return [self.kv.buffers(i) for i in range(len(self.model.layers))]
 
     @torch.no_grad()
+    def judged(self, batch: CanvasBatch, state: gs.GraphSamplerState | None) -> Judged:
+        """A round that ``takes`` runs here, with the sampler's decision for its n canvases computed in the step:
+        ``state`` [n] their sampler rows (None: no canvas, or no decision wanted: dummy rows). Writes the encode
+        segments' KV. -> Judged, n canvases in batch order (n = 0: hidden states only)."""
+        n = len(batch.canvas_segments)
+        if batch.token_kinds == "canvas":
+            inputs = self.planner.plan(batch.segments, batch.input_ids, batch.canvas_soft_embeds)
+            canvas_rows, rows = None, inputs.rows[0].shape[0]  # batch-bucket padding canvases decide too
+        else:
+            inputs, canvas_rows = self.planner.plan_batch(batch)
+            # NOTE: two rows at least, repeats of the first (a round with one canvas, or none, would be another graph)
+            first = canvas_rows[:1] if n else torch.zeros(1, dtype=torch.long, device=canvas_rows.device)
+            canvas_rows = torch.cat([canvas_rows, first.expand(max(0, 2 - n))])
+            torch._dynamo.maybe_mark_dynamic(canvas_rows, 0)
+            rows = canvas_rows.numel()
+        state = self._padded_state(state, rows)
+        args = (self.kv_buffers(), inputs.ids, inputs.positions, inputs.soft_embeds, inputs.rows, inputs.key_masks,
+                inputs.decoder, inputs.writes, canvas_rows, state)  # fmt: skip
+        with sglang_runtime():
+            hidden, argmax, accepted, mean_entropy, done, probs, soft = self._judged(*args)
+        decision = gs.Decision(argmax[:n], probs[:n], None, None, accepted[:n], mean_entropy[:n], None, done[:n])
+        return Judged(hidden[:n], decision, soft[:n])
+
+    def _padded_state(self, state: gs.GraphSamplerState | None, rows: int) -> gs.GraphSamplerState:
+        """``state`` padded to ``rows`` with repeats of its first row (none: rows that stop at once), each field's
+        batch dimension marked dynamic."""
+        if state is None:
+            c = self.planner.canvas_length
+            one = lambda value, dtype: torch.full((rows,), value, dtype=dtype, device=self.planner.device)  # noqa: E731
+            state = gs.GraphSamplerState(
+                one(0, torch.int64), one(0, torch.int64), one(1, torch.int32), one(1, torch.int32),
+                one(1.0, torch.float64), one(1.0, torch.float64), one(0.0, torch.float32), one(0.0, torch.float32),
+                one(0, torch.int64),
+                torch.full((rows, self.history_depth, c), -1, dtype=torch.long, device=self.planner.device))
+        pad = rows - state.history.shape[0]
+        state = gs.GraphSamplerState(*(torch.cat([t, t[:1].expand(pad, *t.shape[1:])]) if pad else t for t in state))
+        for tensor in state:
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        return state
+
+    @torch.no_grad()
     def __call__(self, segments: Sequence[Segment], ids: torch.Tensor, soft_embeds: torch.Tensor | None):
         """Last hidden states [n*C, H] of the n canvases ``segments`` (flat ids [n*C], soft_embeds [n*C, H] | None)."""
+        if self.judges:  # the graph a judging step has (the decision of dummy rows, unused)
+            return self.judged(CanvasBatch(list(segments), ids, soft_embeds), None).hidden.flatten(0, 1)
         inputs = self.planner.plan(segments, ids, soft_embeds)
         n = len(segments) * self.planner.canvas_length
         args = (self.kv_buffers(), inputs.ids, inputs.positions, inputs.soft_embeds, inputs.rows, inputs.key_masks)
@@ -440,6 +526,9 @@ class CanvasStep:
     def encode_round(self, batch: CanvasBatch) -> torch.Tensor | None:
         """The mixed forward's contract for a round that encodes (``accepts_batch``): writes the encode segments'
         KV and returns the canvases' last hidden states [n*C, H] (None without canvases)."""
+        if self.judges:
+            hidden = self.judged(batch, None).hidden
+            return hidden.flatten(0, 1) if hidden.shape[0] else None
         inputs, canvas_rows = self.planner.plan_batch(batch)
         args = (self.kv_buffers(), inputs.ids, inputs.positions, inputs.soft_embeds, inputs.rows, inputs.key_masks,
                 inputs.decoder, inputs.writes)  # fmt: skip

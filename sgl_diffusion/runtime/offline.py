@@ -45,7 +45,7 @@ class OfflineEngine:
         dtype = model.embed_tokens.weight.dtype
         kv = TorchKVStore(num_slots + 1, [(s.num_kv_heads, s.head_dim) for s in cfg.layers], dtype, device)
         self.slots = FreeListSlots(num_slots, device)
-        step = None if canvas_step is None else CanvasStep(model, kv, canvas_step)
+        step = None if canvas_step is None else CanvasStep(model, kv, canvas_step, judge=rng == "exact")
         runner = DiffusionRunner(model, SdpaBackend(kv, cfg.sliding_window), step, rng)
         self.scheduler = CanvasScheduler(runner, self.slots, eos_sink(eos_token_ids), device, steps_per_round,
                                          mixed_rounds)

@@ -123,7 +123,7 @@ class DiffusionRunner:
         if states and self._graphs_rounds(states) and batch.token_kinds == "canvas":
             return self.canvas_step.rounds(batch.segments, batch.input_ids, batch.canvas_soft_embeds, states,
                                            1 + extra_steps)
-        done = self._step(self.forward(batch), states, None)
+        done = self._forward_and_step(batch, states, None)
         if states and extra_steps and self._graphs_rounds(states):  # the round's first step was a mixed forward
             ids, soft = self.canvas_inputs(states)
             return self.canvas_step.rounds(batch.canvas_segments, ids, soft, states, extra_steps, frozen=done)
@@ -131,7 +131,7 @@ class DiffusionRunner:
         for _ in range(extra_steps if states else 0):
             ids, soft = self.canvas_inputs(states)
             segments = [dataclasses.replace(seg) for seg in canvas_segments]
-            done = self._step(self.forward(CanvasBatch(segments, ids, soft)), states, done)
+            done = self._forward_and_step(CanvasBatch(segments, ids, soft), states, done)
         return done.tolist() if states else []
 
     def _graphs_rounds(self, states: list[CanvasState]) -> bool:
@@ -142,13 +142,35 @@ class DiffusionRunner:
     def forward(self, batch: CanvasBatch) -> torch.Tensor | None:
         """The canvases' last hidden states: through the canvas step when it takes the round."""
         step = self.canvas_step
-        if step is not None:
+        if step is not None and step.takes(batch):
             if batch.token_kinds == "canvas":
-                if step.accepts(len(batch.segments)):
-                    return step(batch.segments, batch.input_ids, batch.canvas_soft_embeds)
-            elif step.accepts_batch(batch):
-                return step.encode_round(batch)
+                return step(batch.segments, batch.input_ids, batch.canvas_soft_embeds)
+            return step.encode_round(batch)
         return self.model(batch, self.attn)
+
+    def _forward_and_step(self, batch: CanvasBatch, states: list[CanvasState], frozen: torch.Tensor | None):
+        """The forward, then one sampler step of ``states`` (rows in ``frozen`` [B] keep theirs): -> done [B].
+
+        A judging canvas step (exact RNG, runtime/canvas_step.py) computes what the step decides before its draws
+        inside its graph; only the draws from each request's generator, in transformers' order, run here after it.
+        """
+        step = self.canvas_step
+        if (not states or step is None or not step.judges or len(states) > step.sampler_tile
+                or not step.takes(batch)):  # fmt: skip
+            return self._step(self.forward(batch), states, frozen)
+        params = [s.params for s in states]
+        state = gs.graph_state(params, [0] * len(states), [0] * len(states),
+                               [max(s.step_remaining, 1) for s in states], [s.history for s in states],
+                               step.planner.device)  # fmt: skip
+        judged = step.judged(batch, state)
+        if not all(s.plain for s in states):  # fixed positions, banned tokens, kept hidden states: the eager step
+            return self._step(judged.hidden.flatten(0, 1), states, frozen)
+        generators = [s.generator for s in states]
+        decision = judged.decision
+        c = decision.argmax.shape[1]
+        sampled = eb.multinomial_rows(decision.probs, generators)  # RNG phase 1, then 2, as eb.step draws them
+        noise = eb.noise_rows(generators, c, self.vocab_size, decision.argmax.device)
+        return self._advance(states, gs.renoise(decision, sampled, noise), judged.soft, judged.hidden, frozen)
 
     def _step(self, hidden, states: list[CanvasState], frozen: torch.Tensor | None) -> torch.Tensor:
         """One sampler step from the canvases' hidden states [B*C, H]; rows in ``frozen`` [B] keep their state.
@@ -193,6 +215,13 @@ class DiffusionRunner:
             result = eb.step(logits, eb.prepare(rows), [s.generator for s in states], self_conditioning_dtype=dtype)
         del logits
         soft = self.model.soft_embed(result.self_conditioning_probs)  # [rows, C, H]; the probs die with the tile
+        return self._advance(states, result, soft, hidden, frozen)
+
+    @staticmethod
+    def _advance(states: list[CanvasState], result: eb.StepResult, soft: torch.Tensor, hidden: torch.Tensor,
+                 frozen: torch.Tensor | None) -> torch.Tensor:
+        """Each state takes its row of a step's ``result``, self-conditioning input ``soft`` [B, C, H] and
+        ``hidden`` states [B, C, H], unless ``frozen`` [B] says it is done already. -> done [B], frozen rows too."""
         for i, s in enumerate(states):
             keep = None if frozen is None else frozen[i]
             s.history = _unless(keep, s.history, eb.push_history(s.history, result.argmax[i]))

@@ -109,10 +109,10 @@ def register_attention_check() -> None:
     _attention_check_registered = True
 
 
-def graphed_canvas_step(model, kv, server_args, device: torch.device) -> CanvasStep | None:
-    """The canvas step ``--enable-torch-compile`` asks for (runtime/canvas_step.py): compiled on a CPU, CUDA graphs
-    per batch bucket on CUDA (sglang's ``--cuda-graph-bs-decode`` / ``--cuda-graph-max-bs-decode``; larger rounds run
-    eagerly); None without the flag."""
+def graphed_canvas_step(model, kv, server_args, device: torch.device, rng: str = "exact") -> CanvasStep | None:
+    """The canvas step ``--enable-torch-compile`` asks for (runtime/canvas_step.py): compiled on a CPU (with the exact
+    sampler's decision inside), CUDA graphs per batch bucket on CUDA (sglang's ``--cuda-graph-bs-decode`` /
+    ``--cuda-graph-max-bs-decode``; larger rounds run eagerly); None without the flag."""
     if not server_args.enable_torch_compile:
         return None
     if server_args.tp_size > 1:
@@ -130,7 +130,7 @@ def graphed_canvas_step(model, kv, server_args, device: torch.device) -> CanvasS
         largest = server_args.cuda_graph_max_bs_decode or 64
         buckets = server_args.cuda_graph_bs_decode or [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= largest]
         return CanvasStep(model, kv, "cuda_graph", buckets)
-    return CanvasStep(model, kv, "compile")
+    return CanvasStep(model, kv, "compile", judge=rng == "exact")
 
 
 class DiffusionEngine:
@@ -150,7 +150,7 @@ class DiffusionEngine:
         rng = SamplerEnv.from_environ().rng
         # sglang's knob for "decode steps per scheduling round", read as denoise steps per round
         steps_per_round = max(1, scheduler.server_args.num_continuous_decode_steps)
-        canvas_step = graphed_canvas_step(model, attn.kv, scheduler.server_args, self.device)
+        canvas_step = graphed_canvas_step(model, attn.kv, scheduler.server_args, self.device, rng)
         if canvas_step is not None:
             started = time.perf_counter()
             params = DiffusionParams.from_request(None, self.defaults, vocab_size=self.cfg.vocab_size,

@@ -199,10 +199,7 @@ def step(
         entropy = entropy.masked_fill(args.fixed, 0.0)  # certain: accepted first, at no cost to the bound
     accepted = _accept(entropy, args.entropy_bound)
 
-    # RNG phase 2: HF renoises the full canvas every step, accepted positions included.
-    noise = torch.cat([
-        torch.randint(0, vocab_size, (1, canvas_length), generator=g, device=logits.device) for g in generators
-    ])  # [B, C]
+    noise = noise_rows(generators, canvas_length, vocab_size, logits.device)  # RNG phase 2
     next_canvas = torch.where(accepted, sampled, noise)
 
     mean_entropy = entropy.mean(dim=-1)
@@ -211,6 +208,13 @@ def step(
     stable = _stable(args.history, args.stability_threshold, argmax)
     done = (stable & (mean_entropy < args.confidence_threshold)) | args.is_last_step
     return StepResult(next_canvas, argmax, sc_probs, accepted, mean_entropy, stable, done)
+
+
+def noise_rows(generators: Sequence[torch.Generator | None], canvas_length: int, vocab_size: int,
+               device) -> torch.Tensor:
+    """RNG phase 2 of a step: HF renoises the full canvas every step, accepted positions included; [B, C] int64,
+    row b from ``generators[b]`` as one batch-size-1 HF step draws it."""
+    return torch.cat([torch.randint(0, vocab_size, (1, canvas_length), generator=g, device=device) for g in generators])
 
 
 DRAW_CHUNK = 1 << 16  # float64 uniforms per CPU draw chunk (512 KB: its few passes stay in cache)

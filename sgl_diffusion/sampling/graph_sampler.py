@@ -297,6 +297,87 @@ def _round32(x: torch.Tensor) -> torch.Tensor:
     return (x.to(torch.float32) * 2.0).to(torch.float64) * 0.5
 
 
+class Decision(NamedTuple):
+    """What a step decides from its logits before any draw (`decide`): everything but the next canvas."""
+
+    argmax: torch.Tensor  # [B, C] int64
+    probs: torch.Tensor | None  # [B, C, V] float32, the candidate draw's probabilities (None: `sampled` holds it)
+    sampled: torch.Tensor | None  # [B, C] int64, the candidate draw when `decide` was given one
+    # [B, C, V] the next step's self-conditioning input in the model dtype (`probs` itself in float32)
+    self_conditioning_probs: torch.Tensor
+    accepted: torch.Tensor  # [B, C] bool
+    mean_entropy: torch.Tensor  # [B] float32
+    stable: torch.Tensor  # [B] bool
+    done: torch.Tensor  # [B] bool
+
+
+def decide(
+    logits: torch.Tensor,
+    state: GraphSamplerState,
+    self_conditioning_dtype: torch.dtype = torch.float32,
+    fixed: torch.Tensor | None = None,
+    fixed_tokens: torch.Tensor | None = None,
+    banned: torch.Tensor | None = None,
+    draw=None,
+) -> Decision:
+    """A step up to its next canvas (no host sync), arguments as `graph_step`'s: temperature, argmax, probabilities,
+    entropy, acceptance, fixed positions, stopping rule. `draw` (probs [B, C, V] -> candidates [B, C]) draws the
+    candidates as soon as the probabilities exist, which frees them before the entropy's temporaries in a non-float32
+    model (`graph_step`); None returns the probabilities for a draw after (exact mode runs this part inside the
+    compiled canvas step and draws from each request's generator after it, runner.DiffusionRunner). Given the same
+    temperature bits, the values are entropy_bound.step's (the same ops)."""
+    temp = graph_temperature(state, logits.device.type)
+    scaled = logits / temp[:, None, None]  # [B, C, V] fp32
+    if banned is not None:
+        scaled = scaled.masked_fill(banned[:, None, :], float("-inf"))
+    argmax = scaled.argmax(dim=-1)
+    probs = torch.softmax(scaled, dim=-1, dtype=torch.float32)
+    sampled = None if draw is None else draw(probs)
+    if self_conditioning_dtype == torch.float32:
+        # NOTE: fixed positions overwrite it below, before a later draw reads it: only their own draws change, and
+        # those are overridden by their tokens (`renoise`)
+        sc_probs = probs
+    else:
+        if draw is not None:
+            probs = None  # the float32 probabilities only served the draw
+        sc_probs = eb._self_conditioning_probs(scaled, self_conditioning_dtype)
+
+    entropy = eb._categorical_entropy_(scaled)  # consumes `scaled` (a temporary of ours)
+    del scaled
+    if fixed is not None:
+        entropy = entropy.masked_fill(fixed, 0.0)
+    accepted = eb._accept(entropy, state.entropy_bound)
+
+    mean_entropy = entropy.mean(dim=-1)
+    if fixed is not None:
+        argmax = torch.where(fixed, fixed_tokens, argmax)
+        free = (~fixed).sum(dim=-1)
+        free_mean = entropy.sum(dim=-1) / free.clamp(min=1)
+        mean_entropy = torch.where(fixed.any(dim=-1), free_mean, mean_entropy)
+        # one-hot at fixed positions, in place and without nonzero: zero the row, then write 1 at the token
+        # (free positions write back their own value at a harmless index)
+        index = torch.where(fixed, fixed_tokens, 0)[..., None]
+        own = sc_probs.gather(-1, index)
+        sc_probs.masked_fill_(fixed[..., None], 0)
+        sc_probs.scatter_(-1, index, torch.where(fixed[..., None], torch.ones_like(own), own))
+
+    stable = eb._stable(state.history, state.stability_threshold, argmax)
+    done = (stable & (mean_entropy < state.confidence_threshold)) | (state.step_remaining <= 1)
+    return Decision(argmax, probs if draw is None else None, sampled, sc_probs, accepted, mean_entropy, stable,
+                    done)
+
+
+def renoise(decision: Decision, sampled: torch.Tensor, noise: torch.Tensor, fixed: torch.Tensor | None = None,
+            fixed_tokens: torch.Tensor | None = None) -> eb.StepResult:
+    """The step's result from its decision and its two draws ([B, C] candidates and noise): accepted positions take
+    their candidate, the others fresh noise, fixed positions their token."""
+    next_canvas = torch.where(decision.accepted, sampled, noise)
+    if fixed is not None:
+        next_canvas = torch.where(fixed, fixed_tokens, next_canvas)
+    return eb.StepResult(next_canvas, decision.argmax, decision.self_conditioning_probs, decision.accepted,
+                         decision.mean_entropy, decision.stable, decision.done)
+
+
 def graph_step(
     logits: torch.Tensor,
     state: GraphSamplerState,
@@ -320,51 +401,15 @@ def graph_step(
     """
     batch, canvas_length, vocab_size = logits.shape
     assert (fixed is None) == (fixed_tokens is None)
-    temp = graph_temperature(state, logits.device.type)
-    scaled = logits / temp[:, None, None]  # [B, C, V] fp32
-    if banned is not None:
-        scaled = scaled.masked_fill(banned[:, None, :], float("-inf"))
-    argmax = scaled.argmax(dim=-1)
-    probs = torch.softmax(scaled, dim=-1, dtype=torch.float32)
-
-    sampled = counter_multinomial(probs, state, draw_chunk)  # RNG phase 1 (stream 0)
-    if self_conditioning_dtype == torch.float32:
-        sc_probs = probs
-    else:
-        del probs
-        sc_probs = eb._self_conditioning_probs(scaled, self_conditioning_dtype)
-
-    entropy = eb._categorical_entropy_(scaled)  # consumes `scaled` (a temporary of ours)
-    del scaled
-    if fixed is not None:
-        entropy = entropy.masked_fill(fixed, 0.0)
-    accepted = eb._accept(entropy, state.entropy_bound)
-
+    decision = decide(logits, state, self_conditioning_dtype, fixed, fixed_tokens, banned,
+                      draw=lambda probs: counter_multinomial(probs, state, draw_chunk))  # RNG phase 1 (stream 0)
     noise = counter_noise(state, canvas_length, vocab_size)  # RNG phase 2 (stream 1)
-    next_canvas = torch.where(accepted, sampled, noise)
-
-    mean_entropy = entropy.mean(dim=-1)
-    if fixed is not None:
-        next_canvas = torch.where(fixed, fixed_tokens, next_canvas)
-        argmax = torch.where(fixed, fixed_tokens, argmax)
-        free = (~fixed).sum(dim=-1)
-        free_mean = entropy.sum(dim=-1) / free.clamp(min=1)
-        mean_entropy = torch.where(fixed.any(dim=-1), free_mean, mean_entropy)
-        # one-hot at fixed positions, in place and without nonzero: zero the row, then write 1 at the token
-        # (free positions write back their own value at a harmless index)
-        index = torch.where(fixed, fixed_tokens, 0)[..., None]
-        own = sc_probs.gather(-1, index)
-        sc_probs.masked_fill_(fixed[..., None], 0)
-        sc_probs.scatter_(-1, index, torch.where(fixed[..., None], torch.ones_like(own), own))
-
-    stable = eb._stable(state.history, state.stability_threshold, argmax)
-    done = (stable & (mean_entropy < state.confidence_threshold)) | (state.step_remaining <= 1)
-    result = eb.StepResult(next_canvas, argmax, sc_probs, accepted, mean_entropy, stable, done)
+    result = renoise(decision, decision.sampled, noise, fixed, fixed_tokens)
     # NOTE: built field by field, not with _replace (torch 2.11's dynamo returns a malformed tuple for it)
     advanced = GraphSamplerState(
         state.seed, state.canvas_index, (state.step_remaining - 1).clamp(min=1), state.max_steps, state.t_min,
         state.t_max, state.entropy_bound, state.confidence_threshold, state.stability_threshold,
-        push_history(state.history, state.stability_threshold, argmax))
+        push_history(state.history, state.stability_threshold, result.argmax))
     return result, advanced
 
 

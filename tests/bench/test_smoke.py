@@ -88,3 +88,17 @@ def test_bench_canvas_step_runs():
     out = keys(run("bench_canvas_step.py", "--modes", "mixed,static,counter", "--requests", "2", "--repeats", "1"))
     assert out["same_tokens_static"] == 2 and out["same_tokens_counter"] == 2
     assert {"speedup_n1_static", "ms_per_request_n1_mixed", "right_counter"} <= out.keys()
+
+
+def test_compare_times_a_judging_steps_forward(tiny_checkpoint_dir):
+    """compare.py's round probe on the canvas step that decides inside its graph (a compiled server's in exact mode;
+    run eagerly here, the compiled rounds are compare.py --torch-compile's): the forward it times is that step's,
+    inside the round's wall time."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import compare
+    finally:
+        sys.path.remove(str(BENCH))
+    prompts = [[2, 5, 7, 9]] * 2
+    got = compare.overhead_ratio(tiny_checkpoint_dir, prompts, batch=2, rounds=1, canvas_step="eager")
+    assert 0 < got["forward"] < got["wall"] and got["kernels"] > 0

@@ -318,6 +318,86 @@ def test_masks_over_budget_run_the_mixed_forward(model, cached, monkeypatch):
     assert not step.accepts_batch(batch)
 
 
+def test_judging_runner_steps_as_the_exact_sampler(model, cached):
+    """A judging step (a compiled CPU server's in exact mode, run eagerly here) decides inside the step and the
+    runner draws after it: canvas-only rounds (with later steps frozen once rows are done), a round that encodes
+    beside two canvases, one that only commits, and a round with a banned token (the eager sampler over the judged
+    hidden states) leave every canvas state, generator and KV row as the plain step and the exact sampler do, bit for
+    bit."""
+    from sgl_diffusion.runtime.runner import CanvasState, make_generator
+    from sgl_diffusion.sampling.params import DiffusionParams
+
+    kv, _, prefixes = cached
+    cfg = model.cfg
+    params = DiffusionParams(2, 0.1, 0.4, 0.8, 0.0, 1)  # two steps: the third step of a round is frozen
+
+    def run(judge: bool):
+        got_kv = copy.deepcopy(kv)
+        step = CanvasStep(model, got_kv, "eager", judge=judge)
+        judged = []
+        step.judged = lambda batch, state, fn=step.judged: judged.append(state is not None) or fn(batch, state)
+        runner = DiffusionRunner(model, SdpaBackend(got_kv, cfg.sliding_window), step)
+        states = [CanvasState.first(params, make_generator(seed, "cpu"), cfg.canvas_length, cfg.vocab_size, "cpu")
+                  for seed in (5, 6)]  # fmt: skip
+
+        def canvases(extra_steps: int):
+            ids, soft = runner.canvas_inputs(states)
+            segments = [Segment("canvas", i, cfg.canvas_length, p.numel(), p) for i, p in enumerate(prefixes[:2])]
+            return runner.run(CanvasBatch(segments, ids, soft), states, extra_steps)
+
+        done = [canvases(extra_steps=2)]
+        first = states
+        states = [CanvasState.first(params, s.generator, cfg.canvas_length, cfg.vocab_size, "cpu") for s in states]
+        done.append(runner.run(encode_batch(model, prefixes, first_step=True), states))
+        lone = Segment("commit", 0, 7, CONTEXTS[2], prefixes[2], torch.arange(900, 907))
+        done.append(runner.run(CanvasBatch([lone], torch.arange(7) + 11), []))
+        states[1].banned = (3, 4)
+        done.append(canvases(extra_steps=0))
+        return done, first + states, got_kv, judged
+
+    want_done, want, want_kv, none = run(judge=False)
+    got_done, got, got_kv, judged = run(judge=True)
+    assert none == [] and judged == [True, True, True, True, False, True]  # the lone commit decides for dummy rows
+    assert got_done == want_done and want_done[0] == [True, True]
+    assert [int(s.steps_taken) for s in want[:2]] == [2, 2]  # the round's third step was frozen
+    for a, b in zip(got, want):
+        for name in ("canvas", "argmax", "history", "soft_embeds", "steps_taken", "accepted"):
+            assert torch.equal(torch.as_tensor(getattr(a, name)), torch.as_tensor(getattr(b, name))), name
+        assert a.step_remaining == b.step_remaining
+        assert torch.equal(a.generator.get_state(), b.generator.get_state())
+    for a, b in zip(got_kv.k + got_kv.v, want_kv.k + want_kv.v):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("judge", [False, True])
+def test_a_canvas_done_early_in_a_round_stays_done(model, cached, judge):
+    """A canvas that stops on the stability rule at a round's first step is frozen for the round's later steps: it
+    keeps its state and is reported done, though a step on its next canvas would not have stopped it."""
+    from sgl_diffusion.runtime.runner import CanvasState, make_generator
+    from sgl_diffusion.sampling.params import DiffusionParams
+
+    kv, _, prefixes = cached
+    cfg = model.cfg
+    params = DiffusionParams(48, 0.1, 0.4, 0.8, 1e9, 1)  # always confident: stable means done
+    runner = DiffusionRunner(model, SdpaBackend(kv, cfg.sliding_window), CanvasStep(model, kv, "eager", judge=judge))
+    segments = [Segment("canvas", 0, cfg.canvas_length, prefixes[0].numel(), prefixes[0])]
+
+    def state():
+        return CanvasState.first(params, make_generator(3, "cpu"), cfg.canvas_length, cfg.vocab_size, "cpu")
+
+    def run(s, extra_steps):
+        return runner.run(CanvasBatch(segments, *runner.canvas_inputs([s])), [s], extra_steps)
+
+    probe = state()
+    assert run(probe, 0) == [False]  # its first step's argmax differs from the empty history
+    first_argmax = probe.history.clone()
+    assert run(probe, 0) == [False]  # and the second step's from the first's: the next canvas does not stop
+    s = state()
+    s.history = first_argmax  # the same canvas and draws as the probe: stable, so done, at its first step
+    assert run(s, extra_steps=2) == [True]
+    assert int(s.steps_taken) == 1 and torch.equal(s.history, first_argmax)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (unverified on one so far)")
 def test_cuda_graph_replay_matches_eager():
     """bf16 (a float32 model's experts run the host-syncing loop, which no CUDA graph holds): captured once, then
@@ -352,23 +432,35 @@ def test_server_picks_the_canvas_step_from_its_flags(model, cached):
 
 
 def test_warm_up_compiles_every_graph_before_serving(model, cached):
-    """After warm_up, a batch of one and a batch of several canvases over a longer context, and rounds that encode
-    (nine rows, or one), compile nothing new; the compiled round that encodes computes the eager one."""
+    """A compiled server's judging step (exact mode): after warm_up, a batch of one and a batch of several canvases
+    over a longer context, and rounds that encode (nine rows, or one), compile nothing new, with or without sampler
+    rows; the compiled round that encodes computes the eager one, its sampler decision included."""
+    from sgl_diffusion.runtime.runner import CanvasState
+    from sgl_diffusion.sampling import graph_sampler as gs
     from sgl_diffusion.sampling.params import DiffusionParams
 
     torch._dynamo.reset()
     kv, _, prefixes = cached
-    step = CanvasStep(model, kv, "compile")
-    step.warm_up(DiffusionParams(48, 0.1, 0.4, 0.8, 0.0, 1), "exact", 1)
+    step = CanvasStep(model, kv, "compile", judge=True)
+    params = DiffusionParams(48, 0.1, 0.4, 0.8, 0.0, 1)
+    step.warm_up(params, "exact", 1)
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert frames >= 2
     for batch in (prefixes[2:], prefixes):
         step(*canvas_batch(model, batch, first_step=False))
+    c, vocab_size = model.cfg.canvas_length, model.cfg.vocab_size
+    states = [CanvasState.first(params, None, c, vocab_size, "cpu") for _ in range(3)]
+    state = gs.graph_state([params] * 3, [0] * 3, [0] * 3, [48, 30, 1], [s.history for s in states], "cpu")
+    step.judged(CanvasBatch(*canvas_batch(model, prefixes, first_step=False)), state)
     kv_before = copy.deepcopy(kv)
-    hidden = step.encode_round(encode_batch(model, prefixes, first_step=False))  # 9 rows over context bucket 128
+    judged = step.judged(encode_batch(model, prefixes, first_step=False), gs.GraphSamplerState(*(t[:2] for t in state)))
     lone = CanvasBatch([Segment("commit", 0, 7, CONTEXTS[2], prefixes[2], torch.arange(900, 907))], torch.arange(7))
     assert step.encode_round(lone) is None  # one row
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames
     kv.k, kv.v = kv_before.k, kv_before.v  # the module's other tests read the cached contexts only
-    want = CanvasStep(model, copy.deepcopy(kv), "eager").encode_round(encode_batch(model, prefixes, first_step=False))
-    assert rel_err(hidden, want) < 1e-5
+    eager = CanvasStep(model, copy.deepcopy(kv), "eager", judge=True)
+    want = eager.judged(encode_batch(model, prefixes, first_step=False), gs.GraphSamplerState(*(t[:2] for t in state)))
+    assert rel_err(judged.hidden, want.hidden) < 1e-5 and rel_err(judged.soft, want.soft) < 1e-5
+    assert rel_err(judged.decision.probs, want.decision.probs) < 1e-5
+    assert (judged.decision.argmax == want.decision.argmax).float().mean() > 0.95  # near-ties may round either way
+    assert judged.decision.done.tolist() == want.decision.done.tolist() == [False, False]

@@ -349,6 +349,42 @@ def test_parity_with_exact_mode_over_a_schedule(monkeypatch, dtype):
     assert rejected > 0 and done_early  # renoise and the stable + confident stop are exercised
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decide_then_exact_draws_is_the_exact_step(dtype):
+    """What a compiled server's canvas step does in exact mode: `decide` (inside the graph), then each row's draws
+    from its own generator and `renoise` (after it) give entropy_bound.step's every field bit for bit, fixed
+    positions and banned tokens included, over a schedule in which rows stop, reject and renoise; the generators end
+    in the same states (the same draws, in the same order)."""
+    ps, seeds, canvas_index, steps, histories, fixed, fixed_tokens, banned = mixed_batch()
+    steps = [48, 13, 30]
+    rows_fixed = [fixed[b] if fixed[b].any() else None for b in range(3)]
+    rows_banned = [tuple(banned[b].nonzero().flatten().tolist()) for b in range(3)]
+    want_gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+    got_gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+    g = torch.Generator().manual_seed(0)
+    canvas = torch.randint(0, V, (3, C), generator=g)
+    hist, s_left, rejected = list(histories), list(steps), 0
+    for i in range(12):
+        logits = fake_decoder(canvas, torch.randn(3, C, V, generator=g) * torch.tensor([1.0, 2.0, 0.5])[:, None, None])
+        rows = [eb.SamplerRow(ps[b], max(s_left[b], 1), hist[b], rows_fixed[b],
+                              fixed_tokens[b] if rows_fixed[b] is not None else None, rows_banned[b])
+                for b in range(3)]  # fmt: skip
+        want = eb.step(logits, eb.prepare(rows), want_gens, self_conditioning_dtype=dtype)
+        state = gs.graph_state(ps, seeds, canvas_index, [max(s, 1) for s in s_left], hist, "cpu")
+        decision = gs.decide(logits, state, dtype, fixed, fixed_tokens, banned)
+        sampled = eb.multinomial_rows(decision.probs, got_gens)
+        got = gs.renoise(decision, sampled, eb.noise_rows(got_gens, C, V, "cpu"), fixed, fixed_tokens)
+        for name, a, b in zip(want._fields, got, want):
+            assert a.dtype == b.dtype and torch.equal(a, b), (i, name)
+        hist = [eb.push_history(hist[b], want.argmax[b]) for b in range(3)]
+        s_left = [s - 1 for s in s_left]
+        rejected += (~want.accepted).sum().item()
+        canvas = want.next_canvas
+    assert rejected > 0
+    for a, b in zip(got_gens, want_gens):
+        assert torch.equal(a.get_state(), b.get_state())
+
+
 def test_temperature_and_done_rule_match_exact_mode():
     """For rows at every step s = N..1 of several (N, t_min, t_max) in one batch, graph mode's temperature equals
     entropy_bound's bit for bit, and done equals entropy_bound's: on the last step, or stable and confident."""
