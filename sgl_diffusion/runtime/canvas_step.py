@@ -395,7 +395,9 @@ class CanvasStep:
         self._step = torch.compile(step, fullgraph=True) if mode == "compile" else step
         self._judged = torch.compile(judged, fullgraph=True) if mode == "compile" else judged
         self.judges = judge and mode != "cuda_graph"
-        self.history_depth = 1  # sampler history rows of the dummy canvases of a round without any (warm_up sets it)
+        # sampler history rows in a judging graph (warm_up: the checkpoint's stability threshold): rows with fewer are
+        # padded to it, rows with more take the eager sampler (another depth would be another graph)
+        self.history_depth = 1
         self._rounds: dict[int, object] = {}  # steps per round -> the compiled (or plain) run_rounds
         self._sampler_inputs: dict[tuple[int, ...], tuple] = {}
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, object]] = {}
@@ -492,10 +494,15 @@ class CanvasStep:
         return Judged(hidden[:n], decision, soft[:n])
 
     def _padded_state(self, state: gs.GraphSamplerState | None, rows: int) -> gs.GraphSamplerState:
-        """``state`` padded to ``rows`` with repeats of its first row (none: rows that stop at once), each field's
-        batch dimension marked dynamic."""
+        """``state`` padded to ``rows`` with repeats of its first row (none: rows that stop at once) and to
+        ``history_depth`` history rows (a shorter history is a window of a longer one: graph_sampler.GraphSamplerState),
+        each field's batch dimension marked dynamic."""
+        c = self.planner.canvas_length
+        if state is not None and state.history.shape[1] < self.history_depth:
+            n, k = state.history.shape[:2]
+            older = torch.full((n, self.history_depth - k, c), -1, dtype=torch.long, device=self.planner.device)
+            state = gs.GraphSamplerState(*state[:-1], torch.cat([older, state.history], dim=1))
         if state is None:
-            c = self.planner.canvas_length
             one = lambda value, dtype: torch.full((rows,), value, dtype=dtype, device=self.planner.device)  # noqa: E731
             state = gs.GraphSamplerState(
                 one(0, torch.int64), one(0, torch.int64), one(1, torch.int32), one(1, torch.int32),

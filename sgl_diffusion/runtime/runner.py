@@ -159,11 +159,14 @@ class DiffusionRunner:
                 or not step.takes(batch)):  # fmt: skip
             return self._step(self.forward(batch), states, frozen)
         params = [s.params for s in states]
+        # fixed positions, banned tokens, kept hidden states, or a longer stability history than the graph's: the
+        # step's dummy rows decide, and the eager sampler steps from its hidden states
+        decides = all(s.plain for s in states) and max(p.stability_threshold for p in params) <= step.history_depth
         state = gs.graph_state(params, [0] * len(states), [0] * len(states),
                                [max(s.step_remaining, 1) for s in states], [s.history for s in states],
-                               step.planner.device)  # fmt: skip
+                               step.planner.device) if decides else None  # fmt: skip
         judged = step.judged(batch, state)
-        if not all(s.plain for s in states):  # fixed positions, banned tokens, kept hidden states: the eager step
+        if not decides:
             return self._step(judged.hidden.flatten(0, 1), states, frozen)
         generators = [s.generator for s in states]
         decision = judged.decision

@@ -4,6 +4,7 @@ as the mixed forward writes it), it compiles with fullgraph=True (no host sync, 
 break) into graphs that later batch sizes and prefix buckets reuse, and the runner sends it the rounds it takes."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -353,11 +354,17 @@ def test_judging_runner_steps_as_the_exact_sampler(model, cached):
         done.append(runner.run(CanvasBatch([lone], torch.arange(7) + 11), []))
         states[1].banned = (3, 4)
         done.append(canvases(extra_steps=0))
+        # stability windows shorter than the graph's history (padded), then one longer (the eager sampler)
+        for k in (0, 2):
+            states = [CanvasState.first(dataclasses.replace(params, stability_threshold=k), make_generator(7 + i, "cpu"),
+                                        cfg.canvas_length, cfg.vocab_size, "cpu") for i in (k, k + 1)]  # fmt: skip
+            done.append(canvases(extra_steps=1))
         return done, first + states, got_kv, judged
 
     want_done, want, want_kv, none = run(judge=False)
     got_done, got, got_kv, judged = run(judge=True)
-    assert none == [] and judged == [True, True, True, True, False, True]  # the lone commit decides for dummy rows
+    # dummy rows decide for the lone commit, a banned token's round and the rounds deeper than the graph's history
+    assert none == [] and judged == [True, True, True, True, False, False, True, True, False, False]
     assert got_done == want_done and want_done[0] == [True, True]
     assert [int(s.steps_taken) for s in want[:2]] == [2, 2]  # the round's third step was frozen
     for a, b in zip(got, want):
@@ -434,7 +441,8 @@ def test_server_picks_the_canvas_step_from_its_flags(model, cached):
 def test_warm_up_compiles_every_graph_before_serving(model, cached):
     """A compiled server's judging step (exact mode): after warm_up, a batch of one and a batch of several canvases
     over a longer context, and rounds that encode (nine rows, or one), compile nothing new, with or without sampler
-    rows; the compiled round that encodes computes the eager one, its sampler decision included."""
+    rows, with the checkpoint's stability window or a shorter one; the compiled round that encodes computes the eager
+    one, its sampler decision included."""
     from sgl_diffusion.runtime.runner import CanvasState
     from sgl_diffusion.sampling import graph_sampler as gs
     from sgl_diffusion.sampling.params import DiffusionParams
@@ -452,6 +460,9 @@ def test_warm_up_compiles_every_graph_before_serving(model, cached):
     states = [CanvasState.first(params, None, c, vocab_size, "cpu") for _ in range(3)]
     state = gs.graph_state([params] * 3, [0] * 3, [0] * 3, [48, 30, 1], [s.history for s in states], "cpu")
     step.judged(CanvasBatch(*canvas_batch(model, prefixes, first_step=False)), state)
+    shallow = [dataclasses.replace(params, stability_threshold=0)] * 3  # no history: padded to the graph's depth
+    step.judged(CanvasBatch(*canvas_batch(model, prefixes, first_step=False)),
+                gs.graph_state(shallow, [0] * 3, [0] * 3, [48, 30, 1], [s.history[:0] for s in states], "cpu"))
     kv_before = copy.deepcopy(kv)
     judged = step.judged(encode_batch(model, prefixes, first_step=False), gs.GraphSamplerState(*(t[:2] for t in state)))
     lone = CanvasBatch([Segment("commit", 0, 7, CONTEXTS[2], prefixes[2], torch.arange(900, 907))], torch.arange(7))
