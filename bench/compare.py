@@ -360,10 +360,12 @@ def overhead_ratio(model_dir, prompts, batch: int, rounds: int, canvas_step: str
             return out
 
         setattr(owner, name, timed_forward)
-        for _ in range(rounds * 3):
-            dt, _ = timed(engine.scheduler.step)
-            walls.append(dt)
-        delattr(owner, name)
+        try:
+            for _ in range(rounds * 3):
+                dt, _ = timed(engine.scheduler.step)
+                walls.append(dt)
+        finally:
+            delattr(owner, name)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(rounds):
                 engine.scheduler.step()

@@ -315,28 +315,28 @@ def run_step(model, group_of_layer: tuple[int, ...], kv_buffers, ids, positions,
 
 
 def run_judged_step(model, group_of_layer: tuple[int, ...], kv_buffers, ids, positions, soft_embeds, rows, key_masks,
-                    decoder, writes, canvas_rows, state: gs.GraphSamplerState):
-    """The step, then for its canvases the LM head and everything the sampler decides before its draws
-    (graph_sampler.decide), and the next self-conditioning input. ``canvas_rows`` [n] int64: the rows of a round
-    that encodes to decide for; None: every row (canvases only). ``state`` [n]: the canvases' sampler rows.
-    -> (hidden [n, C, H], argmax, accepted, mean_entropy, done, probs [n, C, V] for the draws, soft [n, C, H])."""
+                    decoder, writes, decide_rows, state: gs.GraphSamplerState):
+    """The step, then for the rows ``decide_rows`` [m] int64 the LM head, everything the sampler decides before its
+    draws (graph_sampler.decide, ``state`` [m] their sampler rows) and the next self-conditioning input.
+    -> (hidden [R, C, H] of every row, then for the m rows: argmax, accepted, mean_entropy, stable, done,
+    probs [m, C, V] for the draws, soft [m, C, H])."""
     hidden = run_step(model, group_of_layer, kv_buffers, ids, positions, soft_embeds, rows, key_masks, decoder, writes)
     c = key_masks[0].shape[-1] - rows[0].shape[1]
     hidden = hidden.view(-1, c, hidden.shape[-1])
-    if canvas_rows is not None:
-        hidden = hidden[canvas_rows]
-    logits = model.logits(hidden.flatten(0, 1)).view(hidden.shape[0], c, -1)
-    decision = gs.decide(logits, state, soft_embeds.dtype)
-    soft = model.soft_embed(decision.self_conditioning_probs)  # the vocab-sized probabilities die here
-    return hidden, decision.argmax, decision.accepted, decision.mean_entropy, decision.done, decision.probs, soft
+    chosen = hidden[decide_rows]
+    logits = model.logits(chosen.flatten(0, 1)).view(chosen.shape[0], c, -1)
+    d = gs.decide(logits, state, soft_embeds.dtype)
+    soft = model.soft_embed(d.self_conditioning_probs)  # the vocab-sized probabilities die here
+    return hidden, d.argmax, d.accepted, d.mean_entropy, d.stable, d.done, d.probs, soft
 
 
 class Judged(NamedTuple):
     """A round's canvases after the compiled part of their step (``CanvasStep.judged``), in batch order."""
 
     hidden: torch.Tensor  # [n, C, H] last hidden states
-    decision: gs.Decision  # its self_conditioning_probs already embedded: ``soft``
-    soft: torch.Tensor  # [n, C, H] the next step's self-conditioning input
+    # None when no sampler rows were given; its self_conditioning_probs are already embedded: ``soft``
+    decision: gs.Decision | None
+    soft: torch.Tensor | None  # [n, C, H] the next step's self-conditioning input
 
 
 def run_rounds(model, group_of_layer, steps: int, sampler, tile: int | None, kv_buffers, ids, positions, soft_embeds,
@@ -394,7 +394,14 @@ class CanvasStep:
         # every new prompt-length bucket.
         self._step = torch.compile(step, fullgraph=True) if mode == "compile" else step
         self._judged = torch.compile(judged, fullgraph=True) if mode == "compile" else judged
-        self.judges = judge and mode != "cuda_graph"
+        from sgl_diffusion.runtime.runner import sampler_tile_rows
+
+        self.sampler_tile = sampler_tile_rows(model.cfg.canvas_length, model.cfg.vocab_size)
+        # NOTE: float32 only: compiled, inductor drops the bf16 rounding of the scaled logits that transformers'
+        # self-conditioning input keeps (eb._self_conditioning_probs); and not with a vocabulary so large that a
+        # sampler tile is one canvas (the real model: a decision of even two rows would not fit beside the round's)
+        self.judges = (judge and mode != "cuda_graph" and model.embed_tokens.weight.dtype == torch.float32
+                       and self.sampler_tile >= 2)  # fmt: skip
         # sampler history rows in a judging graph (warm_up: the checkpoint's stability threshold): rows with fewer are
         # padded to it, rows with more take the eager sampler (another depth would be another graph)
         self.history_depth = 1
@@ -402,9 +409,6 @@ class CanvasStep:
         self._sampler_inputs: dict[tuple[int, ...], tuple] = {}
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, object]] = {}
         self._pool = None
-        from sgl_diffusion.runtime.runner import sampler_tile_rows
-
-        self.sampler_tile = sampler_tile_rows(model.cfg.canvas_length, model.cfg.vocab_size)
         if mode != "eager":
             # NOTE: each (graph kind, batch 1 or more, steps, history depth) is a graph of one code object, and at
             # dynamo's default limit of 8 a fullgraph compile raises instead of running; a server needs a few more
@@ -472,26 +476,31 @@ class CanvasStep:
     @torch.no_grad()
     def judged(self, batch: CanvasBatch, state: gs.GraphSamplerState | None) -> Judged:
         """A round that ``takes`` runs here, with the sampler's decision for its n canvases computed in the step:
-        ``state`` [n] their sampler rows (None: no canvas, or no decision wanted: dummy rows). Writes the encode
-        segments' KV. -> Judged, n canvases in batch order (n = 0: hidden states only)."""
+        ``state`` [n] their sampler rows; None: hidden states only (two dummy rows decide, whatever n: one graph
+        serves both, and a round the eager sampler steps pays for two rows of LM head, not n). Writes the encode
+        segments' KV. -> Judged, canvases in batch order."""
         n = len(batch.canvas_segments)
         if batch.token_kinds == "canvas":
             inputs = self.planner.plan(batch.segments, batch.input_ids, batch.canvas_soft_embeds)
-            canvas_rows, rows = None, inputs.rows[0].shape[0]  # batch-bucket padding canvases decide too
+            canvas_rows = torch.arange(n, device=self.planner.device)
         else:
             inputs, canvas_rows = self.planner.plan_batch(batch)
-            # NOTE: two rows at least, repeats of the first (a round with one canvas, or none, would be another graph)
-            first = canvas_rows[:1] if n else torch.zeros(1, dtype=torch.long, device=canvas_rows.device)
-            canvas_rows = torch.cat([canvas_rows, first.expand(max(0, 2 - n))])
-            torch._dynamo.maybe_mark_dynamic(canvas_rows, 0)
-            rows = canvas_rows.numel()
-        state = self._padded_state(state, rows)
+        # NOTE: two rows at least, repeats of the first (one row would be another graph; sizes 0 and 1 specialise)
+        deciding = state is not None
+        decide_rows = canvas_rows if deciding else canvas_rows[:0]
+        first = decide_rows[:1] if decide_rows.numel() else torch.zeros(1, dtype=torch.long, device=self.planner.device)
+        decide_rows = torch.cat([decide_rows, first.expand(max(0, 2 - decide_rows.numel()))])
+        torch._dynamo.maybe_mark_dynamic(decide_rows, 0)
+        state = self._padded_state(state, decide_rows.numel())
         args = (self.kv_buffers(), inputs.ids, inputs.positions, inputs.soft_embeds, inputs.rows, inputs.key_masks,
-                inputs.decoder, inputs.writes, canvas_rows, state)  # fmt: skip
+                inputs.decoder, inputs.writes, decide_rows, state)  # fmt: skip
         with sglang_runtime():
-            hidden, argmax, accepted, mean_entropy, done, probs, soft = self._judged(*args)
-        decision = gs.Decision(argmax[:n], probs[:n], None, None, accepted[:n], mean_entropy[:n], None, done[:n])
-        return Judged(hidden[:n], decision, soft[:n])
+            hidden, argmax, accepted, mean_entropy, stable, done, probs, soft = self._judged(*args)
+        hidden = hidden[canvas_rows]
+        if not deciding:
+            return Judged(hidden, None, None)
+        decision = gs.Decision(argmax[:n], probs[:n], None, None, accepted[:n], mean_entropy[:n], stable[:n], done[:n])
+        return Judged(hidden, decision, soft[:n])
 
     def _padded_state(self, state: gs.GraphSamplerState | None, rows: int) -> gs.GraphSamplerState:
         """``state`` padded to ``rows`` with repeats of its first row (none: rows that stop at once) and to

@@ -155,13 +155,13 @@ class DiffusionRunner:
         inside its graph; only the draws from each request's generator, in transformers' order, run here after it.
         """
         step = self.canvas_step
-        if (not states or step is None or not step.judges or len(states) > step.sampler_tile
-                or not step.takes(batch)):  # fmt: skip
+        if not states or step is None or not step.judges or not step.takes(batch):
             return self._step(self.forward(batch), states, frozen)
         params = [s.params for s in states]
-        # fixed positions, banned tokens, kept hidden states, or a longer stability history than the graph's: the
-        # step's dummy rows decide, and the eager sampler steps from its hidden states
-        decides = all(s.plain for s in states) and max(p.stability_threshold for p in params) <= step.history_depth
+        # more canvases than a sampler tile, fixed positions, banned tokens, kept hidden states, or a longer
+        # stability history than the graph's: two dummy rows decide, and the eager sampler steps from the hidden states
+        decides = (len(states) <= step.sampler_tile and all(s.plain for s in states)
+                   and max(p.stability_threshold for p in params) <= step.history_depth)  # fmt: skip
         state = gs.graph_state(params, [0] * len(states), [0] * len(states),
                                [max(s.step_remaining, 1) for s in states], [s.history for s in states],
                                step.planner.device) if decides else None  # fmt: skip

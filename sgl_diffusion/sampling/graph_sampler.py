@@ -324,8 +324,9 @@ def decide(
     entropy, acceptance, fixed positions, stopping rule. `draw` (probs [B, C, V] -> candidates [B, C]) draws the
     candidates as soon as the probabilities exist, which frees them before the entropy's temporaries in a non-float32
     model (`graph_step`); None returns the probabilities for a draw after (exact mode runs this part inside the
-    compiled canvas step and draws from each request's generator after it, runner.DiffusionRunner). Given the same
-    temperature bits, the values are entropy_bound.step's (the same ops)."""
+    compiled canvas step and draws from each request's generator after it, runner.DiffusionRunner). Run eagerly, its
+    values are entropy_bound.step's bit for bit (the same ops, the same temperature bits); compiled, the temperature
+    still is, the rest within float32 rounding."""
     temp = graph_temperature(state, logits.device.type)
     scaled = logits / temp[:, None, None]  # [B, C, V] fp32
     if banned is not None:

@@ -376,6 +376,30 @@ def test_judging_runner_steps_as_the_exact_sampler(model, cached):
         assert torch.equal(a, b)
 
 
+def test_rounds_the_eager_sampler_steps_decide_for_two_dummy_rows(model, cached, monkeypatch):
+    """A judging step's round whose canvases the eager sampler steps (here a banned token) runs the LM head over two
+    dummy rows in the graph, not over every canvas twice; a round it decides runs it once over its canvases. Judging
+    is for float32 models only (compiled, inductor drops the bf16 rounding of transformers' self-conditioning input)."""
+    from sgl_diffusion.runtime.runner import CanvasState, make_generator
+    from sgl_diffusion.sampling.params import DiffusionParams
+
+    kv, _, prefixes = cached
+    cfg = model.cfg
+    c = cfg.canvas_length
+    rows = []
+    monkeypatch.setattr(model, "logits", lambda hidden, fn=model.logits: rows.append(hidden.shape[0]) or fn(hidden))
+    runner = DiffusionRunner(model, SdpaBackend(kv, cfg.sliding_window), CanvasStep(model, kv, "eager", judge=True))
+    params = DiffusionParams(48, 0.1, 0.4, 0.8, 0.0, 1)
+    states = [CanvasState.first(params, make_generator(i, "cpu"), c, cfg.vocab_size, "cpu") for i in range(3)]
+    segments = [Segment("canvas", i, c, p.numel(), p) for i, p in enumerate(prefixes)]
+    runner.run(CanvasBatch(segments, *runner.canvas_inputs(states)), states)
+    states[2].banned = (3,)
+    runner.run(CanvasBatch(segments, *runner.canvas_inputs(states)), states)
+    assert rows == [3 * c, 2 * c, 3 * c]
+    assert not CanvasStep(copy.deepcopy(model).to(torch.bfloat16), kv, "compile", judge=True).judges
+    assert CanvasStep(model, kv, "compile", judge=True).judges
+
+
 @pytest.mark.parametrize("judge", [False, True])
 def test_a_canvas_done_early_in_a_round_stays_done(model, cached, judge):
     """A canvas that stops on the stability rule at a round's first step is frozen for the round's later steps: it
