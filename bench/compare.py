@@ -335,8 +335,9 @@ def round_inputs(model, prompts, batch: int, canvas_step: str | None = None):
 
 def overhead_ratio(model_dir, prompts, batch: int, rounds: int, canvas_step: str | None = None) -> dict:
     """Denoise-only rounds of ``batch`` canvases, ms per round: ``wall``, ``forward`` (the model forward's wall time
-    within it; a compiled round's: with the LM head and the sampler's decision, computed in its graph), ``kernels`` (GEMM + attention self time under the profiler), ``all_ops`` (self time of every aten op),
-    ``ops`` (top-level non-view aten calls), and ``ratio`` = wall / kernels. ``canvas_step="compile"``: the rounds of
+    within it; a compiled round's: with the LM head and the sampler's decision, computed in its graph), ``kernels``
+    (GEMM + attention self time under the profiler), ``all_ops`` (self time of every aten op), ``ops`` (top-level
+    non-view aten calls), and ``ratio`` = wall / kernels. ``canvas_step="compile"``: the rounds of
     a server with --enable-torch-compile (compiled first, outside the timing)."""
     from torch.profiler import ProfilerActivity, profile
 
