@@ -462,16 +462,27 @@ def test_server_picks_the_canvas_step_from_its_flags(model, cached):
     assert graphed_canvas_step(model, kv, off, torch.device("cpu")) is None
 
 
-def test_warm_up_compiles_every_graph_before_serving(model, cached):
+def test_warm_up_compiles_every_graph_before_serving(model, cached, monkeypatch):
     """A compiled server's judging step (exact mode): after warm_up, a batch of one and a batch of several canvases
     over a longer context, and rounds that encode (nine rows, or one), compile nothing new, with or without sampler
     rows, with the checkpoint's stability window or a shorter one; the compiled round that encodes computes the eager
-    one, its sampler decision included."""
+    one, its sampler decision included. Its graphs guard their inputs, not the model's modules, and a weight swapped
+    in is read without a recompile."""
+    from sgl_diffusion.runtime import canvas_step
     from sgl_diffusion.runtime.runner import CanvasState
     from sgl_diffusion.sampling import graph_sampler as gs
     from sgl_diffusion.sampling.params import DiffusionParams
 
+    kept_by_graph, guard_filter = [], canvas_step.GUARD_FILTER
+
+    def recording_filter(entries):
+        keep = guard_filter(entries)
+        kept_by_graph.append([(entry.name, kept) for entry, kept in zip(entries, keep, strict=True)])
+        return keep
+
+    monkeypatch.setattr(canvas_step, "GUARD_FILTER", recording_filter)
     torch._dynamo.reset()
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # the module's earlier tests compile too
     kv, _, prefixes = cached
     step = CanvasStep(model, kv, "compile", judge=True)
     params = DiffusionParams(48, 0.1, 0.4, 0.8, 0.0, 1)
@@ -499,3 +510,22 @@ def test_warm_up_compiles_every_graph_before_serving(model, cached):
     assert rel_err(judged.decision.probs, want.decision.probs) < 1e-5
     assert (judged.decision.argmax == want.decision.argmax).float().mean() > 0.95  # near-ties may round either way
     assert judged.decision.done.tolist() == want.decision.done.tolist() == [False, False]
+    # the graphs guard the step's inputs, not the model's modules: a weight swapped in (same shape) is read by the
+    # same graph at its next call
+    norm = model.layers[-1].post_feedforward_layernorm
+    weight = norm.weight
+    try:
+        norm.weight = torch.nn.Parameter(weight.detach() * 1.5, requires_grad=weight.requires_grad)
+        swapped = step(*canvas_batch(model, prefixes, first_step=False))
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames
+        want = CanvasStep(model, kv, "eager")(*canvas_batch(model, prefixes, first_step=False))
+    finally:
+        norm.weight = weight
+    assert rel_err(swapped, want) < 1e-5
+    assert rel_err(swapped, step(*canvas_batch(model, prefixes, first_step=False))) > 1e-2
+    assert len(kept_by_graph) == frames - graphs_before  # every graph's guards went through the filter
+    for guards in kept_by_graph:
+        on_model = [kept for name, kept in guards if name.startswith("fn.args[0]")]  # the partial's model argument
+        on_inputs = [kept for name, kept in guards if name.startswith("args[")]
+        assert len(on_model) > 1000 and not any(on_model)
+        assert on_inputs and all(on_inputs)
