@@ -378,6 +378,8 @@ def check_supported(scheduler: Scheduler) -> None:
         "PD disaggregation": scheduler.disaggregation_mode != DisaggregationMode.NULL,
         "pipeline parallelism": scheduler.server_args.pp_size > 1,
         "PD multiplexing": scheduler.enable_pdmux,
+        # the canvas forward never sets up sglang's LoRA batch info: adapters would be ignored, or their layers fail
+        "LoRA adapters": scheduler.enable_lora,
     }
     if on := [name for name, enabled in unsupported.items() if enabled]:
         raise RuntimeError(f"sgl-diffusion does not support {', '.join(on)} for {ARCHITECTURE} yet")

@@ -1,3 +1,4 @@
+import inspect
 from inspect import Parameter
 from types import SimpleNamespace
 
@@ -97,18 +98,28 @@ def test_installed_dispatch_runs_canvas_loop(applied, run_event_loop):
 
 
 def test_unsupported_modes_refused_at_startup():
-    """PD disaggregation, pipeline parallelism and PD multiplexing stop the scheduler with a clear error."""
+    """PD disaggregation, pipeline parallelism, PD multiplexing and LoRA adapters stop the scheduler with a clear
+    error; the flags checked are the ones sglang's Scheduler sets."""
     from sglang.srt.disaggregation.utils import DisaggregationMode
+    from sglang.srt.managers import scheduler as sglang_scheduler
     from sgl_diffusion.runtime.scheduler_hook import check_supported
 
+    def modes(**changed):
+        return SimpleNamespace(**({"disaggregation_mode": DisaggregationMode.NULL, "enable_pdmux": False,
+                                   "enable_lora": False, "server_args": SimpleNamespace(pp_size=1)} | changed))
+
     with pytest.raises(RuntimeError, match="PD disaggregation"):
-        check_supported(SimpleNamespace(disaggregation_mode=DisaggregationMode.PREFILL, enable_pdmux=False,
-                                        server_args=SimpleNamespace(pp_size=1)))
+        check_supported(modes(disaggregation_mode=DisaggregationMode.PREFILL))
     with pytest.raises(RuntimeError, match="pipeline parallelism"):
-        check_supported(SimpleNamespace(disaggregation_mode=DisaggregationMode.NULL, enable_pdmux=False,
-                                        server_args=SimpleNamespace(pp_size=2)))
-    check_supported(SimpleNamespace(disaggregation_mode=DisaggregationMode.NULL, enable_pdmux=False,
-                                    server_args=SimpleNamespace(pp_size=1)))
+        check_supported(modes(server_args=SimpleNamespace(pp_size=2)))
+    with pytest.raises(RuntimeError, match="PD multiplexing"):
+        check_supported(modes(enable_pdmux=True))
+    with pytest.raises(RuntimeError, match="LoRA adapters"):
+        check_supported(modes(enable_lora=True))
+    check_supported(modes())
+    source = inspect.getsource(sglang_scheduler.Scheduler)
+    for flag in ("disaggregation_mode", "enable_pdmux", "enable_lora"):
+        assert f"self.{flag} = " in source
 
 
 def test_collect_inflight_reqs_adds_engine_reqs():
