@@ -380,6 +380,10 @@ def check_supported(scheduler: Scheduler) -> None:
         "PD multiplexing": scheduler.enable_pdmux,
         # the canvas forward never sets up sglang's LoRA batch info: adapters would be ignored, or their layers fail
         "LoRA adapters": scheduler.enable_lora,
+        # the canvas loop neither drafts nor verifies tokens: the draft worker would only hold memory
+        "speculative decoding": not scheduler.spec_algorithm.is_none(),
+        # host-memory KV (HiCache) needs sglang's batch loop to load prefixes back and acknowledge write-throughs
+        "hierarchical KV cache": scheduler.enable_hierarchical_cache,
     }
     if on := [name for name, enabled in unsupported.items() if enabled]:
         raise RuntimeError(f"sgl-diffusion does not support {', '.join(on)} for {ARCHITECTURE} yet")

@@ -98,15 +98,19 @@ def test_installed_dispatch_runs_canvas_loop(applied, run_event_loop):
 
 
 def test_unsupported_modes_refused_at_startup():
-    """PD disaggregation, pipeline parallelism, PD multiplexing and LoRA adapters stop the scheduler with a clear
-    error; the flags checked are the ones sglang's Scheduler sets."""
+    """PD disaggregation, pipeline parallelism, PD multiplexing, LoRA adapters, speculative decoding and the
+    hierarchical KV cache stop the scheduler with a clear error; the flags checked are the ones sglang's Scheduler
+    sets."""
     from sglang.srt.disaggregation.utils import DisaggregationMode
     from sglang.srt.managers import scheduler as sglang_scheduler
+    from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
     from sgl_diffusion.runtime.scheduler_hook import check_supported
 
     def modes(**changed):
         return SimpleNamespace(**({"disaggregation_mode": DisaggregationMode.NULL, "enable_pdmux": False,
-                                   "enable_lora": False, "server_args": SimpleNamespace(pp_size=1)} | changed))
+                                   "enable_lora": False, "spec_algorithm": SpeculativeAlgorithm.from_string(None),
+                                   "enable_hierarchical_cache": False, "server_args": SimpleNamespace(pp_size=1)}
+                                  | changed))
 
     with pytest.raises(RuntimeError, match="PD disaggregation"):
         check_supported(modes(disaggregation_mode=DisaggregationMode.PREFILL))
@@ -116,9 +120,13 @@ def test_unsupported_modes_refused_at_startup():
         check_supported(modes(enable_pdmux=True))
     with pytest.raises(RuntimeError, match="LoRA adapters"):
         check_supported(modes(enable_lora=True))
+    with pytest.raises(RuntimeError, match="speculative decoding"):
+        check_supported(modes(spec_algorithm=SpeculativeAlgorithm.from_string("NGRAM")))
+    with pytest.raises(RuntimeError, match="hierarchical KV cache"):
+        check_supported(modes(enable_hierarchical_cache=True))
     check_supported(modes())
     source = inspect.getsource(sglang_scheduler.Scheduler)
-    for flag in ("disaggregation_mode", "enable_pdmux", "enable_lora"):
+    for flag in ("disaggregation_mode", "enable_pdmux", "enable_lora", "spec_algorithm", "enable_hierarchical_cache"):
         assert f"self.{flag} = " in source
 
 
