@@ -16,10 +16,12 @@ window, one after the other, repeated (--repeats, interleaved), and each figure 
 - batch8_over_batch1: aggregate tokens/s of 8 requests sent together over the same 8 sent one after another;
 - forwards_vs_ar: model forwards per output token, ours over sglang's own decode of a tiny Llama of the same
   width and active size (random weights; sglang's CPU engine), and the wall time per token of both;
-- overhead_ratio_b1 / _b8: wall time of one denoise round (forward, LM head, sampler) on 1 / 8 canvases over the
-  time of the same round's GEMM and attention kernels alone (self time of aten::mm/addmm/bmm/_grouped_mm and the
-  SDPA kernels in a torch.profiler trace): how far from the machine's compute limit the round is. With
-  --torch-compile these are the compiled rounds the server runs, and overhead_ratio_eager_b* the eager ones;
+- overhead_ratio_b1 / _b8: wall time of the model forward of one denoise round on 1 / 8 canvases (canvas ids to
+  logits: the transformer and the LM head) over the time of the same forward's GEMM and attention kernels alone
+  (self time of aten::mm/addmm/bmm/_grouped_mm and the SDPA kernels in a torch.profiler trace): how far from the
+  machine's compute limit the forward is. round_overhead_ratio_b1 / _b8: the same for the whole round (the forward,
+  the sampler with its draws from each request's generator, the round's planning and bookkeeping) over its kernels.
+  With --torch-compile these are compiled as the server compiles them, and *_eager_b* the eager ones;
 - peak_mem_per_canvas_mb: growth of a process's peak RSS per additional canvas in flight (a round at 1 and at
   --mem-batch canvases, each in a fresh process).
 
@@ -30,10 +32,9 @@ Then the keys that bound the targets (bench/RESULTS.md, "Targets"), from the sam
 - eager_ops_per_round_b1 (top-level non-view aten calls of a 1-canvas round), dispatch_us (the cheapest aten call on
   this machine), rounds_n1 (our rounds for request 0), speedup_vs_hf_n1_eager_floor: transformers' wall over our
   kernel time plus that many calls at that cost per round (the floor while the forward issues those calls);
-- forward_ratio_b8 (model forward wall / kernels of the whole round: the ratio if nothing outside models/ cost
-  anything), all_ops_ratio_b8 (self time of every aten op / kernels: the ratio if Python cost nothing);
+- all_ops_ratio_b8 (self time of every aten op of the eager round / its kernels: the ratio if Python cost nothing);
 - batch8_over_batch1_zero_overhead (8 x 1-canvas kernels / 8-canvas kernels) and batch8_over_batch1_max_at_1_5
-  (the most batch8_over_batch1 can be while overhead_ratio_b8 <= 1.5, given those kernels; see round_bounds).
+  (the most batch8_over_batch1 can be while round_overhead_ratio_b8 <= 1.5, given those kernels; see round_bounds).
 
 The server runs with OMP_NUM_THREADS=--threads and transformers in this process with as many torch threads.
 Tokens of our server and of transformers are compared (same seeds, same tokens expected on a confident model),
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import datetime
 import json
 import os
@@ -136,15 +138,18 @@ def main() -> None:
         "forwards_vs_ar": ours_fwd_per_tok / 1.0,
         "wall_per_token_ms_ours": r["t_ours_n1"] / r["tokens_n1"] * 1e3,
         "wall_per_token_ms_ar": ar,
-        "overhead_ratio_b1": served[1]["ratio"],
-        "overhead_ratio_b8": served[8]["ratio"],
+        "overhead_ratio_b1": served[1]["forward_ratio"],
+        "overhead_ratio_b8": served[8]["forward_ratio"],
+        "round_overhead_ratio_b1": served[1]["ratio"],
+        "round_overhead_ratio_b8": served[8]["ratio"],
         "peak_mem_per_canvas_mb": mem,
         "mean_steps_per_canvas": r["steps_per_canvas"],
         "accuracy_ours": acc_ours,
         "accuracy_hf": acc_hf,
     }
     if served is not overhead:
-        lines |= {"overhead_ratio_eager_b1": overhead[1]["ratio"], "overhead_ratio_eager_b8": overhead[8]["ratio"]}
+        lines |= {f"{kind}_eager_b{b}": overhead[b][key] for kind, key in
+                  (("overhead_ratio", "forward_ratio"), ("round_overhead_ratio", "ratio")) for b in (1, 8)}
     lines |= bounds(r, overhead, budget, n)
     table = report(args, r, overhead, served, ar, mem, same, lines, load_before, load_after)
     print(table)
@@ -370,6 +375,7 @@ def overhead_ratio(model_dir, prompts, batch: int, rounds: int, canvas_step: str
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(rounds):
                 engine.scheduler.step()
+        alone = forward_alone(model, engine, canvas_step, rounds)
     wall = median_spread(walls)[0]
     per_round = lambda us: us / 1e3 / rounds  # noqa: E731
     events = prof.events()
@@ -378,7 +384,47 @@ def overhead_ratio(model_dir, prompts, batch: int, rounds: int, canvas_step: str
     kernels = per_round(sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in KERNELS))
     return {"ratio": wall * 1e3 / kernels, "wall": wall * 1e3, "forward": median_spread(forward)[0] * 1e3,
             "kernels": kernels, "all_ops": per_round(sum(e.self_cpu_time_total for e in aten)),
-            "ops": sum(e.name not in VIEW_OPS for e in top) / rounds}  # fmt: skip
+            "ops": sum(e.name not in VIEW_OPS for e in top) / rounds} | alone  # fmt: skip
+
+
+def forward_alone(model, engine, canvas_step: str | None, rounds: int) -> dict:
+    """The model forward of ``engine``'s next denoise round alone, canvas ids to logits (no sampler, no round
+    bookkeeping), replayed: ``forward_alone_wall`` (ms, median), ``forward_alone_kernels`` (its GEMM and attention
+    kernels, ms) and ``forward_ratio`` (the two's ratio: overhead_ratio_b* in the module docstring).
+
+    Compiled (``canvas_step``), it is the step without the sampler's decision, compiled alike (a judging server's
+    round graph holds both); eager, the mixed forward. Canvas-only rounds write no KV, so replays change nothing."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from sgl_diffusion.runtime.canvas_batch import CanvasBatch
+    from sgl_diffusion.runtime.canvas_step import CanvasStep
+
+    runner = engine.scheduler.runner
+    seen = []
+    run = runner.run
+    runner.run = lambda batch, *a, **k: (seen.append(batch), run(batch, *a, **k))[1]
+    try:
+        engine.scheduler.step()
+    finally:
+        del runner.run
+    batch = seen[0]
+    assert batch.token_kinds == "canvas", "a round that encodes: the probe wants denoise-only rounds"
+    if canvas_step is None:  # the mixed forward consumes its segments' planning state: fresh copies each call
+        hidden = lambda: runner.forward(CanvasBatch([dataclasses.replace(s) for s in batch.segments],  # noqa: E731
+                                                    batch.input_ids, batch.canvas_soft_embeds))
+    else:
+        step = CanvasStep(model, runner.canvas_step.kv, canvas_step, judge=False)
+        hidden = lambda: step(batch.segments, batch.input_ids, batch.canvas_soft_embeds)  # noqa: E731
+    forward = lambda: model.logits(hidden())  # noqa: E731
+    for _ in range(3):  # compiles the step (compiled mode)
+        forward()
+    walls = [timed(forward)[0] for _ in range(rounds * 3)]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(rounds):
+            forward()
+    wall = median_spread(walls)[0] * 1e3
+    kernels = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in KERNELS) / 1e3 / rounds
+    return {"forward_alone_wall": wall, "forward_alone_kernels": kernels, "forward_ratio": wall / kernels}
 
 
 def kernel_budget(model_dir, hf: HfSide, prompts, seeds, max_steps, hf_batched: bool) -> dict:
@@ -448,7 +494,6 @@ def bounds(r, overhead, budget, n) -> dict:
         "eager_ops_per_round_b1": overhead[1]["ops"],
         "dispatch_us": budget["dispatch_us"],
         "speedup_vs_hf_n1_eager_floor": t["hf1"] / floor_n1,
-        "forward_ratio_b8": overhead[8]["forward"] / k8,
         "all_ops_ratio_b8": overhead[8]["all_ops"] / k8,
         "batch8_over_batch1_zero_overhead": 8 * k1 / k8,
         "batch8_over_batch1_max_at_1_5": round_bounds(k1, k8, 1.5),
@@ -541,6 +586,8 @@ def report(args, r, overhead, served, ar, mem, same, lines, load_before, load_af
             rows.append(f"{f'{kind}denoise round, {b} canvas(es): wall / forward / kernels / all aten ops (ms)':70} "
                         f"{o['wall']:.2f} / {o['forward']:.2f} / {o['kernels']:.2f} / {o['all_ops']:.2f}; "
                         f"{o['ops']:.0f} non-view aten calls")  # fmt: skip
+            rows.append(f"{f'{kind}forward alone (ids to logits), {b} canvas(es): wall / kernels (ms)':70} "
+                        f"{o['forward_alone_wall']:.2f} / {o['forward_alone_kernels']:.2f}")
     notes = (f"{n} requests: {r['tokens']} tokens in {r['canvases']} canvases, "
              f"{r['steps_per_canvas']:.2f} denoise steps "
              f"per canvas (of 48); transformers' better N={n} mode: {r['hf_mode']}; our tokens equal transformers' "

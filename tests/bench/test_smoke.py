@@ -66,7 +66,7 @@ def test_compare_prints_every_key(tiny_checkpoint_dir):
     got = keys(out)
     expected = {"speedup_vs_hf_n1", "speedup_vs_hf_n2", "tokens_per_forward", "batch8_over_batch1", "forwards_vs_ar",
                 "wall_per_token_ms_ours", "wall_per_token_ms_ar", "overhead_ratio_b1", "overhead_ratio_b8",
-                "peak_mem_per_canvas_mb", "mean_steps_per_canvas", "accuracy_ours", "accuracy_hf"}  # fmt: skip
+                "round_overhead_ratio_b1", "round_overhead_ratio_b8", "peak_mem_per_canvas_mb", "mean_steps_per_canvas", "accuracy_ours", "accuracy_hf"}  # fmt: skip
     assert expected <= got.keys(), out
     assert got["mean_steps_per_canvas"] == 2.0  # a random model never stops early
     last = out.strip().splitlines()[-len(expected) :]
@@ -102,3 +102,6 @@ def test_compare_times_a_judging_steps_forward(tiny_checkpoint_dir):
     prompts = [[2, 5, 7, 9]] * 2
     got = compare.overhead_ratio(tiny_checkpoint_dir, prompts, batch=2, rounds=1, canvas_step="eager")
     assert 0 < got["forward"] < got["wall"] and got["kernels"] > 0
+    # the forward alone, replayed without the sampler (no timing comparison: both are noisy measurements)
+    assert got["forward_alone_kernels"] > 0 and got["forward_alone_wall"] > 0
+    assert got["forward_ratio"] == got["forward_alone_wall"] / got["forward_alone_kernels"]
