@@ -43,8 +43,12 @@ def test_native_stream_carries_drafts_beside_unchanged_committed_output(server):
     assert all(len(d["token_ids"]) == (CANVAS if d["canvas"] < 2 else MAX_TOKENS - 2 * CANVAS) for d in drafts)
     assert all(isinstance(d["text"], str) for d in drafts)
     assert with_drafts[-1]["output_ids"] == plain[-1]["output_ids"] and with_drafts[-1]["text"] == plain[-1]["text"]
-    committed = [e for e in with_drafts if "diffusion_draft" not in e["meta_info"]]
-    assert [len(e["output_ids"]) for e in committed] == [len(e["output_ids"]) for e in plain] == [32, 64, 70]
+    # committed output grows by whole canvases in both streams (an unread commit may be replaced by the next
+    # draft's event, which carries it too: sglang keeps only the newest unread chunk); drafts repeat it
+    lengths = [len(e["output_ids"]) for e in plain]
+    assert lengths == sorted(set(lengths)) and set(lengths) <= {32, 64, 70} and lengths[-1] == 70, lengths
+    lengths = [len(e["output_ids"]) for e in with_drafts]
+    assert lengths == sorted(lengths) and set(lengths) <= {0, 32, 64, 70} and lengths[-1] == 70, lengths
     assert all("diffusion_draft" not in e["meta_info"] for e in plain)
 
 
@@ -75,7 +79,9 @@ def test_openai_stream_sends_drafts_as_choiceless_chunks(client, route):
             return [(c.choices[0].delta.content, c.choices[0].finish_reason) for c in stream if c.choices]
         return [(c.choices[0].text, c.choices[0].finish_reason) for c in stream if c.choices]
 
-    assert choices(chunks) == choices(plain) and choices(plain)[-1][1] == "length"
+    # the same text and finish (not the same chunk boundaries: sglang keeps only the newest unread chunk)
+    assert "".join(t or "" for t, _ in choices(chunks)) == "".join(t or "" for t, _ in choices(plain))
+    assert [f for _, f in choices(chunks) if f] == [f for _, f in choices(plain) if f] == ["length"]
     assert all(c.choices for c in plain)
 
 

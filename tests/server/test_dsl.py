@@ -144,10 +144,7 @@ def test_stream_text_iter(backend, dsl_server, tiny_checkpoint_dir):
     }).json()["output_ids"]
     tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint_dir)
     full = tokenizer.decode(ids, skip_special_tokens=True)
-    # at most one chunk per canvas; at least one per canvas whose text does not end mid UTF-8 sequence (the
-    # detokenizer holds back such a tail until the next canvas)
-    clean = [tokenizer.decode(ids[:end], skip_special_tokens=True) for end in (CANVAS, 2 * CANVAS)]
-    fewest = 1 + sum(not t.endswith("\ufffd") for t in clean)
+    # at most one chunk per canvas (not at least: sglang hands a stream only the newest of its unread chunks)
 
     def one_run(var):
         state = story.run(max_tokens=3 * CANVAS, temperature=0, stream=True, backend=backend)
@@ -156,9 +153,9 @@ def test_stream_text_iter(backend, dsl_server, tiny_checkpoint_dir):
         return chunks, (state["a"] if var else state.text())
 
     chunks, text = one_run("a")
-    assert "".join(chunks) == text == full and fewest <= len(chunks) <= 3
+    assert "".join(chunks) == text == full and 1 <= len(chunks) <= 3
     chunks, text = one_run(None)
-    assert "".join(chunks) == text and chunks[0] == "Once upon a time" and fewest <= len(chunks) - 1 <= 3
+    assert "".join(chunks) == text and chunks[0] == "Once upon a time" and 1 <= len(chunks) - 1 <= 3
 
 
 def test_run_batch(backend):

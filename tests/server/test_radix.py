@@ -4,6 +4,7 @@ import pytest
 import requests
 
 from tests.server.conftest import Server
+from tests.server.test_load import assert_idle_and_no_kv_in_use
 
 pytestmark = pytest.mark.slow
 
@@ -12,11 +13,6 @@ def generate(server, **body):
     resp = server.post("/generate", body)
     assert resp.status_code == 200, resp.text
     return resp.json()
-
-
-def used_tokens(server) -> int:
-    assert requests.post(f"{server.url}/flush_cache", params={"timeout": 30}, timeout=60).status_code == 200
-    return requests.get(f"{server.url}/v1/loads", timeout=30).json()["loads"][0]["num_used_tokens"]
 
 
 def test_repeated_prompt_is_served_from_cache(server):
@@ -67,7 +63,7 @@ def test_next_turn_reuses_an_answer_that_ended_on_eos(server):
 def test_kv_returned_after_requests(server):
     """After requests finish and the cache is flushed, no KV token is in use."""
     generate(server, text="memory check", sampling_params={"max_new_tokens": 50, "diffusion": {"max_denoising_steps": 1}})
-    assert used_tokens(server) == 0
+    assert_idle_and_no_kv_in_use(server)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +81,7 @@ def test_eviction_under_memory_pressure(small_server):
         out = generate(small_server, input_ids=ids, sampling_params={"max_new_tokens": 64, "ignore_eos": True,
                                                                     "diffusion": {"max_denoising_steps": 1}})
         assert len(out["output_ids"]) == 64
-    assert used_tokens(small_server) == 0
+    assert_idle_and_no_kv_in_use(small_server)
 
 
 def test_requests_beyond_max_running_wait_their_turn(small_server):
@@ -99,4 +95,4 @@ def test_requests_beyond_max_running_wait_their_turn(small_server):
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         outs = list(pool.map(one, range(8)))
     assert all(len(o["output_ids"]) == 40 for o in outs)
-    assert used_tokens(small_server) == 0
+    assert_idle_and_no_kv_in_use(small_server)
