@@ -1,6 +1,7 @@
 """What the graph-ready canvas step buys on this CPU: whole generations through the offline engine, side by side.
 
     .venv/bin/python bench/bench_canvas_step.py [--requests 16] [--repeats 5] [--threads 1] [--steps-per-round 1]
+                                                [--profile]
 
 Modes (``--modes``, each one engine over the same checkpoint, requests, seeds and default sampler settings):
 - ``mixed``: every round through the model's mixed forward (a server without --enable-torch-compile);
@@ -14,6 +15,12 @@ first (compiles included), then the modes alternate repeat by repeat so that loa
 request (n=1) and per batch (n=N), median [min..max], this thread's CPU time too, the ratios to ``mixed``,
 whether each mode's tokens equal ``mixed``'s (exact modes) or ``counter``'s (counter modes), and the share of
 right answers; ``key: value`` lines last.
+
+``--profile`` then runs each mode's n=1 pass once more under torch.profiler and prints where a request's time goes
+(self times, ms a request): the GEMM and attention kernels, inductor's other kernels (norms, rope, GELUs, softmaxes;
+compiled modes), the compiled graphs' Python wrappers and how many calls, dynamo's cache lookup, and the exact draws'
+``uniform_``. Inductor then records each of its kernels (``cpp.enable_kernel_profile``, set before any compile),
+which costs time of its own: a --profile run's timings are not comparable to another run's.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load_average  # noqa: E402
+from common import KERNELS, load_average  # noqa: E402
 
 MODES = {  # name -> (canvas step mode, rng)
     "mixed": (None, "exact"),
@@ -43,6 +50,10 @@ MAX_NEW_TOKENS = 64
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
+    if args.profile:
+        from torch._inductor import config as inductor_config
+
+        inductor_config.cpp.enable_kernel_profile = True
     from safetensors.torch import load_file
     from transformers import AutoConfig
     from transformers.models.diffusion_gemma.generation_diffusion_gemma import DiffusionGemmaGenerationConfig
@@ -123,8 +134,37 @@ def main() -> None:
             lines[f"speedup_n1_{key}"] = med["mixed", "n1"] / med[name, "n1"]
             lines[f"speedup_n{n}_{key}"] = med["mixed", "nN"] / med[name, "nN"]
     print(f"after: {load_average()}")
+    if args.profile:
+        lines |= profile_n1(args.modes, generate, everyone)
     for key, value in lines.items():
         print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")
+
+
+def profile_n1(modes, generate, everyone) -> dict:
+    """(--profile) Each mode's requests one at a time under torch.profiler: self times in ms a request."""
+    from torch.profiler import ProfilerActivity, profile
+
+    parts = {  # key -> which profiler events it sums
+        "gemm_attention": lambda key: key in KERNELS,
+        "inductor_kernels": lambda key: key.startswith("graph_") and "_cpp_fused_" in key,
+        "graph_wrappers": lambda key: key.startswith("## Call CompiledFxGraph"),
+        "dynamo_lookup": lambda key: key == "TorchDynamo Cache Lookup",
+        "uniform": lambda key: key == "aten::uniform_",
+    }
+    lines = {}
+    print("profile, ms a request at n=1: " + ", ".join(parts) + ", compiled graph calls a request")
+    for name in modes:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for i in everyone:
+                generate(name, [i])
+        events, n = prof.key_averages(), len(everyone)
+        key = name.replace("-", "_")
+        for part, picks in parts.items():
+            lines[f"profile_{key}_{part}_ms"] = sum(e.self_cpu_time_total for e in events if picks(e.key)) / 1e3 / n
+        lines[f"profile_{key}_graph_calls"] = sum(e.count for e in events if parts["graph_wrappers"](e.key)) / n
+        print(f"{name:18} " + ", ".join(f"{lines[f'profile_{key}_{part}_ms']:.2f}" for part in parts)
+              + f", {lines[f'profile_{key}_graph_calls']:.1f}")
+    return lines
 
 
 def parse_args() -> argparse.Namespace:
@@ -136,6 +176,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--steps-per-round", type=int, default=1)
     p.add_argument("--seed", type=int, default=1000)
+    p.add_argument("--profile", action="store_true", help="then profile each mode's n=1 pass (see the docstring)")
     args = p.parse_args()
     unknown = set(args.modes) - set(MODES)
     if unknown:

@@ -21,6 +21,11 @@ CPU_FLAGS = ("--device", "cpu", "--max-total-tokens", "8192", "--skip-server-war
 STUBS = Path(__file__).resolve().parent / "stubs"
 
 
+# the GEMM and attention kernels (torch.profiler event names): the compute a forward cannot do without
+KERNELS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_grouped_mm", "aten::baddbmm",
+           "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math")  # fmt: skip
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

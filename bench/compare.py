@@ -62,7 +62,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    ar_server_env, fmt_spread, launch_server, load_average, median_spread, stop_server, wait_healthy,
+    KERNELS, ar_server_env, fmt_spread, launch_server, load_average, median_spread, stop_server, wait_healthy,
 )
 
 MAX_NEW_TOKENS = 64  # two canvases of the tiny checkpoint; every answer (56 tokens with <eos>) fits
@@ -71,8 +71,6 @@ VIEW_OPS = {"aten::" + op for op in (
     "view", "reshape", "slice", "select", "transpose", "t", "unsqueeze", "squeeze", "expand", "as_strided", "narrow",
     "split", "split_with_sizes", "chunk", "unbind", "permute", "detach", "alias", "_unsafe_view", "view_as", "flatten",
     "unflatten", "contiguous", "expand_as", "type_as", "to", "result_type", "lift_fresh")}  # metadata only (or no-ops)
-KERNELS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_grouped_mm", "aten::baddbmm",
-           "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math")  # fmt: skip
 
 
 COMPILE_NOTE = ", our server with --enable-torch-compile"

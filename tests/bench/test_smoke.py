@@ -85,9 +85,13 @@ def test_bench_round_runs(tiny_checkpoint_dir):
 def test_bench_canvas_step_runs():
     """The side-by-side run of the canvas step's modes, uncompiled ones only (a compile takes tens of seconds): the
     static layout gives the mixed forward's tokens, the graphed counter rounds are reachable from the CLI."""
-    out = keys(run("bench_canvas_step.py", "--modes", "mixed,static,counter", "--requests", "2", "--repeats", "1"))
+    out = keys(run("bench_canvas_step.py", "--modes", "mixed,static,counter", "--requests", "2", "--repeats", "1",
+                   "--profile"))
     assert out["same_tokens_static"] == 2 and out["same_tokens_counter"] == 2
     assert {"speedup_n1_static", "ms_per_request_n1_mixed", "right_counter"} <= out.keys()
+    # --profile: the GEMMs and SDPA were found; uncompiled modes run no inductor kernel and no compiled graph
+    assert out["profile_static_gemm_attention_ms"] > 0 and out["profile_mixed_uniform_ms"] > 0
+    assert out["profile_static_inductor_kernels_ms"] == 0 and out["profile_static_graph_calls"] == 0
 
 
 def test_compare_times_a_judging_steps_forward(tiny_checkpoint_dir):
