@@ -407,7 +407,7 @@ def forward_alone(model, engine, canvas_step: str | None, rounds: int) -> dict:
         del runner.run
     batch = seen[0]
     assert batch.token_kinds == "canvas", "a round that encodes: the probe wants denoise-only rounds"
-    if canvas_step is None:  # the mixed forward consumes its segments' planning state: fresh copies each call
+    if canvas_step is None:  # a fresh batch a call, as each round builds one (the attention backend plans into it)
         hidden = lambda: runner.forward(CanvasBatch([dataclasses.replace(s) for s in batch.segments],  # noqa: E731
                                                     batch.input_ids, batch.canvas_soft_embeds))
     else:

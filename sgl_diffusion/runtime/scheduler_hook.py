@@ -384,9 +384,17 @@ def check_supported(scheduler: Scheduler) -> None:
         "speculative decoding": not scheduler.spec_algorithm.is_none(),
         # host-memory KV (HiCache) needs sglang's batch loop to load prefixes back and acknowledge write-throughs
         "hierarchical KV cache": scheduler.enable_hierarchical_cache,
+        # the canvas forward reads and writes the pool's buffers as plain K/V tensors; a quantized pool packs them
+        # with scales (cpu_fp8_e4m3, nvfp4, fp4_mx_block16) that only sglang's own attention kernels handle
+        f"a quantized KV cache (--kv-cache-dtype {scheduler.server_args.kv_cache_dtype})": _quantized_kv(scheduler),
     }
     if on := [name for name, enabled in unsupported.items() if enabled]:
         raise RuntimeError(f"sgl-diffusion does not support {', '.join(on)} for {ARCHITECTURE} yet")
+
+
+def _quantized_kv(scheduler: Scheduler) -> bool:
+    method = scheduler.token_to_kv_pool_allocator.get_kvcache().get_kv_cache_quant_method()
+    return method is not None and method.name != "unquantized"
 
 
 def run_event_loop(scheduler: Scheduler) -> None:

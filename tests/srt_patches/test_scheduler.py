@@ -3,6 +3,7 @@ from inspect import Parameter
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from srt_patches import scheduler
 
@@ -98,24 +99,30 @@ def test_installed_dispatch_runs_canvas_loop(applied, run_event_loop):
 
 
 def test_unsupported_modes_refused_at_startup():
-    """PD disaggregation, pipeline parallelism, PD multiplexing, LoRA adapters, speculative decoding and the
-    hierarchical KV cache stop the scheduler with a clear error; the flags checked are the ones sglang's Scheduler
-    sets."""
+    """PD disaggregation, pipeline parallelism, PD multiplexing, LoRA adapters, speculative decoding, the
+    hierarchical KV cache and a quantized (packed) KV pool stop the scheduler with a clear error; the flags checked
+    are the ones sglang's Scheduler sets."""
     from sglang.srt.disaggregation.utils import DisaggregationMode
     from sglang.srt.managers import scheduler as sglang_scheduler
+    from sglang.srt.layers.quantization.fp4_kv_cache_quant_method import get_kv_cache_quant_method
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
     from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
     from sgl_diffusion.runtime.scheduler_hook import check_supported
 
-    def modes(**changed):
+    plain_pool = MHATokenToKVPool(16, 1, torch.float32, 2, 8, 2, "cpu", False)
+
+    def modes(pool=plain_pool, kv_cache_dtype="auto", **changed):
         return SimpleNamespace(**({"disaggregation_mode": DisaggregationMode.NULL, "enable_pdmux": False,
                                    "enable_lora": False, "spec_algorithm": SpeculativeAlgorithm.from_string(None),
-                                   "enable_hierarchical_cache": False, "server_args": SimpleNamespace(pp_size=1)}
+                                   "enable_hierarchical_cache": False,
+                                   "server_args": SimpleNamespace(pp_size=1, kv_cache_dtype=kv_cache_dtype),
+                                   "token_to_kv_pool_allocator": SimpleNamespace(get_kvcache=lambda: pool)}
                                   | changed))
 
     with pytest.raises(RuntimeError, match="PD disaggregation"):
         check_supported(modes(disaggregation_mode=DisaggregationMode.PREFILL))
     with pytest.raises(RuntimeError, match="pipeline parallelism"):
-        check_supported(modes(server_args=SimpleNamespace(pp_size=2)))
+        check_supported(modes(server_args=SimpleNamespace(pp_size=2, kv_cache_dtype="auto")))
     with pytest.raises(RuntimeError, match="PD multiplexing"):
         check_supported(modes(enable_pdmux=True))
     with pytest.raises(RuntimeError, match="LoRA adapters"):
@@ -124,6 +131,12 @@ def test_unsupported_modes_refused_at_startup():
         check_supported(modes(spec_algorithm=SpeculativeAlgorithm.from_string("NGRAM")))
     with pytest.raises(RuntimeError, match="hierarchical KV cache"):
         check_supported(modes(enable_hierarchical_cache=True))
+    # sglang's packed KV: its K buffer is the packed bytes seen as the model dtype, not K (head_dim 8 here)
+    packed = MHATokenToKVPool(16, 1, torch.bfloat16, 2, 8, 2, "cpu", False,
+                              quant_method=get_kv_cache_quant_method("cpu_fp8_e4m3"))
+    assert packed.get_key_buffer(0).shape[-1] != 8
+    with pytest.raises(RuntimeError, match=r"quantized KV cache \(--kv-cache-dtype cpu_fp8_e4m3\)"):
+        check_supported(modes(pool=packed, kv_cache_dtype="cpu_fp8_e4m3"))
     check_supported(modes())
     source = inspect.getsource(sglang_scheduler.Scheduler)
     for flag in ("disaggregation_mode", "enable_pdmux", "enable_lora", "spec_algorithm", "enable_hierarchical_cache"):
