@@ -50,6 +50,8 @@ logger = logging.getLogger(__name__)
 ARCHITECTURE = "DiffusionGemmaForBlockDiffusion"
 PARAMS_KEY = "sgl_diffusion"  # where validated `diffusion` params travel inside SamplingParams.custom_params
 LOAD_PUBLISH_INTERVAL_S = 0.05  # sglang's own refresh floor while a batch stalls (LOAD_STALL_REFRESH_S)
+# --kv-cache-dtype values stored one value per element, no scales: the pool buffers are K and V themselves
+PLAIN_KV_CACHE_DTYPES = ("auto", "bf16", "bfloat16", "fp8_e4m3", "fp8_e5m2")
 ATTENTION_STEP = "handle_attention_backend_compatibility"  # sglang resolution step checked by check_attention_backend
 STEPS_KEY = "diffusion_steps"  # per-token meta_info: a canvas's denoise steps, on its first token
 _attention_check_registered = False
@@ -384,8 +386,12 @@ def check_supported(scheduler: Scheduler) -> None:
         "speculative decoding": not scheduler.spec_algorithm.is_none(),
         # host-memory KV (HiCache) needs sglang's batch loop to load prefixes back and acknowledge write-throughs
         "hierarchical KV cache": scheduler.enable_hierarchical_cache,
-        # the canvas forward reads and writes the pool's buffers as plain K/V tensors; a quantized pool packs them
-        # with scales (cpu_fp8_e4m3, nvfp4, fp4_mx_block16) that only sglang's own attention kernels handle
+        # one MHA pool for all layers has the full layers' KV shape, which the sliding layers' K/V do not fit (Gemma 4's
+        # global layers have other head counts and dims); every request would fail
+        "one KV pool for sliding and full layers (--disable-hybrid-swa-memory)":
+            scheduler.server_args.disable_hybrid_swa_memory,
+        # the canvas forward reads and writes the pool's buffers as plain K/V tensors; block-scaled and packed pools
+        # (mxfp8, nvfp4, fp4_mx_block16, and the CPU's packed fp8 of MHA pools) keep scales only sglang's kernels read
         f"a quantized KV cache (--kv-cache-dtype {scheduler.server_args.kv_cache_dtype})": _quantized_kv(scheduler),
     }
     if on := [name for name, enabled in unsupported.items() if enabled]:
@@ -393,6 +399,8 @@ def check_supported(scheduler: Scheduler) -> None:
 
 
 def _quantized_kv(scheduler: Scheduler) -> bool:
+    if scheduler.server_args.kv_cache_dtype not in PLAIN_KV_CACHE_DTYPES:
+        return True
     method = scheduler.token_to_kv_pool_allocator.get_kvcache().get_kv_cache_quant_method()
     return method is not None and method.name != "unquantized"
 
