@@ -386,6 +386,8 @@ def check_supported(scheduler: Scheduler) -> None:
         "speculative decoding": not scheduler.spec_algorithm.is_none(),
         # host-memory KV (HiCache) needs sglang's batch loop to load prefixes back and acknowledge write-throughs
         "hierarchical KV cache": scheduler.enable_hierarchical_cache,
+        # KV slots are allocated token by token and the attention kernels index the pool per token (page size 1)
+        f"KV pages of {scheduler.page_size} tokens (--page-size; 1 works)": scheduler.page_size != 1,
         # one MHA pool for all layers has the full layers' KV shape, which the sliding layers' K/V do not fit (Gemma 4's
         # global layers have other head counts and dims); every request would fail
         "one KV pool for sliding and full layers (--disable-hybrid-swa-memory)":

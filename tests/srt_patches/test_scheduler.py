@@ -101,8 +101,8 @@ def test_installed_dispatch_runs_canvas_loop(applied, run_event_loop):
 
 def test_unsupported_modes_refused_at_startup():
     """PD disaggregation, pipeline parallelism, PD multiplexing, LoRA adapters, speculative decoding, the
-    hierarchical KV cache, one KV pool for all layers and a block-scaled or packed KV cache stop the scheduler with a
-    clear error; the flags checked are the ones sglang's Scheduler and ServerArgs set."""
+    hierarchical KV cache, KV pages of more than one token, one KV pool for all layers and a block-scaled or packed KV
+    cache stop the scheduler with a clear error; the flags checked are the ones sglang's Scheduler and ServerArgs set."""
     from sglang.srt.disaggregation.utils import DisaggregationMode
     from sglang.srt.managers import scheduler as sglang_scheduler
     from sglang.srt.layers.quantization.fp4_kv_cache_quant_method import get_kv_cache_quant_method
@@ -119,7 +119,8 @@ def test_unsupported_modes_refused_at_startup():
                                    "enable_hierarchical_cache": False,
                                    "server_args": SimpleNamespace(pp_size=1, kv_cache_dtype=kv_cache_dtype,
                                                                  disable_hybrid_swa_memory=False),
-                                   "token_to_kv_pool_allocator": SimpleNamespace(get_kvcache=lambda: pool)}
+                                   "token_to_kv_pool_allocator": SimpleNamespace(get_kvcache=lambda: pool),
+                                   "page_size": 1}
                                   | changed))
 
     with pytest.raises(RuntimeError, match="PD disaggregation"):
@@ -135,6 +136,8 @@ def test_unsupported_modes_refused_at_startup():
         check_supported(modes(spec_algorithm=SpeculativeAlgorithm.from_string("NGRAM")))
     with pytest.raises(RuntimeError, match="hierarchical KV cache"):
         check_supported(modes(enable_hierarchical_cache=True))
+    with pytest.raises(RuntimeError, match=r"KV pages of 16 tokens \(--page-size; 1 works\)"):
+        check_supported(modes(page_size=16))
     with pytest.raises(RuntimeError, match="--disable-hybrid-swa-memory"):
         check_supported(modes(server_args=SimpleNamespace(pp_size=1, kv_cache_dtype="auto",
                                                           disable_hybrid_swa_memory=True)))
@@ -157,7 +160,8 @@ def test_unsupported_modes_refused_at_startup():
                 check_supported(modes(kv_cache_dtype=choice))
     check_supported(modes())
     source = inspect.getsource(sglang_scheduler.Scheduler)
-    for flag in ("disaggregation_mode", "enable_pdmux", "enable_lora", "spec_algorithm", "enable_hierarchical_cache"):
+    for flag in ("disaggregation_mode", "enable_pdmux", "enable_lora", "spec_algorithm", "enable_hierarchical_cache",
+                 "page_size"):
         assert f"self.{flag} = " in source
     assert {"disable_hybrid_swa_memory", "kv_cache_dtype", "pp_size"} <= {a.dest for a in parser._actions}
 
