@@ -21,7 +21,8 @@ window, one after the other, repeated (--repeats, interleaved), and each figure 
   (self time of aten::mm/addmm/bmm/_grouped_mm and the SDPA kernels in a torch.profiler trace): how far from the
   machine's compute limit the forward is. round_overhead_ratio_b1 / _b8: the same for the whole round (the forward,
   the sampler with its draws from each request's generator, the round's planning and bookkeeping) over its kernels.
-  With --torch-compile these are compiled as the server compiles them, and *_eager_b* the eager ones;
+  With --torch-compile the round is the server's compiled round and the forward the same canvas step compiled
+  without the sampler's decision, then the LM head; *_eager_b* are the eager ones;
 - peak_mem_per_canvas_mb: growth of a process's peak RSS per additional canvas in flight (a round at 1 and at
   --mem-batch canvases, each in a fresh process).
 

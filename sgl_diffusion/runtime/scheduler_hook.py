@@ -386,14 +386,17 @@ def check_supported(scheduler: Scheduler) -> None:
         "speculative decoding": not scheduler.spec_algorithm.is_none(),
         # host-memory KV (HiCache) needs sglang's batch loop to load prefixes back and acknowledge write-throughs
         "hierarchical KV cache": scheduler.enable_hierarchical_cache,
+        # sglang's in-tree dLLM loop for this model: ours replaces it (its page size, one block, is refused below)
+        "sglang's dLLM loop (--dllm-algorithm; ours replaces it)": scheduler.server_args.dllm_algorithm is not None,
         # KV slots are allocated token by token and the attention kernels index the pool per token (page size 1)
         f"KV pages of {scheduler.page_size} tokens (--page-size; 1 works)": scheduler.page_size != 1,
         # one MHA pool for all layers has the full layers' KV shape, which the sliding layers' K/V do not fit (Gemma 4's
         # global layers have other head counts and dims); every request would fail
         "one KV pool for sliding and full layers (--disable-hybrid-swa-memory)":
             scheduler.server_args.disable_hybrid_swa_memory,
-        # the canvas forward reads and writes the pool's buffers as plain K/V tensors; block-scaled and packed pools
-        # (mxfp8, nvfp4, fp4_mx_block16, and the CPU's packed fp8 of MHA pools) keep scales only sglang's kernels read
+        # the canvas forward reads and writes the pool's buffers as plain K/V tensors: block-scaled and packed caches
+        # (mxfp8, nvfp4, fp4_mx_block16) keep scales only sglang's kernels read, and a pool with a KV quant method
+        # hands out dequantized copies, so writes into them would be lost
         f"a quantized KV cache (--kv-cache-dtype {scheduler.server_args.kv_cache_dtype})": _quantized_kv(scheduler),
     }
     if on := [name for name, enabled in unsupported.items() if enabled]:

@@ -106,6 +106,6 @@ def test_compare_times_a_judging_steps_forward(tiny_checkpoint_dir):
     prompts = [[2, 5, 7, 9]] * 2
     got = compare.overhead_ratio(tiny_checkpoint_dir, prompts, batch=2, rounds=1, canvas_step="eager")
     assert 0 < got["forward"] < got["wall"] and got["kernels"] > 0
-    # the forward alone, replayed without the sampler (no timing comparison: both are noisy measurements)
-    assert got["forward_alone_kernels"] > 0 and got["forward_alone_wall"] > 0
-    assert got["forward_ratio"] == got["forward_alone_wall"] / got["forward_alone_kernels"]
+    # the forward alone, replayed without the sampler: it ran GEMMs and attention (no timing comparison: both sides
+    # are noisy measurements)
+    assert got["forward_alone_kernels"] > 0 and got["forward_ratio"] > 0

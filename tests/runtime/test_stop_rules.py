@@ -119,3 +119,30 @@ def test_eos_and_max_new_tokens_in_the_same_canvas(model, monkeypatch, eos_posit
     server = run_server(model, monkeypatch, script, max_new=40)
     assert offline == (sum(script, [])[:want_len], 2)
     assert server[:2] == offline and isinstance(server[2], reason)
+
+
+def test_the_server_streams_each_committed_canvas_whole(model, monkeypatch):
+    """The server's round (DiffusionEngine.step) hands a request to sglang's streamer once per canvas it commits,
+    with that whole canvas: 32, 64, then the last 6 of 70 tokens, finished. (The HTTP stream may merge chunks the
+    client has not read yet, so the server tests cannot pin this down.)"""
+    c = model.cfg.canvas_length
+    monkeypatch.setattr(model, "logits", ScriptedHead(model, canvases(model)))
+    sampling = SamplingParams(max_new_tokens=2 * c + 6, ignore_eos=True)
+    sampling.normalize(None)
+    handle = Req("rid", "", list(PROMPT), sampling, eos_token_ids=set(EOS), vocab_size=model.cfg.vocab_size)
+    streamed = []
+
+    def stream_output(reqs, return_logprob):
+        streamed.extend((len(r.output_ids[: r.finished_len]), r.finished()) for r in reqs)
+
+    engine = DiffusionEngine.__new__(DiffusionEngine)  # the round and its streaming, without a Scheduler process
+    engine.cfg, engine.metrics, engine.drafts = model.cfg, None, None
+    engine.scheduler = SimpleNamespace(model_config=SimpleNamespace(context_len=1 << 20),
+                                       output_streamer=SimpleNamespace(stream_output=stream_output))
+    engine.policy = OfflineEngine(model, eos_token_ids=EOS).scheduler
+    engine.policy.sink = engine._accept_canvas
+    engine.policy.add(DiffusionRequest(list(PROMPT), params(), 2 * c + 6, handle=handle))
+    with torch.inference_mode():
+        while engine.policy.running:
+            engine.step()
+    assert streamed == [(c, False), (2 * c, False), (2 * c + 6, True)]

@@ -73,7 +73,9 @@ def test_native_stream_sends_each_committed_canvas(server, tokenizer):
     """/generate stream=True sends an event per committed canvas, each adding whole canvases.
 
     NOTE: sglang's tokenizer manager hands a stream only the newest of its unread chunks (without
-    --incremental-streaming-output), so two commits close together may reach the client as one event."""
+    --incremental-streaming-output), so two commits close together may reach the client as one event. That the
+    server streams every canvas: tests/runtime/test_stop_rules.py::test_the_server_streams_each_committed_canvas_whole.
+    """
     seed = _stream_friendly_seed(server, tokenizer, "Once", 70)
     body = {"text": "Once", "sampling_params": {"max_new_tokens": 70, "ignore_eos": True, **diffusion(seed)}}
     full = native(server, **body)

@@ -101,52 +101,48 @@ def test_installed_dispatch_runs_canvas_loop(applied, run_event_loop):
 
 def test_unsupported_modes_refused_at_startup():
     """PD disaggregation, pipeline parallelism, PD multiplexing, LoRA adapters, speculative decoding, the
-    hierarchical KV cache, KV pages of more than one token, one KV pool for all layers and a block-scaled or packed KV
-    cache stop the scheduler with a clear error; the flags checked are the ones sglang's Scheduler and ServerArgs set."""
+    hierarchical KV cache, sglang's own dLLM loop, KV pages of more than one token, one KV pool for all layers and a
+    quantized KV cache stop the scheduler with a clear error; the flags checked are the ones sglang sets."""
     from sglang.srt.disaggregation.utils import DisaggregationMode
-    from sglang.srt.managers import scheduler as sglang_scheduler
     from sglang.srt.layers.quantization.fp4_kv_cache_quant_method import get_kv_cache_quant_method
+    from sglang.srt.managers import scheduler as sglang_scheduler
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
-    from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
     from sglang.srt.server_args import ServerArgs
+    from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
     from sgl_diffusion.runtime.scheduler_hook import PLAIN_KV_CACHE_DTYPES, check_supported
 
     plain_pool = MHATokenToKVPool(16, 1, torch.float32, 2, 8, 2, "cpu", False)
+    served = {"pp_size": 1, "kv_cache_dtype": "auto", "disable_hybrid_swa_memory": False, "dllm_algorithm": None}
 
-    def modes(pool=plain_pool, kv_cache_dtype="auto", **changed):
+    def modes(pool=plain_pool, args=None, **changed):
         return SimpleNamespace(**({"disaggregation_mode": DisaggregationMode.NULL, "enable_pdmux": False,
                                    "enable_lora": False, "spec_algorithm": SpeculativeAlgorithm.from_string(None),
-                                   "enable_hierarchical_cache": False,
-                                   "server_args": SimpleNamespace(pp_size=1, kv_cache_dtype=kv_cache_dtype,
-                                                                 disable_hybrid_swa_memory=False),
-                                   "token_to_kv_pool_allocator": SimpleNamespace(get_kvcache=lambda: pool),
-                                   "page_size": 1}
+                                   "enable_hierarchical_cache": False, "page_size": 1,
+                                   "server_args": SimpleNamespace(**(served | (args or {}))),
+                                   "token_to_kv_pool_allocator": SimpleNamespace(get_kvcache=lambda: pool)}
                                   | changed))
 
-    with pytest.raises(RuntimeError, match="PD disaggregation"):
-        check_supported(modes(disaggregation_mode=DisaggregationMode.PREFILL))
-    with pytest.raises(RuntimeError, match="pipeline parallelism"):
-        check_supported(modes(server_args=SimpleNamespace(pp_size=2, kv_cache_dtype="auto",
-                                                          disable_hybrid_swa_memory=False)))
-    with pytest.raises(RuntimeError, match="PD multiplexing"):
-        check_supported(modes(enable_pdmux=True))
-    with pytest.raises(RuntimeError, match="LoRA adapters"):
-        check_supported(modes(enable_lora=True))
-    with pytest.raises(RuntimeError, match="speculative decoding"):
-        check_supported(modes(spec_algorithm=SpeculativeAlgorithm.from_string("NGRAM")))
-    with pytest.raises(RuntimeError, match="hierarchical KV cache"):
-        check_supported(modes(enable_hierarchical_cache=True))
-    with pytest.raises(RuntimeError, match=r"KV pages of 16 tokens \(--page-size; 1 works\)"):
-        check_supported(modes(page_size=16))
-    with pytest.raises(RuntimeError, match="--disable-hybrid-swa-memory"):
-        check_supported(modes(server_args=SimpleNamespace(pp_size=1, kv_cache_dtype="auto",
-                                                          disable_hybrid_swa_memory=True)))
-    # sglang's packed KV: its K buffer is the packed bytes seen as the model dtype, not K (head_dim 8 here)
-    packed = MHATokenToKVPool(16, 1, torch.bfloat16, 2, 8, 2, "cpu", False,
-                              quant_method=get_kv_cache_quant_method("cpu_fp8_e4m3"))
-    assert packed.get_key_buffer(0).shape[-1] != 8
-    with pytest.raises(RuntimeError, match=r"quantized KV cache \(--kv-cache-dtype fp8_e4m3\)"):
-        check_supported(modes(pool=packed, kv_cache_dtype="fp8_e4m3"))  # what the CPU makes of fp8 in MHA pools
+    refused = [
+        ("PD disaggregation", modes(disaggregation_mode=DisaggregationMode.PREFILL)),
+        ("pipeline parallelism", modes(args={"pp_size": 2})),
+        ("PD multiplexing", modes(enable_pdmux=True)),
+        ("LoRA adapters", modes(enable_lora=True)),
+        ("speculative decoding", modes(spec_algorithm=SpeculativeAlgorithm.from_string("NGRAM"))),
+        ("hierarchical KV cache", modes(enable_hierarchical_cache=True)),
+        (r"KV pages of 16 tokens \(--page-size; 1 works\)", modes(page_size=16)),
+        (r"sglang's dLLM loop \(--dllm-algorithm", modes(args={"dllm_algorithm": "LowConfidence"})),
+        ("--disable-hybrid-swa-memory", modes(args={"disable_hybrid_swa_memory": True})),
+    ]
+    for message, scheduler in refused:
+        with pytest.raises(RuntimeError, match=message):
+            check_supported(scheduler)
+    # a pool with a KV quant method hands out dequantized copies: K written into one never reaches the cache
+    fp4 = get_kv_cache_quant_method("fp4_mx_block16", num_layers=2, device="cpu", page_size=1)
+    quantized = MHATokenToKVPool(16, 1, torch.float4_e2m1fn_x2, 2, 32, 2, "cpu", False, quant_method=fp4)
+    quantized.get_key_buffer(0)[3] = 1.0
+    assert not (quantized.get_key_buffer(0)[3] == 1).all()
+    with pytest.raises(RuntimeError, match=r"quantized KV cache \(--kv-cache-dtype auto\)"):
+        check_supported(modes(pool=quantized))  # the pool decides, whatever the flag says
     # every --kv-cache-dtype sglang offers: the plain ones pass, the block-scaled and packed ones are refused
     parser = argparse.ArgumentParser()
     ServerArgs.add_cli_args(parser)
@@ -154,16 +150,16 @@ def test_unsupported_modes_refused_at_startup():
     assert set(PLAIN_KV_CACHE_DTYPES) < set(choices)
     for choice in choices:
         if choice in PLAIN_KV_CACHE_DTYPES:
-            check_supported(modes(kv_cache_dtype=choice))
+            check_supported(modes(args={"kv_cache_dtype": choice}))
         else:
             with pytest.raises(RuntimeError, match=f"quantized KV cache \\(--kv-cache-dtype {choice}\\)"):
-                check_supported(modes(kv_cache_dtype=choice))
+                check_supported(modes(args={"kv_cache_dtype": choice}))
     check_supported(modes())
     source = inspect.getsource(sglang_scheduler.Scheduler)
     for flag in ("disaggregation_mode", "enable_pdmux", "enable_lora", "spec_algorithm", "enable_hierarchical_cache",
                  "page_size"):
         assert f"self.{flag} = " in source
-    assert {"disable_hybrid_swa_memory", "kv_cache_dtype", "pp_size"} <= {a.dest for a in parser._actions}
+    assert set(served) <= {a.dest for a in parser._actions}
 
 
 def test_collect_inflight_reqs_adds_engine_reqs():
