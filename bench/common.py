@@ -26,6 +26,11 @@ KERNELS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_grouped_mm", "aten::b
            "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math")  # fmt: skip
 
 
+def kernel_ms(prof) -> float:
+    """Self time of the KERNELS in a torch.profiler trace, ms."""
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in KERNELS) / 1e3
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

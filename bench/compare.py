@@ -63,7 +63,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    KERNELS, ar_server_env, fmt_spread, launch_server, load_average, median_spread, stop_server, wait_healthy,
+    ar_server_env, fmt_spread, kernel_ms, launch_server, load_average, median_spread, stop_server, wait_healthy,
 )
 
 MAX_NEW_TOKENS = 64  # two canvases of the tiny checkpoint; every answer (56 tokens with <eos>) fits
@@ -380,7 +380,7 @@ def overhead_ratio(model_dir, prompts, batch: int, rounds: int, canvas_step: str
     events = prof.events()
     aten = [e for e in events if e.name.startswith("aten::")]
     top = [e for e in aten if not (e.cpu_parent and e.cpu_parent.name.startswith("aten::"))]
-    kernels = per_round(sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in KERNELS))
+    kernels = kernel_ms(prof) / rounds
     return {"ratio": wall * 1e3 / kernels, "wall": wall * 1e3, "forward": median_spread(forward)[0] * 1e3,
             "kernels": kernels, "all_ops": per_round(sum(e.self_cpu_time_total for e in aten)),
             "ops": sum(e.name not in VIEW_OPS for e in top) / rounds} | alone  # fmt: skip
@@ -422,7 +422,7 @@ def forward_alone(model, engine, canvas_step: str | None, rounds: int) -> dict:
         for _ in range(rounds):
             forward()
     wall = median_spread(walls)[0] * 1e3
-    kernels = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in KERNELS) / 1e3 / rounds
+    kernels = kernel_ms(prof) / rounds
     return {"forward_alone_wall": wall, "forward_alone_kernels": kernels, "forward_ratio": wall / kernels}
 
 
@@ -457,17 +457,17 @@ def kernel_budget(model_dir, hf: HfSide, prompts, seeds, max_steps, hf_batched: 
                 rounds += 1
         return rounds
 
-    def kernel_ms(fn):
+    def profiled(fn):
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             out = fn()
-        return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in KERNELS) / 1e3, out
+        return kernel_ms(prof), out
 
     n = len(prompts)
     ours(1)  # warm-up
-    k1, rounds1 = kernel_ms(lambda: ours(1))
-    kn, _ = kernel_ms(lambda: ours(n))
-    hk1, _ = kernel_ms(lambda: hf.one(0))
-    hkn, _ = kernel_ms(lambda: hf.many_batched(n) if hf_batched else hf.many_sequential(n))
+    k1, rounds1 = profiled(lambda: ours(1))
+    kn, _ = profiled(lambda: ours(n))
+    hk1, _ = profiled(lambda: hf.one(0))
+    hkn, _ = profiled(lambda: hf.many_batched(n) if hf_batched else hf.many_sequential(n))
     x = torch.zeros(4)
     calls = []
     for _ in range(5):

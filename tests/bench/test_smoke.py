@@ -66,7 +66,8 @@ def test_compare_prints_every_key(tiny_checkpoint_dir):
     got = keys(out)
     expected = {"speedup_vs_hf_n1", "speedup_vs_hf_n2", "tokens_per_forward", "batch8_over_batch1", "forwards_vs_ar",
                 "wall_per_token_ms_ours", "wall_per_token_ms_ar", "overhead_ratio_b1", "overhead_ratio_b8",
-                "round_overhead_ratio_b1", "round_overhead_ratio_b8", "peak_mem_per_canvas_mb", "mean_steps_per_canvas", "accuracy_ours", "accuracy_hf"}  # fmt: skip
+                "round_overhead_ratio_b1", "round_overhead_ratio_b8", "peak_mem_per_canvas_mb", "mean_steps_per_canvas",
+                "accuracy_ours", "accuracy_hf"}  # fmt: skip
     assert expected <= got.keys(), out
     assert got["mean_steps_per_canvas"] == 2.0  # a random model never stops early
     last = out.strip().splitlines()[-len(expected) :]
