@@ -2,6 +2,9 @@
 the same tokens as transformers at the default schedule, canvases that stop early, several tokens per forward."""
 
 import concurrent.futures
+import json
+import re
+from pathlib import Path
 
 import openai
 import pytest
@@ -86,6 +89,21 @@ def test_chat_usage_reports_the_early_stop(trained_server, reference):
     usage = out.usage.model_extra["diffusion"]
     assert usage["canvases"] == 2 and usage["denoise_steps"] < 2 * 24
     assert tiny_tasks.score(example, out.choices[0].text)
+
+
+def test_the_readme_example_gets_the_answer_it_shows(trained_server):
+    """README's curl on the trained checkpoint: its body through the server gives the text the README shows (seeded
+    here; the model is confident on in-format prompts), which is the task's right answer."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    shown = re.search(r"""--model-path /tmp/dg-trained &\ncurl .*? -d '(\{.*?\})'\s+# \{"text": "(.*?)", \.\.\.\}""", readme)
+    assert shown, "README's trained example changed shape"
+    body, answer = json.loads(shown.group(1)), shown.group(2)
+    task, payload = body["text"].removeprefix("<bos>").removesuffix("\n").split(": ")
+    assert answer == tiny_tasks.solve(task, payload)
+    for seed in range(3):
+        out = trained_server.post("/generate", body | {"sampling_params": {"diffusion": {"seed": seed}}})
+        assert out.status_code == 200, out.text
+        assert out.json()["text"] == answer
 
 
 def test_torch_compile_server_keeps_transformers_tokens(trained_checkpoint_dir, reference):
