@@ -1,11 +1,12 @@
 """Run the canvas engine inside sglang's Scheduler process.
 
 Target: sglang.srt.managers.scheduler._dispatch_event_loop_once,
-        sglang.srt.managers.scheduler.Scheduler.{collect_inflight_reqs, is_fully_idle}
+        sglang.srt.managers.scheduler.Scheduler.{collect_inflight_reqs, is_fully_idle, pause_generation}
 Checked against: sglang 0.5.23
 Why: the scheduler has no hook for a model that generates canvases instead of tokens; its dLLM path
      runs homogeneous rounds (see DESIGN.md). We keep its intake, Req lifecycle, pools and streamer
-     and replace the batch loop. Our in-flight requests must be visible to aborts and idle checks.
+     and replace the batch loop. Our in-flight requests must be visible to aborts and idle checks, and a
+     pause that retracts (before a weight update) must retract them too.
 Remove when: sglang grows a pluggable batch loop.
 """
 
@@ -18,6 +19,7 @@ TARGETS = (
     "sglang.srt.managers.scheduler._dispatch_event_loop_once",
     f"{_SCHEDULER}.collect_inflight_reqs",
     f"{_SCHEDULER}.is_fully_idle",
+    f"{_SCHEDULER}.pause_generation",
 )
 
 
@@ -44,12 +46,25 @@ def collect_inflight_reqs(original, scheduler, *args, **kwargs):
     return reqs | set(engine.reqs) if engine is not None else reqs
 
 
-def is_fully_idle(original, scheduler, *args, **kwargs):
+def is_fully_idle(original, scheduler, for_health_check=False, ignore_waiting=False):
+    """sglang's check, and ours: no canvas work, or (``ignore_waiting``: a paused flush) none that holds KV."""
+    if not original(scheduler, for_health_check, ignore_waiting):
+        return False
     engine = getattr(scheduler, "diffusion_engine", None)
-    return original(scheduler, *args, **kwargs) and (engine is None or not engine.has_work())
+    return engine is None or not engine.has_work() or (ignore_waiting and not engine.policy.holds_kv())
+
+
+def pause_generation(original, scheduler, recv_req):
+    """sglang's pause; a "retract" pause also gives back our requests' KV, as sglang's retracts its batch's: they
+    re-encode prompt + output after the pause, under the weights then loaded, and the flush after an update can run."""
+    original(scheduler, recv_req)
+    engine = getattr(scheduler, "diffusion_engine", None)
+    if engine is not None and recv_req.mode == "retract":
+        engine.policy.retract()
 
 
 def register() -> None:
     plugin_hook(TARGETS[0], HookType.AROUND)(event_loop)
     plugin_hook(TARGETS[1], HookType.AROUND)(collect_inflight_reqs)
     plugin_hook(TARGETS[2], HookType.AROUND)(is_fully_idle)
+    plugin_hook(TARGETS[3], HookType.AROUND)(pause_generation)

@@ -69,6 +69,11 @@ class RadixKVSlots(KVSlots):
             self.tree.unlock(req.lock)
             req.lock = None
 
+    def forget(self, dreq: DiffusionRequest) -> None:
+        self.release(dreq, cache=False)
+        dreq.handle.reset_for_retract()  # sglang's own reset: the next reservation matches the tree again
+        dreq.handle.is_retracted = False  # NOTE: that flag steers sglang's batch paths, which never see this Req
+
     def _extend(self, req, n: int, slide_window: bool) -> Reservation | None:
         start = req.kv.kv_committed_len
         new = self._alloc(n)

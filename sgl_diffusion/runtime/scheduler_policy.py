@@ -53,6 +53,10 @@ class KVSlots(ABC):
     def release(self, req: DiffusionRequest, cache: bool = True) -> None:
         """Give back everything the request holds; with ``cache``, keep its committed context cached."""
 
+    def forget(self, req: DiffusionRequest) -> None:
+        """Give back everything the request holds, cache nothing, and let its next reservation start afresh."""
+        self.release(req, cache=False)
+
 
 @dataclass
 class DiffusionRequest:
@@ -155,6 +159,20 @@ class CanvasScheduler:
     def abort(self, req: DiffusionRequest, cache: bool = True) -> None:
         """Drop a request; ``cache=False`` when its KV may be incomplete (a failed forward)."""
         self._free(req, cache)
+
+    def retract(self) -> None:
+        """Give back every running request's KV (new weights are coming): each keeps its output and its current
+        canvas, and re-encodes prompt + output in its next forward; answered requests (only their last canvas left to
+        encode) just leave."""
+        for req in list(self.running):
+            if req.finished:
+                self._free(req, cache=False)
+            elif req.slots is not None:
+                self.kv.forget(req)
+                req.slots, req.pending = None, [*req.prompt_ids, *req.output_ids]
+
+    def holds_kv(self) -> bool:
+        return any(req.slots is not None for req in self.running)
 
     # ---- helpers ------------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sgl_diffusion.entrypoints.tiny_checkpoint import tiny_generation_config
-from sgl_diffusion.runtime.offline import OfflineEngine
+from sgl_diffusion.runtime.offline import FreeListSlots, OfflineEngine
 from sgl_diffusion.runtime.scheduler_policy import DiffusionRequest
 from sgl_diffusion.sampling.params import DiffusionDefaults, DiffusionParams
 
@@ -257,3 +257,32 @@ def test_offline_eos_anywhere_in_a_canvas_ends_the_request(model, position):
     kept, finished = eos_sink([1])(req, canvas)
     assert finished and kept == canvas[: position + 1]
     assert eos_sink([1])(req, [7] * 32) == ([7] * 32, False)
+
+
+def test_a_retract_gives_the_kv_back_and_re_encodes_prompt_and_output(model):
+    """CanvasScheduler.retract (a pause before new weights): every running request gives its KV back and keeps its
+    output and current canvas; its next forward encodes prompt + output as one prefill, which rebuilds the KV it had
+    (same weights: within rounding), and it goes on to its full length. An answered request whose last canvas was
+    left to encode (a prefix cache keeps it) just leaves."""
+    engine = OfflineEngine(model, num_slots=512)
+    engine.slots.__class__ = type("CachingSlots", (FreeListSlots,), {"caches_prefixes": True})
+    rec, policy, kv = Recorder(engine), engine.scheduler, engine.scheduler.runner.attn.kv
+    a, answered = request(model, 12, 96, seed=3, steps=2), request(model, 5, 32, seed=4, steps=2)
+    policy.add(a), policy.add(answered)
+    while not answered.finished:  # its one canvas is committed (streamed), its encode is still to come
+        policy.step()
+    assert answered.pending and a.output_ids and a.pending == a.output_ids
+    old_slots, output = a.slots.clone(), list(a.output_ids)
+    old_k = [kv.k[i][old_slots].clone() for i in range(len(kv.k))]
+    policy.retract()
+    assert engine.slots.free_slots.numel() == 512 and policy.running == [a] and a.slots is None
+    assert a.pending == a.prompt_ids + output and a.state is not None
+    policy.step()
+    prefill = rec.batches[-1].segments[0]
+    assert (prefill.kind, prefill.num_tokens, prefill.start_pos) == ("prefill", 12 + len(output), 0)
+    for layer, k in enumerate(old_k):
+        torch.testing.assert_close(kv.k[layer][a.slots[: old_slots.numel()]], k, rtol=1e-4, atol=1e-5)
+    while policy.running:
+        policy.step()
+    assert len(a.output_ids) == 96 and a.output_ids[: len(output)] == output
+    assert engine.slots.free_slots.numel() == 512

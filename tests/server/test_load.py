@@ -258,6 +258,35 @@ def test_loads_show_a_running_request(server):
     assert_idle_and_no_kv_in_use(server)
 
 
+def test_a_weight_update_under_a_retracting_pause_keeps_the_running_request(server, tiny_checkpoint_dir):
+    """An RL trainer's loop: /pause_generation (mode retract), /update_weights_from_disk, /continue_generation. The
+    running request gives its KV back, so the update's cache flush runs (sglang refuses it while KV is held: the
+    update would then report failure), and after the pause the request re-encodes prompt + output under the loaded
+    weights and streams on."""
+    rid = f"retract-{uuid.uuid4().hex}"
+    resp, lines = _start_stream(server, rid)
+    try:
+        assert server.post("/pause_generation", {"mode": "retract"}).status_code == 200
+        update = server.post("/update_weights_from_disk", {"model_path": str(tiny_checkpoint_dir)})
+        assert update.status_code == 200 and update.json()["success"], update.text
+    finally:
+        assert server.post("/continue_generation", {}).status_code == 200
+    try:
+        tokens = 0
+        for line in lines:  # canvases keep coming after the pause
+            if line.startswith(b"data: {"):
+                meta = json.loads(line[6:])["meta_info"]
+                assert meta["finish_reason"] is None, meta
+                if (tokens := meta["completion_tokens"]) >= 4 * CANVAS:
+                    break
+        assert tokens >= 4 * CANVAS
+    finally:
+        requests.post(f"{server.url}/abort_request", json={"rid": rid}, timeout=10)
+        resp.close()
+    assert_idle_and_no_kv_in_use(server)
+    assert_serves(server)
+
+
 def test_abort_all_with_several_running(server):
     """Several long requests in flight, then /abort_request abort_all: every one ends with abort, KV is freed."""
     rids = [f"abort-all-{i}-{uuid.uuid4().hex[:8]}" for i in range(4)]

@@ -17,14 +17,27 @@ EXPECTED_PARAMETERS = {
     _DISPATCH: [("scheduler", EMPTY)],
     f"{_S}.collect_inflight_reqs": [("self", EMPTY)],
     f"{_S}.is_fully_idle": [("self", EMPTY), ("for_health_check", False), ("ignore_waiting", False)],
+    f"{_S}.pause_generation": [("self", EMPTY), ("recv_req", EMPTY)],
 }
 DIFFUSION_HF = SimpleNamespace(architectures=["DiffusionGemmaForBlockDiffusion"])
 OTHER_HF = SimpleNamespace(architectures=["LlamaForCausalLM"])
 
 
+class FakePolicy:
+    def __init__(self, holding_kv: bool):
+        self.holding_kv, self.retracted = holding_kv, 0
+
+    def holds_kv(self) -> bool:
+        return self.holding_kv
+
+    def retract(self) -> None:
+        self.retracted += 1
+
+
 class FakeEngine:
-    def __init__(self, reqs=()):
+    def __init__(self, reqs=(), holding_kv=None):
         self.reqs = list(reqs)
+        self.policy = FakePolicy(bool(self.reqs) if holding_kv is None else holding_kv)
 
     def has_work(self) -> bool:
         return bool(self.reqs)
@@ -200,14 +213,34 @@ def test_is_fully_idle_forwards_arguments():
     fake = _scheduler(diffusion_engine=FakeEngine())
     scheduler.is_fully_idle(original, fake, for_health_check=True)
     scheduler.is_fully_idle(original, fake, False, ignore_waiting=True)
-    assert original.calls == [((fake,), {"for_health_check": True}), ((fake, False), {"ignore_waiting": True})]
+    assert original.calls == [((fake, True, False), {}), ((fake, False, True), {})]
+
+
+@pytest.mark.parametrize("holding_kv, ignore_waiting, idle",
+                         [(False, True, True), (True, True, False), (False, False, False)])  # fmt: skip
+def test_a_paused_flush_waits_only_for_requests_that_hold_kv(holding_kv, ignore_waiting, idle):
+    """sglang flushes a paused server (ignore_waiting: retracted requests wait in its queue, holding no KV) after a
+    weight update: our running requests count as waiting once a retract gave their KV back."""
+    fake = _scheduler(diffusion_engine=FakeEngine(["r"], holding_kv=holding_kv))
+    assert scheduler.is_fully_idle(Original(True), fake, ignore_waiting=ignore_waiting) is idle
+
+
+@pytest.mark.parametrize("mode, retracts", [("retract", 1), ("in_place", 0)])
+def test_a_retracting_pause_retracts_the_canvas_requests(mode, retracts):
+    """pause_generation runs sglang's pause, then (mode "retract" only) the engine's retract."""
+    original, engine = Original(), FakeEngine(["r"])
+    fake, req = _scheduler(diffusion_engine=engine), SimpleNamespace(mode=mode)
+    scheduler.pause_generation(original, fake, req)
+    assert original.calls == [((fake, req), {})] and engine.policy.retracted == retracts
+    scheduler.pause_generation(original, _scheduler(), req)  # another model: sglang's pause only
 
 
 @pytest.mark.parametrize(
     "target, hook",
     [(_DISPATCH, scheduler.event_loop),
      (f"{_S}.collect_inflight_reqs", scheduler.collect_inflight_reqs),
-     (f"{_S}.is_fully_idle", scheduler.is_fully_idle)],
+     (f"{_S}.is_fully_idle", scheduler.is_fully_idle),
+     (f"{_S}.pause_generation", scheduler.pause_generation)],
 )  # fmt: skip
 def test_each_target_wears_its_own_hook(applied, resolve, target, hook):
     """The wrapper installed on each target calls the hook meant for it (not another target's)."""
