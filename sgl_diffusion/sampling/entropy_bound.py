@@ -191,7 +191,7 @@ def step(
         sc_probs = probs  # HF's softmax(float32(float32(scaled))) is the very op above
     else:
         del probs  # the fp32 probabilities only served the draw
-        sc_probs = _self_conditioning_probs(scaled, self_conditioning_dtype)
+        sc_probs = _self_conditioning_probs(scaled, self_conditioning_dtype, argmax)
 
     entropy = _categorical_entropy_(scaled)  # [B, C]; consumes `scaled`
     del scaled
@@ -294,11 +294,18 @@ def _hold_fixed(args: SamplingArgs, next_canvas, argmax, entropy, mean_entropy, 
     return next_canvas, argmax, mean_entropy
 
 
-def _self_conditioning_probs(scaled: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _self_conditioning_probs(scaled: torch.Tensor, dtype: torch.dtype, argmax: torch.Tensor) -> torch.Tensor:
     """HF's next-step input: it keeps `scaled.to(dtype)` as the self-conditioning logits, and the decoder takes
     `softmax(dim=-1, dtype=float32).to(dtype)` of them. In a bf16 model the logits (up to ~75 once divided by T,
-    where bf16 spacing is 0.5) are rounded before the softmax, so softmax(scaled) would be a different input."""
-    return torch.softmax(scaled.to(dtype), dim=-1, dtype=torch.float32).to(dtype)
+    where bf16 spacing is 0.5) are rounded before the softmax, so softmax(scaled) would be a different input.
+
+    NOTE: at a temperature so low that `scaled` overflows `dtype` (fp16 past 65504: temperature 0 is 1e-6 here), HF's
+    softmax is NaN and the next forward's logits with it; such a position takes the T -> 0 limit instead, the one-hot
+    of `argmax` [B, C]. Every other position keeps HF's bits."""
+    probs = torch.softmax(scaled.to(dtype), dim=-1, dtype=torch.float32)
+    broken = probs.isnan().any(dim=-1, keepdim=True)  # [B, C, 1]: an inf among the rounded logits, or all -inf
+    probs.masked_fill_(broken, 0.0).scatter_add_(-1, argmax[..., None], broken.to(probs.dtype))
+    return probs.to(dtype)
 
 
 def _categorical_entropy_(scaled: torch.Tensor) -> torch.Tensor:

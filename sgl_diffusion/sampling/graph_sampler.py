@@ -341,7 +341,7 @@ def decide(
     else:
         if draw is not None:
             probs = None  # the float32 probabilities only served the draw
-        sc_probs = eb._self_conditioning_probs(scaled, self_conditioning_dtype)
+        sc_probs = eb._self_conditioning_probs(scaled, self_conditioning_dtype, argmax)
 
     entropy = eb._categorical_entropy_(scaled)  # consumes `scaled` (a temporary of ours)
     del scaled

@@ -242,6 +242,25 @@ def test_self_conditioning_probs_are_computed_in_the_model_dtype_like_hf():
     assert torch.equal(fp32, scaled.softmax(dim=-1, dtype=torch.float32))
 
 
+def test_a_temperature_that_overflows_fp16_feeds_the_argmax_one_hot_not_nan():
+    """Temperature 0 (1e-6) in an fp16 model: logits / T overflow fp16, and HF's self-conditioning softmax is NaN
+    there (the next forward's logits with it: a 500 through the server). Those positions take the T -> 0 limit, the
+    argmax's one-hot, in the exact step and in the compiled round's `decide` alike; a request beside them at an
+    ordinary temperature keeps HF's fp16 bits."""
+    from sgl_diffusion.sampling import graph_sampler as gs
+
+    logits, s = random_logits(5, batch=2), 20
+    cold, warm = params(t_min=1e-6, t_max=1e-6), params()
+    assert hf_scaled(logits[:1], cold, s).to(torch.float16).softmax(-1, dtype=torch.float32).isnan().any(-1).all()
+    got = run_dtype(logits, [row(cold, s), row(warm, s)], torch.float16)
+    one_hot = torch.nn.functional.one_hot(got.argmax[0], V).to(torch.float16)
+    hf_warm = hf_scaled(logits[1:], warm, s).to(torch.float16).softmax(-1, dtype=torch.float32).to(torch.float16)
+    assert torch.equal(got.self_conditioning_probs[0], one_hot)
+    assert torch.equal(got.self_conditioning_probs[1:], hf_warm)
+    state = gs.graph_state([cold, warm], [0, 1], [0, 0], [s, s], [new_history(1, C)] * 2, "cpu")
+    assert torch.equal(gs.decide(logits, state, torch.float16).self_conditioning_probs, got.self_conditioning_probs)
+
+
 def run_dtype(logits, rows, dtype):
     return step(logits, prepare(rows), [None] * len(rows), self_conditioning_dtype=dtype)
 
