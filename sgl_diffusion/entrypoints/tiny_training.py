@@ -155,17 +155,24 @@ def trained_checkpoint(cache_dir=None, recipe: TrainRecipe = TrainRecipe(), log:
         if not (final / "training.json").exists():
             tmp = root / f"{final.name}.tmp-{os.getpid()}"
             if shipped_digest() == recipe.digest():
-                from sgl_diffusion.entrypoints import tiny_checkpoint as tc
-
-                tmp.mkdir()
-                for name in SHIPPED_FILES:
-                    shutil.copyfile(SHIPPED / name, tmp / name)
-                tc.build_tiny_processor().save_pretrained(tmp)
+                copy_shipped(tmp)
             else:
                 log(f"training the tiny checkpoint into {final} (once; later runs reuse it)")
                 build_trained_checkpoint(tmp, recipe, log)
             os.replace(tmp, final)
     return final
+
+
+def copy_shipped(out_dir) -> pathlib.Path:
+    """The shipped checkpoint written to ``out_dir`` (its weights, and the tokenizer and processor files built)."""
+    from sgl_diffusion.entrypoints import tiny_checkpoint as tc
+
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in SHIPPED_FILES:
+        shutil.copyfile(SHIPPED / name, out / name)
+    tc.build_tiny_processor().save_pretrained(out)
+    return out
 
 
 def shipped_digest() -> str | None:

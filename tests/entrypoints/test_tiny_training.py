@@ -129,3 +129,20 @@ def test_shipped_checkpoint_is_assembled_without_training(tmp_path, monkeypatch)
     path = tiny_training.trained_checkpoint(tmp_path)
     assert (path / "model.safetensors").read_bytes() == (tiny_training.SHIPPED / "model.safetensors").read_bytes()
     assert (path / "tokenizer.json").exists() and (path / "chat_template.jinja").exists()
+
+
+def test_the_cli_copies_the_shipped_weights_and_trains_only_when_asked(tmp_path, monkeypatch):
+    """``tiny_checkpoint OUT --trained`` writes the shipped checkpoint in seconds; ``--retrain`` (or another seed,
+    whose weights do not ship) trains."""
+    from sgl_diffusion.entrypoints import tiny_checkpoint
+
+    trained = []
+    monkeypatch.setattr(tiny_training, "build_trained_checkpoint", lambda out, recipe: trained.append(recipe))
+    tiny_checkpoint.main([str(tmp_path / "shipped"), "--trained"])
+    assert not trained
+    assert (tmp_path / "shipped" / "model.safetensors").read_bytes() == (
+        tiny_training.SHIPPED / "model.safetensors").read_bytes()
+    assert (tmp_path / "shipped" / "tokenizer.json").exists()
+    tiny_checkpoint.main([str(tmp_path / "again"), "--trained", "--retrain"])
+    tiny_checkpoint.main([str(tmp_path / "seed"), "--trained", "--seed", "1"])
+    assert [r.seed for r in trained] == [0, 1]
