@@ -104,7 +104,8 @@ def test_partial_outputs_sum_to_the_unsharded_experts(hf, tp, ep):
             assert (rank // (tp // ep) == 0) or not alone.any()
     for layer, expected in enumerate(want):
         total = sum(part[layer] for part in parts)
-        torch.testing.assert_close(total, expected, rtol=1e-6, atol=1e-6)
+        # sums of shards reduce in another order than one GEMM: a few float32 ulps apart (1.7e-6 on an AMX host)
+        torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("tp,ep", [(1, 1), *LAYOUTS])

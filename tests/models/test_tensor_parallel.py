@@ -89,7 +89,8 @@ def test_partial_results_add_up_to_the_unsharded_model(deep):
             mine = model.layers[0]
             parts.append([mine.experts(x, weights, ids), mine.mlp(x), model.soft_embed(probs), model.logits(x)])
     for i in range(3):
-        torch.testing.assert_close(parts[0][i] + parts[1][i], want[i])
+        # two shards' partial sums reduce in another order than one GEMM: a few float32 ulps (6e-6 on an AMX host)
+        torch.testing.assert_close(parts[0][i] + parts[1][i], want[i], rtol=2e-5, atol=5e-5)
     # each rank's logits: its slice of the padded vocab (rank 1's ends in padding), in rank order
     vocab = config.text_config.vocab_size
     torch.testing.assert_close(torch.cat([parts[0][3], parts[1][3]], -1)[:, :vocab], want[3])
