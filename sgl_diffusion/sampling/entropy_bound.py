@@ -303,8 +303,9 @@ def _self_conditioning_probs(scaled: torch.Tensor, dtype: torch.dtype, argmax: t
     softmax is NaN and the next forward's logits with it; such a position takes the T -> 0 limit instead, the one-hot
     of `argmax` [B, C]. Every other position keeps HF's bits."""
     probs = torch.softmax(scaled.to(dtype), dim=-1, dtype=torch.float32)
-    broken = probs.isnan().any(dim=-1, keepdim=True)  # [B, C, 1]: an inf among the rounded logits, or all -inf
-    probs.masked_fill_(broken, 0.0).scatter_add_(-1, argmax[..., None], broken.to(probs.dtype))
+    if dtype == torch.float16:  # bf16 shares float32's exponent: its range would take T < 1e-37 to leave
+        broken = probs.isnan().any(dim=-1, keepdim=True)  # [B, C, 1]: an inf among the rounded logits, or all -inf
+        probs.masked_fill_(broken, 0.0).scatter_add_(-1, argmax[..., None], broken.to(probs.dtype))
     return probs.to(dtype)
 
 
