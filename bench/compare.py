@@ -546,13 +546,18 @@ def _status_kb(field: str) -> int:
 
 
 def peak_memory_per_canvas(model_dir, batch: int) -> float:
-    def peak(b):
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-        out = subprocess.run([sys.executable, __file__, "--memory-probe", str(model_dir), str(b)], check=True,
-                             capture_output=True, text=True, env=env)
-        return float(out.stdout.strip().splitlines()[-1])
-
-    return (peak(batch) - peak(1)) / (batch - 1)
+    # NOTE: the two probes run at once (each is mostly imports); each reads its own process's peak
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    probes = [subprocess.Popen([sys.executable, __file__, "--memory-probe", str(model_dir), str(b)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+              for b in (batch, 1)]  # fmt: skip
+    peaks = []
+    for proc in probes:
+        out, err = proc.communicate()
+        if proc.returncode:
+            raise subprocess.CalledProcessError(proc.returncode, proc.args, out, err)
+        peaks.append(float(out.strip().splitlines()[-1]))
+    return (peaks[0] - peaks[1]) / (batch - 1)
 
 
 # ---- output ----------------------------------------------------------------------------------------------------

@@ -1,6 +1,13 @@
 import pytest
 
 
+def pytest_collection_modifyitems(config, items):
+    """Modules that start servers (marked slow) first, each kept in file order: with README's ``-n 2`` two workers
+    share the modules, and a long one started last would leave one worker running it alone."""
+    server_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in server_files)  # stable: file order otherwise
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint_dir(tmp_path_factory):
     """Default-preset tiny DiffusionGemma checkpoint (seed 0), built once per test session."""
@@ -32,3 +39,14 @@ def trained_checkpoint_dir():
     from sgl_diffusion.entrypoints.tiny_training import trained_checkpoint
 
     return trained_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def server(tiny_checkpoint_dir):
+    """A real ``python -m sglang.launch_server`` on the tiny checkpoint (tests/server/conftest.py's flags), started
+    once per test session and shared by every module that only needs a default server."""
+    from tests.server.conftest import Server
+
+    srv = Server(tiny_checkpoint_dir)
+    yield srv
+    srv.stop()

@@ -50,10 +50,11 @@ def test_bench_rounds_runs():
 
 
 @pytest.mark.slow
-def test_bench_serving_runs(tiny_checkpoint_dir):
-    """A real server and sglang's bench_serving client, two concurrencies, one repeat."""
-    out = run("bench_serving.py", "--model-dir", tiny_checkpoint_dir, "--concurrencies", "1,2", "--num-prompts",
-              "2", "--output-len", "32", "--steps", "1", "--repeats", "1", timeout=600)
+def test_bench_serving_runs(server, tiny_checkpoint_dir):
+    """sglang's bench_serving client against a real server (the shared one, --url: compare.py's smoke test starts
+    servers through bench/common.py), two concurrencies, one repeat."""
+    out = run("bench_serving.py", "--url", server.url, "--model-dir", tiny_checkpoint_dir, "--concurrencies", "1,2",
+              "--num-prompts", "2", "--output-len", "32", "--steps", "1", "--repeats", "1", timeout=600)
     assert re.search(r"^\s+2\s+[\d.]+\s+[\d.]+x", out, re.M), out
 
 

@@ -147,17 +147,47 @@ def test_lines_without_a_route_are_answered_when_the_engine_fails(tmp_path, monk
 
 # ---- the CLI on the tiny checkpoint ----------------------------------------------------------------------------
 
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+INFILL_TEMPLATE = "def f(x):\n    {{hole:12}}\n    return y\n"
+ROUTE_LINES = [  # what the server's routes take: infill, a completions suffix, a json_schema, logprobs
+    line("infill", COMPLETIONS, {"model": "tiny", "prompt": "Code:\n", "max_tokens": 64,
+                                 "diffusion": {"infill": {"template": INFILL_TEMPLATE}, "seed": 1}}),
+    line("suffix", COMPLETIONS, {"model": "tiny", "prompt": "a = ", "suffix": "\nprint(a)", "max_tokens": 5,
+                                 **steps1(2)}),
+    line("json", CHAT, {"model": "tiny", "messages": MESSAGES, "max_tokens": 64, "diffusion": {"seed": 3},
+                        "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMA}}}),
+    line("logprobs", COMPLETIONS, {"model": "tiny", "prompt": "Hi", "max_tokens": 4, "logprobs": 2, **steps1(4)}),
+]  # fmt: skip
+
+
+def image_line(custom_id, path):
+    content = [{"type": "image_url", "image_url": {"url": str(path)}}, {"type": "text", "text": "what is this?"}]
+    return line(custom_id, CHAT, {"model": "tiny", "messages": [{"role": "user", "content": content}],
+                                  "max_tokens": 4, **steps1(3)})  # fmt: skip
+
 
 @pytest.fixture(scope="module")
 def first_run(tiny_checkpoint_dir, tmp_path_factory):
-    """One batch over INPUT_LINES into a fresh output file: (input path, process, rows by key)."""
+    """One batch into a fresh output file (each engine start costs half a minute, so one run answers the tests
+    below): INPUT_LINES, ROUTE_LINES, and three image lines (an image beside the input file, /etc/passwd, an image
+    elsewhere). (input path, process, rows by key)."""
+    from tests.multimodal.media import png_bytes
+
     tmp = tmp_path_factory.mktemp("batch")
-    input_path = write_lines(tmp / "in.jsonl", INPUT_LINES)
+    for folder in ("job", "elsewhere"):
+        (tmp / folder).mkdir()
+        (tmp / folder / "img.png").write_bytes(png_bytes())
+    media_lines = [image_line("beside", tmp / "job" / "img.png"), image_line("passwd", "/etc/passwd"),
+                   image_line("elsewhere", tmp / "elsewhere" / "img.png")]  # fmt: skip
+    input_path = write_lines(tmp / "job" / "in.jsonl", INPUT_LINES + ROUTE_LINES + media_lines)
     proc = run_cli(tiny_checkpoint_dir, input_path, tmp / "out.jsonl", "--max-in-flight", "4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_rows(tmp / "out.jsonl")
-    assert len(rows) == ROWS_PER_RUN
+    assert len(rows) == ROWS_PER_RUN + len(ROUTE_LINES) + len(media_lines)
     return input_path, proc, by_key(rows)
+
+
+FIRST_RUN_EXTRA_KEYS = {"infill", "suffix", "json", "logprobs", "beside", "passwd", "elsewhere"}
 
 
 def _status(row):
@@ -168,13 +198,13 @@ def _status(row):
 def test_one_row_per_input_line_with_its_status(first_run):
     """Every input line has one row: completions answered 200, the rest with the Batch API's error convention."""
     _, proc, rows = first_run
-    assert {key: _status(row) for key, row in rows.items()} == {
+    assert {key: _status(row) for key, row in rows.items() if key not in FIRST_RUN_EXTRA_KEYS} == {
         "chat-seeded": 200, "comp-seeded": 200, ("line", 3): "invalid_json", "bad-url": "invalid_url",
         "bad-diffusion": 400, "bad-body": 400, ("line", 7): "duplicate_custom_id", "streamed": 400,
         ("line", 10): "missing_custom_id",
     }  # fmt: skip
     assert all(row["id"].startswith("batch_req_") for row in rows.values())
-    assert len({row["id"] for row in rows.values()}) == ROWS_PER_RUN
+    assert len({row["id"] for row in rows.values()}) == len(rows)
     assert "max_denoising_steps" in rows["bad-diffusion"]["response"]["body"]["message"]
     assert "prompt" in rows["bad-body"]["response"]["body"]["message"]
     assert rows["streamed"]["response"]["body"]["object"] == "error"
@@ -196,17 +226,11 @@ def test_bodies_are_openai_responses_with_diffusion_usage(first_run):
 
 
 @pytest.mark.slow
-def test_seeded_rows_equal_the_server_answers(first_run, tiny_checkpoint_dir):
-    """The same seeded bodies posted to a server give the same choices and token counts."""
-    from tests.server.conftest import Server
-
+def test_seeded_rows_equal_the_server_answers(first_run, server):
+    """The same seeded bodies posted to a server (the same engine flags) give the same choices and token counts."""
     _, _, rows = first_run
-    server = Server(tiny_checkpoint_dir)
-    try:
-        answers = {url: server.post(url, body).json() for url, body in
-                   ((CHAT, CHAT_SEEDED), (COMPLETIONS, COMPLETION_SEEDED))}  # fmt: skip
-    finally:
-        server.stop()
+    answers = {url: server.post(url, body).json() for url, body in
+               ((CHAT, CHAT_SEEDED), (COMPLETIONS, COMPLETION_SEEDED))}  # fmt: skip
     for url, custom_id in ((CHAT, "chat-seeded"), (COMPLETIONS, "comp-seeded")):
         body = rows[custom_id]["response"]["body"]
         assert body["choices"] == answers[url]["choices"]
@@ -275,52 +299,24 @@ def test_local_media_default_is_the_input_directory(tmp_path):
 
 
 @pytest.mark.slow
-def test_bodies_read_local_media_only_beside_the_input(tiny_checkpoint_dir, tmp_path):
+def test_bodies_read_local_media_only_beside_the_input(first_run):
     """An image next to the input file is read; /etc/passwd and an image elsewhere get the server's refusal."""
     from sgl_diffusion.multimodal.media_policy import LOCAL_REFUSED
-    from tests.multimodal.media import png_bytes
 
-    (tmp_path / "job").mkdir()
-    (tmp_path / "elsewhere").mkdir()
-    for folder in ("job", "elsewhere"):
-        (tmp_path / folder / "img.png").write_bytes(png_bytes())
-
-    def image_line(custom_id, path):
-        content = [{"type": "image_url", "image_url": {"url": str(path)}}, {"type": "text", "text": "what is this?"}]
-        return line(custom_id, CHAT, {"model": "tiny", "messages": [{"role": "user", "content": content}],
-                                      "max_tokens": 4, **steps1(3)})  # fmt: skip
-
-    lines = [image_line("beside", tmp_path / "job" / "img.png"), image_line("passwd", "/etc/passwd"),
-             image_line("elsewhere", tmp_path / "elsewhere" / "img.png")]  # fmt: skip
-    input_path, out = write_lines(tmp_path / "job" / "in.jsonl", lines), tmp_path / "out.jsonl"
-    proc = run_cli(tiny_checkpoint_dir, input_path, out)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = by_key(read_rows(out))
-    assert {key: _status(row) for key, row in rows.items()} == {"beside": 200, "passwd": 400, "elsewhere": 400}
+    _, _, rows = first_run
+    assert {key: _status(rows[key]) for key in ("beside", "passwd", "elsewhere")} == {
+        "beside": 200, "passwd": 400, "elsewhere": 400}  # fmt: skip
     assert rows["passwd"]["response"]["body"]["message"] == rows["elsewhere"]["response"]["body"]["message"]
     assert LOCAL_REFUSED in rows["passwd"]["response"]["body"]["message"]
 
 
 @pytest.mark.slow
-def test_infill_structured_output_and_logprobs_lines(tiny_checkpoint_dir, tmp_path):
+def test_infill_structured_output_and_logprobs_lines(first_run):
     """Batch bodies take what the server's routes take: a diffusion.infill template (fixed pieces back verbatim), a
     completions suffix, a response_format json_schema, logprobs."""
-    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
-    template = "def f(x):\n    {{hole:12}}\n    return y\n"
-    lines = [
-        line("infill", COMPLETIONS, {"model": "tiny", "prompt": "Code:\n", "max_tokens": 64,
-                                     "diffusion": {"infill": {"template": template}, "seed": 1}}),
-        line("suffix", COMPLETIONS, {"model": "tiny", "prompt": "a = ", "suffix": "\nprint(a)", "max_tokens": 5,
-                                     **steps1(2)}),
-        line("json", CHAT, {"model": "tiny", "messages": MESSAGES, "max_tokens": 64, "diffusion": {"seed": 3},
-                            "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}}),
-        line("logprobs", COMPLETIONS, {"model": "tiny", "prompt": "Hi", "max_tokens": 4, "logprobs": 2, **steps1(4)}),
-    ]  # fmt: skip
-    input_path, out = write_lines(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl"
-    proc = run_cli(tiny_checkpoint_dir, input_path, out)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = by_key(read_rows(out))
-    assert {key: _status(row) for key, row in rows.items()} == dict.fromkeys(("infill", "suffix", "json", "logprobs"), 200)
+    _, _, rows = first_run
+    assert {key: _status(rows[key]) for key in ("infill", "suffix", "json", "logprobs")} == dict.fromkeys(
+        ("infill", "suffix", "json", "logprobs"), 200)
     text = rows["infill"]["response"]["body"]["choices"][0]["text"]
     assert text.startswith("def f(x):\n    ") and text.endswith("\n    return y\n")
     assert rows["suffix"]["response"]["body"]["usage"]["completion_tokens"] == 5

@@ -1,4 +1,4 @@
-"""A real ``python -m sglang.launch_server`` on the tiny checkpoint, started once per test session."""
+"""A real ``python -m sglang.launch_server`` on a checkpoint (the shared one: ``server`` in tests/conftest.py)."""
 
 import os
 import signal
@@ -11,11 +11,18 @@ import time
 import pytest
 import requests
 
+from tests.multimodal.media import mp4_bytes, png_bytes
+
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# the files of ``media_disk``, as bytes (tests compare them sent inline with read from disk)
+IMAGE = png_bytes(48, 32, shade=9)
+VIDEO = mp4_bytes(2.5, fps=2, width=64, height=48)
 
 
 class Server:
@@ -70,7 +77,35 @@ class Server:
 
 
 @pytest.fixture(scope="session")
-def server(tiny_checkpoint_dir):
-    srv = Server(tiny_checkpoint_dir)
+def media_disk(tmp_path_factory):
+    """allowed/ (``configured_server``'s media directory: an image, a video, playlists, links out), outside/ (an
+    image); tests/server/test_media_security.py attacks through them."""
+    from tests.multimodal.media import hls_playlist
+
+    root = tmp_path_factory.mktemp("media")
+    allowed, outside = root / "allowed", root / "outside"
+    allowed.mkdir()
+    outside.mkdir()
+    (allowed / "img.png").write_bytes(IMAGE)
+    (allowed / "clip.mp4").write_bytes(VIDEO)
+    (outside / "img.png").write_bytes(IMAGE)
+    playlist = hls_playlist(f"file://{allowed / 'clip.mp4'}")
+    (allowed / "list.m3u8").write_bytes(playlist)
+    (allowed / "list.mp4").write_bytes(playlist)  # a playlist named like a video
+    (allowed / "out.png").symlink_to(outside / "img.png")
+    (allowed / "out-missing.png").symlink_to(outside / "missing.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def configured_server(tiny_checkpoint_dir, media_disk):
+    """A server set up as a deployment would be, shared by the modules that need a non-default one (each server
+    start costs 30-40 s): Gemma 4's reasoning and tool-call parsers (test_openai_features.py, test_structured.py),
+    2 denoise steps unless a request says otherwise, as DSL programs need (test_structured.py), and local media
+    allowed from ``media_disk``/allowed and 127.0.0.1 only, not the rest of 127/8 nor ::1 (test_media_security.py)."""
+    srv = Server(tiny_checkpoint_dir, "--reasoning-parser", "gemma4", "--tool-call-parser", "gemma4",
+                 "--preferred-sampling-params", '{"diffusion": {"max_denoising_steps": 2}}',
+                 env={"SGL_DIFFUSION_ALLOWED_LOCAL_MEDIA_PATHS": str(media_disk / "allowed"),
+                      "SGL_DIFFUSION_ALLOWED_MEDIA_NETWORKS": "127.0.0.1/32"})  # fmt: skip
     yield srv
     srv.stop()

@@ -15,35 +15,20 @@ import pytest
 import requests
 
 from sgl_diffusion.multimodal.media_policy import LOCAL_REFUSED
-from tests.multimodal.media import data_url, hls_playlist, mp4_bytes, png_bomb_bytes, png_bytes
-from tests.server.conftest import Server
+from tests.multimodal.media import data_url, png_bomb_bytes, png_bytes
+from tests.server.conftest import IMAGE, VIDEO
 
 pytestmark = pytest.mark.slow
 
 SAMPLER = {"max_denoising_steps": 1, "seed": 3}
-IMAGE = png_bytes(48, 32, shade=9)
-VIDEO = mp4_bytes(2.5, fps=2, width=64, height=48)
 
 
-# ---- fixtures: files on disk, a local HTTP origin, the allowing server ---------------------------------------------
+# ---- fixtures: a local HTTP origin (files on disk and the allowing server: tests/server/conftest.py) -------------
 
 
 @pytest.fixture(scope="module")
-def disk(tmp_path_factory):
-    """allowed/ (the media server's directory: an image, a video, playlists, links out), outside/ (an image)."""
-    root = tmp_path_factory.mktemp("media")
-    allowed, outside = root / "allowed", root / "outside"
-    allowed.mkdir()
-    outside.mkdir()
-    (allowed / "img.png").write_bytes(IMAGE)
-    (allowed / "clip.mp4").write_bytes(VIDEO)
-    (outside / "img.png").write_bytes(IMAGE)
-    playlist = hls_playlist(f"file://{allowed / 'clip.mp4'}")
-    (allowed / "list.m3u8").write_bytes(playlist)
-    (allowed / "list.mp4").write_bytes(playlist)  # a playlist named like a video
-    (allowed / "out.png").symlink_to(outside / "img.png")
-    (allowed / "out-missing.png").symlink_to(outside / "missing.png")
-    return root
+def disk(media_disk):
+    return media_disk
 
 
 class _Origin(http.server.SimpleHTTPRequestHandler):
@@ -80,12 +65,9 @@ def origin(disk):
 
 
 @pytest.fixture(scope="module")
-def media_server(tiny_checkpoint_dir, disk):
-    """A server that allows allowed/ and 127.0.0.1 (only: not the rest of 127/8, not ::1)."""
-    srv = Server(tiny_checkpoint_dir, env={"SGL_DIFFUSION_ALLOWED_LOCAL_MEDIA_PATHS": str(disk / "allowed"),
-                                           "SGL_DIFFUSION_ALLOWED_MEDIA_NETWORKS": "127.0.0.1/32"})  # fmt: skip
-    yield srv
-    srv.stop()
+def media_server(configured_server):
+    """A server that allows disk's allowed/ and 127.0.0.1 (only: not the rest of 127/8, not ::1)."""
+    return configured_server
 
 
 def image_chat(server, url):

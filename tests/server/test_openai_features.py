@@ -12,7 +12,6 @@ import pytest
 import requests
 from transformers import AutoTokenizer
 
-from tests.server.conftest import Server
 
 pytestmark = pytest.mark.slow
 
@@ -253,10 +252,9 @@ def test_stop_token_ids_inside_a_canvas(server, client, tokenizer):
 
 
 @pytest.fixture(scope="module")
-def parser_server(tiny_checkpoint_dir):
-    srv = Server(tiny_checkpoint_dir, "--reasoning-parser", "gemma4", "--tool-call-parser", "gemma4")
-    yield srv
-    srv.stop()
+def parser_server(configured_server):
+    """Started with ``--reasoning-parser gemma4 --tool-call-parser gemma4`` (tests/server/conftest.py)."""
+    return configured_server
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,9 @@
 """Structured output, tool calls, infill, logprobs and DSL select against one real server (tiny random checkpoint).
 
-The model knows nothing of JSON, so every valid output is the grammar's doing. The server runs a copy of the tiny
-checkpoint whose generation_config.json asks for 2 denoise steps (the DSL cannot send diffusion parameters), with
-sglang's gemma4 tool-call parser.
+The model knows nothing of JSON, so every valid output is the grammar's doing. The server is the session's
+``configured_server`` (tests/server/conftest.py): 2 denoise steps by default (the DSL cannot send diffusion
+parameters), and sglang's gemma4 tool-call and reasoning parsers, as a deployment runs them (with a reasoning parser,
+sglang hands the scheduler each grammar wrapped in its ReasonerGrammarObject).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import re
-import shutil
 import threading
 import time
 import uuid
@@ -21,7 +21,6 @@ import pytest
 import requests
 
 import sglang as sgl
-from tests.server.conftest import Server
 from tests.server.test_load import assert_idle_and_no_kv_in_use
 from tests.server.test_metrics import metric
 
@@ -54,14 +53,8 @@ SEEDS_PER_CONSTRAINT = 5  # 10 constraints x 5 seeds = 50 constrained requests
 
 
 @pytest.fixture(scope="module")
-def srv(tiny_checkpoint_dir, tmp_path_factory):
-    model_dir = tmp_path_factory.mktemp("structured_checkpoint") / "ckpt"
-    shutil.copytree(tiny_checkpoint_dir, model_dir)
-    config = json.loads((model_dir / "generation_config.json").read_text())
-    (model_dir / "generation_config.json").write_text(json.dumps(config | {"max_denoising_steps": 2}))
-    server = Server(model_dir, "--tool-call-parser", "gemma4")
-    yield server
-    server.stop()
+def srv(configured_server):
+    return configured_server
 
 
 @pytest.fixture(scope="module")

@@ -22,10 +22,12 @@ MAX_NEW = 64
 EXAMPLES = tiny_tasks.eval_examples(16, seed=4321)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def trained_server(trained_checkpoint_dir):
-    """One server on the trained checkpoint for every test here (each server start costs 20-30 s)."""
-    srv = Server(trained_checkpoint_dir)
+    """One server on the trained checkpoint for every test here (each server start costs 30-40 s), started with
+    ``--enable-torch-compile``: every test here then checks the compiled canvas step, and the eager one is what
+    every other server test runs."""
+    srv = Server(trained_checkpoint_dir, "--enable-torch-compile", env={"TORCH_LOGS": "recompiles"})
     yield srv
     srv.stop()
 
@@ -106,20 +108,17 @@ def test_the_readme_example_gets_the_answer_it_shows(trained_server):
         assert out.json()["text"] == answer
 
 
-def test_torch_compile_server_keeps_transformers_tokens(trained_checkpoint_dir, reference):
+def test_torch_compile_server_keeps_transformers_tokens(trained_server, reference):
     """``--enable-torch-compile`` on the CPU: the canvas step is compiled with fullgraph=True at start-up (for one
-    canvas and for a batch, as the event loop runs, so serving compiles nothing more), and seeded requests, alone
-    and together, still give transformers' tokens."""
+    canvas and for a batch, as the event loop runs, so serving compiles nothing more: not for this module's earlier
+    tests' batches either), and seeded requests, alone and together, still give transformers' tokens."""
     ref, tok = reference
-    srv = Server(trained_checkpoint_dir, "--enable-torch-compile", env={"TORCH_LOGS": "recompiles"})
-    try:
-        assert generate(srv, tiny_tasks.prompt_ids(tok, EXAMPLES[0]), 0)["output_ids"] == ref[0]
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            outs = list(pool.map(lambda i: generate(srv, tiny_tasks.prompt_ids(tok, EXAMPLES[i]), i), range(1, 5)))
-        assert [o["output_ids"] for o in outs] == ref[1:5]
-    finally:
-        srv.stop()
-    with open(srv.log_path) as log:
+    assert generate(trained_server, tiny_tasks.prompt_ids(tok, EXAMPLES[0]), 0)["output_ids"] == ref[0]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda i: generate(trained_server, tiny_tasks.prompt_ids(tok, EXAMPLES[i]), i),
+                             range(1, 5)))  # fmt: skip
+    assert [o["output_ids"] for o in outs] == ref[1:5]
+    with open(trained_server.log_path) as log:
         text = log.read()
     assert "canvas-only rounds run the graph-ready canvas step (compile)" in text
     after_warm_up = text.split("canvas step warmed up in", 1)[1]
