@@ -19,7 +19,7 @@ from sgl_diffusion.attention.base import BaseAttnBackend
 from sgl_diffusion.models.config import DiffusionGemmaConfig
 from sgl_diffusion.models.layers import Attend, DecoderLayer, RMSNorm, SelfConditioning, rope_cos_sin, rope_inv_freq
 from sgl_diffusion.models.parallel import all_gather, all_reduce, in_sglang_runtime, tp_rank_size
-from sgl_diffusion.models.weights import expect, load_checkpoint_weights
+from sgl_diffusion.models.weights import checkpoint_tensor, expect, load_checkpoint_weights
 from sgl_diffusion.runtime.canvas_batch import CanvasBatch
 
 
@@ -185,6 +185,12 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         load_checkpoint_weights(self, weights, self.fp8_block_size)
+
+    def get_weights_by_name(self, name: str, truncate_size: int = 100, tp_size: int = 1) -> list:
+        """sglang's /get_weights_by_name (RL trainers check a weight sync with it): checkpoint tensor ``name`` as
+        this rank holds it (``tp_size`` is not needed: the loaders say which part), its first ``truncate_size``
+        rows, in float32."""
+        return checkpoint_tensor(self, name)[:truncate_size].float().tolist()
 
 
 def _refuse_quantization_without_kernels(quant_config) -> None:

@@ -99,6 +99,39 @@ def load_checkpoint_weights(model: nn.Module, weights: Iterable[tuple[str, torch
 FP8 = torch.float8_e4m3fn
 
 
+def checkpoint_tensor(model: nn.Module, name: str) -> torch.Tensor:
+    """The part of checkpoint tensor ``name`` that this rank's loaded ``model`` holds (its TP or EP slice, padding
+    left out), read back through the same loaders that put it there: ones are loaded in its place (zero-padded, as at
+    load), and the indices they reach along each dim are cut out of the parameter's own values, then put back.
+    Tied keys (``lm_head.weight``, the encoder's copies) read the weight they are tied to; KeyError for a name the
+    model does not hold."""
+    tied = "model.decoder.embed_tokens.weight" if name == "lm_head.weight" else name
+    if not _ENCODER_SCALAR.match(name):
+        tied = tied.replace("model.encoder.language_model.", "model.decoder.", 1)
+    param_name, shard = checkpoint_name_to_param(tied), None
+    if m := _STACKED.match(param_name):
+        fused, shard = STACKED_INTO[m[2]]
+        param_name = f"{m[1]}.{fused}.{m[3]}"
+    target = (dict(model.named_parameters()) | dict(model.named_buffers())).get(param_name)
+    if target is None or _is_scale(param_name):
+        raise KeyError(f"{name}: not a weight this model exports")
+    if getattr(target, "checkpoint_shapes", None) is None:  # unsharded: the checkpoint tensor is the whole of it
+        return target.detach().clone()
+    if shard not in getattr(target, "loaded_shapes", {}):  # e.g. our fused name, or a part the checkpoint lacks
+        raise KeyError(f"{name}: not a weight this model exports")
+    with torch.no_grad():
+        raw = target.data.view(torch.uint8) if target.element_size() == 1 else target.data  # fp8: compare bytes
+        kept = target.detach().clone()
+        raw.zero_()
+        load_one(target, torch.ones(target.loaded_shapes[shard], dtype=torch.float32).to(target.dtype), shard)
+        reached = raw != 0
+        target.copy_(kept)
+    for dim in range(kept.dim()):
+        keep = reached.movedim(dim, 0).flatten(1).any(1).nonzero().squeeze(1)
+        kept = kept.index_select(dim, keep)
+    return kept
+
+
 def _is_scale(param_name: str) -> bool:
     """A quantized projection's scale, or an fp8 expert tensor's (``experts.gate_up_proj_scale_inv``)."""
     return param_name.rsplit(".", 1)[-1] in SCALES or _EXPERT_SCALE.search(param_name) is not None
@@ -164,6 +197,7 @@ def load_one(param: torch.Tensor, loaded: torch.Tensor, shard: str | int | None,
     if shard not in shapes:
         raise ValueError(f"the model's projection has no {shard!r} part")
     full = fit(loaded, shapes[shard], param.pad_dim, param.pad_parts)
+    param.loaded_shapes = getattr(param, "loaded_shapes", {}) | {shard: tuple(loaded.shape)}  # for checkpoint_tensor
     param.weight_loader(param, full) if shard is None else param.weight_loader(param, full, shard)
 
 

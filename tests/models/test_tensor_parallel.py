@@ -94,3 +94,29 @@ def test_partial_results_add_up_to_the_unsharded_model(deep):
     # each rank's logits: its slice of the padded vocab (rank 1's ends in padding), in rank order
     vocab = config.text_config.vocab_size
     torch.testing.assert_close(torch.cat([parts[0][3], parts[1][3]], -1)[:, :vocab], want[3])
+
+
+def test_get_weights_by_name_gives_each_rank_its_part(deep):
+    """/get_weights_by_name under TP 2 answers with the part of the checkpoint tensor a rank holds, padding left
+    out: query rows and intermediate widths split (the parts concatenate to the checkpoint's), the sliding layers'
+    one KV head whole on both ranks. The experts' 24 real widths, padded to 64, all sit on rank 0: rank 1 holds
+    padding only, and answers with nothing."""
+    hf, config, _ = deep
+    state = {name: tensor.float() for name, tensor in hf.state_dict().items()}
+    prefix = "model.decoder.layers.0."
+    names = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "mlp.down_proj.weight", "experts.down_proj",
+             "experts.gate_up_proj")  # fmt: skip
+    parts = {name: [] for name in names}
+    for _, model in each_rank(hf, config):
+        for name in names:
+            parts[name].append(torch.tensor(model.get_weights_by_name(prefix + name, truncate_size=10**6)))
+    want = {name: state[prefix + name] for name in names}
+    assert [part.numel() for part in parts["experts.down_proj"]][1:] == [0]
+    parts = {name: [part for part in got if part.numel()] for name, got in parts.items()}
+    assert torch.equal(torch.cat(parts["self_attn.q_proj.weight"]), want["self_attn.q_proj.weight"])
+    assert all(torch.equal(part, want["self_attn.k_proj.weight"]) for part in parts["self_attn.k_proj.weight"])
+    assert torch.equal(torch.cat(parts["mlp.down_proj.weight"], dim=1), want["mlp.down_proj.weight"])
+    assert torch.equal(torch.cat(parts["experts.down_proj"], dim=2), want["experts.down_proj"])
+    gate_up = [part.chunk(2, dim=1) for part in parts["experts.gate_up_proj"]]  # each rank: its gate rows, its up rows
+    rebuilt = torch.cat([torch.cat([gate for gate, _ in gate_up], 1), torch.cat([up for _, up in gate_up], 1)], 1)
+    assert torch.equal(rebuilt, want["experts.gate_up_proj"])

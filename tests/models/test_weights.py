@@ -53,3 +53,19 @@ def test_a_checkpoint_tensor_that_does_not_fit_is_refused(name, shape):
     weights = dict(hf.state_dict()) | {name: torch.zeros(shape)}
     with pytest.raises(ValueError, match=name.replace(".", r"\.")):
         ours.load_weights(weights.items())
+
+
+def test_get_weights_by_name_gives_back_every_checkpoint_tensor():
+    """/get_weights_by_name at TP 1: every checkpoint key, tied ones included, reads back as saved (the fused q/k/v
+    and gate/up parts cut out of their projections, padding left out), truncated to its first rows."""
+    hf = build_tiny_model(0, "unaligned")
+    ours = DiffusionGemmaForBlockDiffusion(sglang_padded_config(hf.config, 1)).eval()
+    state = hf.state_dict()
+    ours.load_weights(state.items())
+    before = {n: p.clone() for n, p in ours.state_dict().items()}
+    for name, tensor in state.items():
+        assert torch.equal(torch.tensor(ours.get_weights_by_name(name, truncate_size=10**6)), tensor.float()), name
+    assert torch.equal(torch.tensor(ours.get_weights_by_name("lm_head.weight", 3)), state["lm_head.weight"][:3])
+    assert all(torch.equal(p, before[n]) for n, p in ours.state_dict().items())  # the probe put every weight back
+    with pytest.raises(KeyError, match="not a weight"):
+        ours.get_weights_by_name("model.decoder.layers.0.self_attn.qkv_proj.weight")

@@ -27,6 +27,7 @@ import uuid
 
 import pytest
 import requests
+import torch
 
 pytestmark = pytest.mark.slow
 
@@ -284,6 +285,23 @@ def test_a_weight_update_under_a_retracting_pause_keeps_the_running_request(serv
         requests.post(f"{server.url}/abort_request", json={"rid": rid}, timeout=10)
         resp.close()
     assert_idle_and_no_kv_in_use(server)
+    assert_serves(server)
+
+
+def test_get_weights_by_name_reads_what_the_checkpoint_holds(server, tiny_checkpoint_dir):
+    """/get_weights_by_name (RL trainers check a weight sync with it) answers with the checkpoint tensor's first rows,
+    a fused projection's part and a tied key included; a name the model does not hold is a 400."""
+    from safetensors.torch import load_file
+
+    state = load_file(tiny_checkpoint_dir / "model.safetensors")
+    for name in ("model.decoder.layers.0.self_attn.k_proj.weight", "model.decoder.layers.0.experts.down_proj",
+                 "model.decoder.embed_tokens.weight"):  # fmt: skip
+        resp = server.post("/get_weights_by_name", {"name": name, "truncate_size": 3})
+        assert resp.status_code == 200, resp.text
+        assert torch.equal(torch.tensor(resp.json()), state[name][:3].float()), name
+    tied = server.post("/get_weights_by_name", {"name": "lm_head.weight", "truncate_size": 2}).json()
+    assert torch.equal(torch.tensor(tied), state["model.decoder.embed_tokens.weight"][:2].float())
+    assert server.post("/get_weights_by_name", {"name": "no.such.weight"}).status_code == 400
     assert_serves(server)
 
 
