@@ -101,7 +101,7 @@ def media_disk(tmp_path_factory):
 def configured_server(tiny_checkpoint_dir, media_disk):
     """A server set up as a deployment would be, shared by the modules that need a non-default one (each server
     start costs 30-40 s): Gemma 4's reasoning and tool-call parsers (test_openai_features.py, test_structured.py),
-    2 denoise steps unless a request says otherwise, as DSL programs need (test_structured.py), and local media
+    2 denoise steps unless a request says otherwise, as DSL programs need (test_structured.py, test_dsl.py), and local media
     allowed from ``media_disk``/allowed and 127.0.0.1 only, not the rest of 127/8 nor ::1 (test_media_security.py)."""
     srv = Server(tiny_checkpoint_dir, "--reasoning-parser", "gemma4", "--tool-call-parser", "gemma4",
                  "--preferred-sampling-params", '{"diffusion": {"max_denoising_steps": 2}}',

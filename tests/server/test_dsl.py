@@ -1,12 +1,11 @@
 """sglang's frontend language (``import sglang as sgl``) against a real server: gen, chat, fork, stream, batch, images.
 
 The DSL has no way to send ``diffusion`` parameters (its SglSamplingParams is a fixed set), so every canvas
-would run the checkpoint's default of 48 denoise steps, which takes seconds on 2 loaded cores. These tests run
-their own server started with ``--preferred-sampling-params '{"diffusion": {"max_denoising_steps": 2}}'``, which is
-how a user sets the sampler for DSL programs.
+would run the checkpoint's default of 48 denoise steps, which takes seconds on 2 loaded cores. These tests run on
+the session's ``configured_server``, started with ``--preferred-sampling-params '{"diffusion":
+{"max_denoising_steps": 2}}'``, which is how a user sets the sampler for DSL programs.
 """
 
-import json
 import threading
 
 import pytest
@@ -14,7 +13,6 @@ import requests
 
 import sglang as sgl
 import sgl_diffusion.frontend  # noqa: F401  (registers the diffusiongemma template)
-from tests.server.conftest import Server
 
 pytestmark = pytest.mark.slow
 
@@ -22,13 +20,11 @@ DEFAULT_STEPS = 2
 CANVAS = 32
 
 @pytest.fixture(scope="module")
-def dsl_server(tiny_checkpoint_dir):
-    """``--preferred-sampling-params`` with a diffusion entry sets the sampler for DSL programs, which cannot send
-    one (README "Frontend DSL"): every canvas here takes DEFAULT_STEPS steps unless a request says otherwise."""
-    preferred = json.dumps({"diffusion": {"max_denoising_steps": DEFAULT_STEPS}})
-    srv = Server(tiny_checkpoint_dir, "--preferred-sampling-params", preferred)
-    yield srv
-    srv.stop()
+def dsl_server(configured_server):
+    """Started with ``--preferred-sampling-params '{"diffusion": {"max_denoising_steps": 2}}'`` (tests/server/
+    conftest.py), which sets the sampler for DSL programs, which cannot send one (README "Frontend DSL"): every
+    canvas here takes DEFAULT_STEPS steps unless a request says otherwise."""
+    return configured_server
 
 
 @pytest.fixture(scope="module")
