@@ -56,6 +56,15 @@ def checkpoint_name_to_param(name: str) -> str | None:
     raise KeyError(f"unexpected DiffusionGemma checkpoint key: {name}")
 
 
+def fused_part(param_name: str) -> tuple[str, str | int | None]:
+    """(our parameter, sglang's shard id) for a checkpoint projection that loads into part of a fused one; else
+    (``param_name``, None)."""
+    if m := _STACKED.match(param_name):
+        fused, shard = STACKED_INTO[m[2]]
+        return f"{m[1]}.{fused}.{m[3]}", shard
+    return param_name, None
+
+
 def load_checkpoint_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
                             block_size: list[int] | None = None) -> None:
     """``block_size``: the checkpoint's fp8 [bn, bk] (quantization_config's weight_block_size), for the tensors
@@ -67,10 +76,7 @@ def load_checkpoint_weights(model: nn.Module, weights: Iterable[tuple[str, torch
         param_name = checkpoint_name_to_param(name)
         if param_name is None:
             continue
-        shard = None
-        if m := _STACKED.match(param_name):
-            fused, shard = STACKED_INTO[m[2]]
-            param_name = f"{m[1]}.{fused}.{m[3]}"
+        param_name, shard = fused_part(param_name)
         target = targets.get(param_name)
         if target is None or (tensor.dtype == FP8 and target.dtype != FP8):
             param_name, tensor = pending.add(param_name, shard, tensor)
@@ -108,10 +114,7 @@ def checkpoint_tensor(model: nn.Module, name: str) -> torch.Tensor:
     tied = "model.decoder.embed_tokens.weight" if name == "lm_head.weight" else name
     if not _ENCODER_SCALAR.match(name):
         tied = tied.replace("model.encoder.language_model.", "model.decoder.", 1)
-    param_name, shard = checkpoint_name_to_param(tied), None
-    if m := _STACKED.match(param_name):
-        fused, shard = STACKED_INTO[m[2]]
-        param_name = f"{m[1]}.{fused}.{m[3]}"
+    param_name, shard = fused_part(checkpoint_name_to_param(tied))
     target = (dict(model.named_parameters()) | dict(model.named_buffers())).get(param_name)
     if target is None or _is_scale(param_name):
         raise KeyError(f"{name}: not a weight this model exports")
