@@ -305,6 +305,18 @@ def test_get_weights_by_name_reads_what_the_checkpoint_holds(server, tiny_checkp
     assert_serves(server)
 
 
+def test_memory_occupation_requests_are_a_400_on_a_cpu_server(server):
+    """/release_memory_occupation and /resume_memory_occupation free and restore GPU memory: a CPU server refuses
+    them with a 400 naming its device (sglang's handler synchronized CUDA and took the server down)."""
+    for endpoint in ("/release_memory_occupation", "/resume_memory_occupation"):
+        for body in ({}, {"tags": ["kv_cache"]}):
+            resp = server.post(endpoint, body)
+            assert resp.status_code == 400, (endpoint, resp.text)
+            assert "this server runs on cpu" in resp.json()["error"]["message"]
+    assert server.healthy()
+    assert_serves(server)
+
+
 def test_abort_all_with_several_running(server):
     """Several long requests in flight, then /abort_request abort_all: every one ends with abort, KV is freed."""
     rids = [f"abort-all-{i}-{uuid.uuid4().hex[:8]}" for i in range(4)]
