@@ -53,7 +53,13 @@ class RadixKVSlots(KVSlots):
             return
         req.refresh_fill_ids()
         req.extend_end = req.kv.kv_committed_len
+        branched = req.swa_branching_seqlen is not None
         checkpoint_kv_cache(req, self.tree)
+        if branched and req.kv.cache_protected_len < req.kv.kv_committed_len:
+            # NOTE: after a matched prefix sglang's SWA cache inserts only up to the branch point first. The rest
+            # goes in now, while its window is live: left to the request, its sliding KV would be freed as the
+            # canvases move on, and a repeat of this prompt would match only the shared prefix.
+            checkpoint_kv_cache(req, self.tree)
         # NOTE: when the tree already held these tokens it points the row at its own slots and frees ours
         dreq.slots = self.rows.req_to_token[req.kv.req_pool_idx, : req.kv.kv_committed_len].long()
 

@@ -25,6 +25,23 @@ def test_repeated_prompt_is_served_from_cache(server):
     assert second["output_ids"] == first["output_ids"]
 
 
+def test_a_prompt_that_branched_off_a_cached_one_is_served_whole_again(server):
+    """A prompt sharing its first tokens with a cached one, answered over several canvases (the sliding window of 16
+    moves past the prompt), is matched whole when repeated, and the seeded answer is the uncached one. sglang's SWA
+    cache first inserts such a prompt only up to where it branches off the cached one; the rest lost its sliding KV
+    as the canvases moved on, and a repeat matched the 5 shared tokens only."""
+    shared = [2, 7, 333, 44, 61]
+    generate(server, input_ids=shared + list(range(200, 240)), sampling_params={
+        "max_new_tokens": 8, "diffusion": {"seed": 1, "max_denoising_steps": 1}})
+    ids = shared + list(range(241, 281))
+    body = dict(input_ids=ids, sampling_params={"max_new_tokens": 70, "ignore_eos": True,
+                                                "diffusion": {"seed": 5, "max_denoising_steps": 2}})
+    first, second = generate(server, **body), generate(server, **body)
+    assert first["meta_info"]["cached_tokens"] <= len(shared)  # 0: the other prompt's window has moved on
+    assert second["meta_info"]["cached_tokens"] == len(ids) - 1
+    assert second["output_ids"] == first["output_ids"]
+
+
 @pytest.mark.parametrize("max_new_tokens", [20, 70])  # one canvas; three canvases, the last one cut at 6 tokens
 def test_next_turn_reuses_prompt_and_the_whole_answer(server, max_new_tokens):
     """A follow-up whose prompt extends prompt + answer reuses all of it, the answer's last canvas included."""
