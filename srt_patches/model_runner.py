@@ -17,6 +17,14 @@ Why: on the CPU, ModelRunner.load_model pads the config for the TP size. (1) sgl
      (1 KV + 4 query heads become 2 + 8, zero heads computed on every rank); our QKVParallelLinear replicates
      those KV heads instead, so the checkpoint's head counts are put back. Intermediate sizes stay padded.
 Remove when: sglang flattens the top-level config too and lets a model replicate KV heads on the CPU.
+
+Target: sglang.srt.model_executor.model_runner_components.weight_updater.WeightUpdater.update_weights_from_disk
+Checked against: sglang 0.5.23
+Why: when loading the new checkpoint fails (a tensor of another shape, missing weights), sglang rolls back by
+     loading from ``model_config.model_path``, which it has already set to the new path: the rollback fails the
+     same way and its exception ends the scheduler. The wrapper then rolls back from the path that was being
+     served and answers ``success: false`` with the cause.
+Remove when: sglang keeps the served path until the new weights have loaded.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ logger = logging.getLogger(__name__)
 TARGETS = (
     "sglang.srt.model_executor.model_runner.ModelRunner.init_cuda_graphs",
     "sglang.srt.model_executor.model_runner.adjust_config_with_unaligned_cpu_tp",
+    "sglang.srt.model_executor.model_runner_components.weight_updater.WeightUpdater.update_weights_from_disk",
 )
 # (where, attribute) of the head counts sglang's CPU padding rewrites
 HEAD_COUNTS = (
@@ -74,6 +83,24 @@ def adjust_config_with_unaligned_cpu_tp(original, model_config, load_config, tp_
     return model_config
 
 
+def update_weights_from_disk(original, updater, model_path, load_format, *args, **kwargs):
+    from sgl_diffusion.runtime.scheduler_hook import serves_diffusion_model
+
+    if not serves_diffusion_model(updater.model_config.hf_config):
+        return original(updater, model_path, load_format, *args, **kwargs)
+    served_path = updater.model_config.model_path
+    served_format = updater.get_model_runner().load_config.load_format
+    try:
+        return original(updater, model_path, load_format, *args, **kwargs)
+    except Exception as e:  # sglang's own rollback read the new path and failed again
+        logger.warning("sgl-diffusion: weights from %s failed to load (%s); reloading %s", model_path, e, served_path)
+        reloaded, message = original(updater, served_path, served_format)
+        if not reloaded:
+            raise RuntimeError(f"rolling back to {served_path} failed too: {message}") from e
+        return False, f"Failed to update weights from {model_path}: {e}. Rolled back to {served_path}."
+
+
 def register() -> None:
     plugin_hook(TARGETS[0], HookType.AROUND)(init_cuda_graphs)
     plugin_hook(TARGETS[1], HookType.AROUND)(adjust_config_with_unaligned_cpu_tp)
+    plugin_hook(TARGETS[2], HookType.AROUND)(update_weights_from_disk)

@@ -288,6 +288,34 @@ def test_a_weight_update_under_a_retracting_pause_keeps_the_running_request(serv
     assert_serves(server)
 
 
+@pytest.mark.parametrize("damage", ["narrower", "missing"])
+def test_a_weight_update_from_a_checkpoint_that_does_not_fit_rolls_back(server, tiny_checkpoint_dir, tmp_path, damage):
+    """/update_weights_from_disk with a checkpoint of another width, or one that lacks weights, answers success false
+    with the cause and keeps serving the weights it had: a seeded request gives what it gave before (sglang rolled
+    back from the new path, failed again and ended the server)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / damage
+    shutil.copytree(tiny_checkpoint_dir, bad)
+    state = load_file(bad / "model.safetensors")
+    if damage == "narrower":
+        state["model.decoder.embed_tokens.weight"] = state["model.decoder.embed_tokens.weight"][:, :16].contiguous()
+    else:
+        state = {name: t for name, t in state.items() if ".layers.1." not in name}
+    save_file(state, bad / "model.safetensors", metadata={"format": "pt"})
+    body = dict(input_ids=[2, 5, 381, 280, 77], sampling_params={"max_new_tokens": 40, "ignore_eos": True,
+                                                                  "diffusion": {"seed": 21, "max_denoising_steps": 2}})
+    before = server.post("/generate", body).json()["output_ids"]
+    update = server.post("/update_weights_from_disk", {"model_path": str(bad)})
+    assert update.status_code == 400 and not update.json()["success"], update.text
+    assert ("does not fit" if damage == "narrower" else "lacks") in update.json()["message"]
+    assert f"Rolled back to {tiny_checkpoint_dir}" in update.json()["message"]
+    assert server.healthy()
+    assert server.post("/generate", body).json()["output_ids"] == before
+
+
 def test_get_weights_by_name_reads_what_the_checkpoint_holds(server, tiny_checkpoint_dir):
     """/get_weights_by_name (RL trainers check a weight sync with it) answers with the checkpoint tensor's first rows,
     a fused projection's part and a tied key included; a name the model does not hold is a 400."""

@@ -51,3 +51,68 @@ def test_cpu_tp_padding_keeps_diffusion_gemma_head_counts(applied, tiny_checkpoi
     assert (text.swa_num_key_value_heads, getattr(text, "swa_num_attention_heads", None)) == (2, None)
     assert (text.moe_intermediate_size, text.intermediate_size) == (64, 128)  # 32 padded to 32 x TP
     assert (model_config.get_num_kv_heads(2), model_config.get_swa_num_kv_heads(2)) == (1, 1)  # the pool per rank
+
+
+_UPDATE = model_runner.TARGETS[2]
+DIFFUSION_HF = SimpleNamespace(architectures=["DiffusionGemmaForBlockDiffusion"])
+
+
+def test_weight_update_signature_and_rollback_path(upstream_parameters):
+    """WeightUpdater.update_weights_from_disk still takes (model_path, load_format, ...), and still points
+    model_config at the new path before loading: its rollback then reads the new checkpoint (why the patch exists)."""
+    from sglang.srt.model_executor.model_runner_components.weight_updater import WeightUpdater
+
+    assert upstream_parameters(_UPDATE)[:3] == [("self", inspect.Parameter.empty), ("model_path", inspect.Parameter.empty),
+                                                ("load_format", inspect.Parameter.empty)]  # fmt: skip
+    source = inspect.getsource(WeightUpdater.update_weights_from_disk.__wrapped__)
+    assert source.index("self.model_config.model_path = model_path") < source.index("Rolling back to original weights")
+
+
+class FakeUpdate:
+    """A fake original: loading from a path in ``bad`` raises (as sglang's failed rollback does); one in ``refused``
+    answers a failure (as sglang does when it cannot read the checkpoint at all)."""
+
+    def __init__(self, bad=(), refused=()):
+        self.bad, self.refused, self.calls = set(bad), set(refused), []
+
+    def __call__(self, updater, model_path, load_format, *args, **kwargs):
+        self.calls.append((model_path, load_format))
+        updater.model_config.model_path = model_path
+        if model_path in self.bad:
+            raise ValueError(f"{model_path}: checkpoint shape (397, 64) does not fit model (397, 128)")
+        if model_path in self.refused:
+            return False, "Failed to get weights iterator"
+        return True, "Succeeded to update model weights."
+
+
+def _updater(hf=DIFFUSION_HF, path="/served"):
+    runner = SimpleNamespace(load_config=SimpleNamespace(load_format="auto"))
+    return SimpleNamespace(model_config=SimpleNamespace(hf_config=hf, model_path=path), get_model_runner=lambda: runner)
+
+
+def test_a_failed_weight_update_rolls_back_from_the_served_path():
+    updater = _updater()
+    original = FakeUpdate(bad={"/new"})
+    success, message = model_runner.update_weights_from_disk(original, updater, "/new", "safetensors")
+    assert not success and "does not fit" in message and "Rolled back to /served" in message
+    assert original.calls == [("/new", "safetensors"), ("/served", "auto")]
+    assert updater.model_config.model_path == "/served"
+
+
+def test_a_weight_update_that_loads_or_fails_politely_is_sglangs_answer():
+    updater = _updater()
+    original = FakeUpdate()
+    assert model_runner.update_weights_from_disk(original, updater, "/new", "auto") == (True, "Succeeded to update model weights.")
+    assert original.calls == [("/new", "auto")]
+
+
+def test_a_failed_rollback_still_raises_and_other_models_are_untouched():
+    """Weights that neither checkpoint could restore must not be served: the scheduler still stops then."""
+    updater = _updater()
+    with pytest.raises(ValueError, match="/served: checkpoint shape"):
+        model_runner.update_weights_from_disk(FakeUpdate(bad={"/new", "/served"}), updater, "/new", "auto")
+    with pytest.raises(RuntimeError, match="rolling back to /served failed too: Failed to get weights iterator"):
+        model_runner.update_weights_from_disk(FakeUpdate(bad={"/new"}, refused={"/served"}), updater, "/new", "auto")
+    other = _updater(SimpleNamespace(architectures=["LlamaForCausalLM"]))
+    with pytest.raises(ValueError, match="does not fit"):
+        model_runner.update_weights_from_disk(FakeUpdate(bad={"/new"}), other, "/new", "auto")
