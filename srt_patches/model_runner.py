@@ -25,10 +25,20 @@ Why: when loading the new checkpoint fails (a tensor of another shape, missing w
      same way and its exception ends the scheduler. The wrapper then rolls back from the path that was being
      served and answers ``success: false`` with the cause.
 Remove when: sglang keeps the served path until the new weights have loaded.
+
+Target: sglang.srt.model_executor.model_runner_components.weight_updater.WeightUpdater.{update_weights_from_tensor,
+        load_weights_from_distributed}
+Checked against: sglang 0.5.23
+Why: both hand ``model.load_weights`` some of the weights (a trainer's bucket), which our loader refuses for a
+     checkpoint that lacks weights; they run with ``model.accepts_partial_weights`` set. sglang catches no error of
+     the tensor update, so a tensor the model does not have (an unknown name, another shape) ended the scheduler:
+     it answers ``success: false`` with the cause instead.
+Remove when: sglang tells load_weights a partial update from a checkpoint load, and answers a failed tensor update.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from sglang.srt.plugins.hook_registry import HookType, plugin_hook
@@ -38,6 +48,8 @@ TARGETS = (
     "sglang.srt.model_executor.model_runner.ModelRunner.init_cuda_graphs",
     "sglang.srt.model_executor.model_runner.adjust_config_with_unaligned_cpu_tp",
     "sglang.srt.model_executor.model_runner_components.weight_updater.WeightUpdater.update_weights_from_disk",
+    "sglang.srt.model_executor.model_runner_components.weight_updater.WeightUpdater.update_weights_from_tensor",
+    "sglang.srt.model_executor.model_runner_components.weight_updater.WeightUpdater.load_weights_from_distributed",
 )
 # (where, attribute) of the head counts sglang's CPU padding rewrites
 HEAD_COUNTS = (
@@ -100,7 +112,39 @@ def update_weights_from_disk(original, updater, model_path, load_format, *args, 
         return False, f"Failed to update weights from {model_path}: {e}. Rolled back to {served_path}."
 
 
+def update_weights_from_tensor(original, updater, *args, **kwargs):
+    model = updater.get_model()
+    if not hasattr(model, "accepts_partial_weights"):
+        return original(updater, *args, **kwargs)
+    try:
+        with _partial_weights(model):
+            return original(updater, *args, **kwargs)
+    except Exception as e:
+        logger.warning("sgl-diffusion: weight update from tensors failed: %s", e)
+        return False, (f"Failed to update weights from tensors: {e}. The tensors before it in this request were "
+                       "loaded: send them again, or all weights.")
+
+
+def load_weights_from_distributed(original, updater, *args, **kwargs):
+    model = updater.get_model()
+    if not hasattr(model, "accepts_partial_weights"):
+        return original(updater, *args, **kwargs)
+    with _partial_weights(model):
+        return original(updater, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def _partial_weights(model):
+    model.accepts_partial_weights = True
+    try:
+        yield
+    finally:
+        model.accepts_partial_weights = False
+
+
 def register() -> None:
     plugin_hook(TARGETS[0], HookType.AROUND)(init_cuda_graphs)
     plugin_hook(TARGETS[1], HookType.AROUND)(adjust_config_with_unaligned_cpu_tp)
     plugin_hook(TARGETS[2], HookType.AROUND)(update_weights_from_disk)
+    plugin_hook(TARGETS[3], HookType.AROUND)(update_weights_from_tensor)
+    plugin_hook(TARGETS[4], HookType.AROUND)(load_weights_from_distributed)

@@ -52,6 +52,7 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
         # the block size of an FP8 checkpoint's scales, for the tensors weights.py dequantizes at load (the experts
         # of a model built without an fp8 quant_config; with one, Experts reads quant_config.weight_block_size)
         self.fp8_block_size = (getattr(config, "quantization_config", None) or {}).get("weight_block_size")
+        self.accepts_partial_weights = False  # see load_weights
         # NOTE: prefixes are the checkpoint's module names, which a quantization config's ignored_layers list
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, quant_config, f"model.decoder.layers.{i}")
                                     for i in range(cfg.num_layers))  # fmt: skip
@@ -184,7 +185,9 @@ class DiffusionGemmaForBlockDiffusion(nn.Module):
     # ---- loading ------------------------------------------------------------------------------
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        load_checkpoint_weights(self, weights, self.fp8_block_size)
+        """A whole checkpoint (startup, /update_weights_from_disk), or some tensors when ``accepts_partial_weights``
+        is set (sglang's tensor and distributed updates: srt_patches/model_runner.py sets it around them)."""
+        load_checkpoint_weights(self, weights, self.fp8_block_size, whole=not self.accepts_partial_weights)
 
     def get_weights_by_name(self, name: str, truncate_size: int = 100, tp_size: int = 1) -> list:
         """sglang's /get_weights_by_name (RL trainers check a weight sync with it): checkpoint tensor ``name`` as

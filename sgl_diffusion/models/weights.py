@@ -66,9 +66,10 @@ def fused_part(param_name: str) -> tuple[str, str | int | None]:
 
 
 def load_checkpoint_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
-                            block_size: list[int] | None = None) -> None:
+                            block_size: list[int] | None = None, whole: bool = True) -> None:
     """``block_size``: the checkpoint's fp8 [bn, bk] (quantization_config's weight_block_size), for the tensors
-    dequantized here; None: per-tensor scales."""
+    dequantized here; None: per-tensor scales. ``whole``: ``weights`` must cover every parameter (a checkpoint); else
+    they update some of them (a trainer's bucket)."""
     params = dict(model.named_parameters())
     targets = params | dict(model.named_buffers())
     loaded, pending = set(), _Dequantizer(targets, block_size)
@@ -90,6 +91,8 @@ def load_checkpoint_weights(model: nn.Module, weights: Iterable[tuple[str, torch
             raise ValueError(f"{name}: {e}") from None
         loaded.add((param_name, shard))
     pending.check_done()
+    if not whole:
+        return
     expected = set()
     for n, p in params.items():
         if getattr(p, "computed_at_load", False):  # online fp8 experts' scales: their weights' loaders set them

@@ -69,3 +69,26 @@ def test_get_weights_by_name_gives_back_every_checkpoint_tensor():
     assert all(torch.equal(p, before[n]) for n, p in ours.state_dict().items())  # the probe put every weight back
     with pytest.raises(KeyError, match="not a weight"):
         ours.get_weights_by_name("model.decoder.layers.0.self_attn.qkv_proj.weight")
+
+
+def test_a_checkpoint_must_be_whole_a_trainers_bucket_need_not():
+    """A load must cover every weight, unless ``accepts_partial_weights`` is set (sglang's tensor and distributed
+    updates, which send buckets): then the tensors sent are loaded, fused parts included, and the rest stay."""
+    hf = build_tiny_model(0, "default")
+    ours = DiffusionGemmaForBlockDiffusion(hf.config).eval()
+    state = hf.state_dict()
+    ours.load_weights(state.items())
+    k, down = "model.decoder.layers.1.self_attn.k_proj.weight", "model.decoder.layers.0.experts.down_proj"
+    bucket = {k: state[k] + 1, down: state[down] * 2}
+    with pytest.raises(ValueError, match="checkpoint lacks"):
+        ours.load_weights(bucket.items())
+    ours.load_weights(state.items())
+    before = {n: p.clone() for n, p in ours.state_dict().items()}
+    ours.accepts_partial_weights = True
+    ours.load_weights(bucket.items())
+    for name, tensor in bucket.items():
+        assert torch.equal(torch.tensor(ours.get_weights_by_name(name, truncate_size=10**6)), tensor), name
+    changed = {n for n, p in ours.state_dict().items() if not torch.equal(p, before[n])}
+    assert changed == {"layers.1.self_attn.qkv_proj.weight", "layers.0.experts.down_proj"}
+    q = "model.decoder.layers.1.self_attn.q_proj.weight"  # the other parts of the fused projection stay
+    assert torch.equal(torch.tensor(ours.get_weights_by_name(q, truncate_size=10**6)), state[q])

@@ -316,6 +316,43 @@ def test_a_weight_update_from_a_checkpoint_that_does_not_fit_rolls_back(server, 
     assert server.post("/generate", body).json()["output_ids"] == before
 
 
+def _update_from_tensors(server, named_tensors):
+    """/update_weights_from_tensor inside a weight-update session, as an RL trainer sends a bucket."""
+    import torch.multiprocessing
+    from sglang.srt.utils import MultiprocessingSerializer
+
+    torch.multiprocessing.set_sharing_strategy("file_system")  # the server opens the shared memory by name
+    assert server.post("/begin_weight_update", {}).status_code == 200
+    try:
+        serialized = MultiprocessingSerializer.serialize(named_tensors, output_str=True)
+        return server.post("/update_weights_from_tensor", {"serialized_named_tensors": [serialized]}).json()
+    finally:
+        assert server.post("/end_weight_update", {}).status_code == 200
+
+
+def test_a_weight_update_from_tensors_may_send_some_of_them(server, tiny_checkpoint_dir):
+    """RL trainers send weights in buckets: one tensor is loaded (/get_weights_by_name reads it back) and the others
+    stay; a tensor the model does not have answers success false and the server keeps serving (both ended it)."""
+    from safetensors.torch import load_file
+
+    name = "model.decoder.layers.1.self_attn.k_proj.weight"
+    served = load_file(tiny_checkpoint_dir / "model.safetensors")[name]
+    other = "model.decoder.layers.1.self_attn.q_proj.weight"
+    before = server.post("/get_weights_by_name", {"name": other, "truncate_size": 2}).json()
+    try:
+        update = _update_from_tensors(server, [(name, served + 1)])
+        assert update["success"], update
+        assert torch.equal(torch.tensor(server.post("/get_weights_by_name", {"name": name}).json()), served + 1)
+        assert server.post("/get_weights_by_name", {"name": other, "truncate_size": 2}).json() == before
+        refused = _update_from_tensors(server, [("model.decoder.no_such.weight", served)])
+        assert not refused["success"] and "no_such" in refused["message"], refused
+        assert server.healthy()
+    finally:
+        assert _update_from_tensors(server, [(name, served)])["success"]
+    assert torch.equal(torch.tensor(server.post("/get_weights_by_name", {"name": name}).json()), served)
+    assert_serves(server)
+
+
 def test_get_weights_by_name_reads_what_the_checkpoint_holds(server, tiny_checkpoint_dir):
     """/get_weights_by_name (RL trainers check a weight sync with it) answers with the checkpoint tensor's first rows,
     a fused projection's part and a tied key included; a name the model does not hold is a 400."""

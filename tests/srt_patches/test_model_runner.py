@@ -62,8 +62,8 @@ def test_weight_update_signature_and_rollback_path(upstream_parameters):
     model_config at the new path before loading: its rollback then reads the new checkpoint (why the patch exists)."""
     from sglang.srt.model_executor.model_runner_components.weight_updater import WeightUpdater
 
-    assert upstream_parameters(_UPDATE)[:3] == [("self", inspect.Parameter.empty), ("model_path", inspect.Parameter.empty),
-                                                ("load_format", inspect.Parameter.empty)]  # fmt: skip
+    empty = inspect.Parameter.empty
+    assert upstream_parameters(_UPDATE)[:3] == [("self", empty), ("model_path", empty), ("load_format", empty)]
     source = inspect.getsource(WeightUpdater.update_weights_from_disk.__wrapped__)
     assert source.index("self.model_config.model_path = model_path") < source.index("Rolling back to original weights")
 
@@ -102,7 +102,8 @@ def test_a_failed_weight_update_rolls_back_from_the_served_path():
 def test_a_weight_update_that_loads_or_fails_politely_is_sglangs_answer():
     updater = _updater()
     original = FakeUpdate()
-    assert model_runner.update_weights_from_disk(original, updater, "/new", "auto") == (True, "Succeeded to update model weights.")
+    answer = model_runner.update_weights_from_disk(original, updater, "/new", "auto")
+    assert answer == (True, "Succeeded to update model weights.")
     assert original.calls == [("/new", "auto")]
 
 
@@ -116,3 +117,67 @@ def test_a_failed_rollback_still_raises_and_other_models_are_untouched():
     other = _updater(SimpleNamespace(architectures=["LlamaForCausalLM"]))
     with pytest.raises(ValueError, match="does not fit"):
         model_runner.update_weights_from_disk(FakeUpdate(bad={"/new"}), other, "/new", "auto")
+
+
+_TENSOR, _DISTRIBUTED = model_runner.TARGETS[3], model_runner.TARGETS[4]
+
+
+def test_partial_update_signatures(upstream_parameters):
+    """The wrappers forward every argument; sglang still loads a tensor update through model.load_weights without
+    catching its errors (why the tensor wrapper answers them), and catches them for a distributed one."""
+    from sglang.srt.model_executor.model_runner_components.weight_updater import WeightUpdater
+
+    empty = inspect.Parameter.empty
+    assert upstream_parameters(_TENSOR) == [("self", empty), ("named_tensors", empty), ("load_format", None)]
+    assert upstream_parameters(_DISTRIBUTED) == [("self", empty), ("named_tensors", empty)]
+    tensor = inspect.getsource(WeightUpdater.update_weights_from_tensor.__wrapped__)
+    assert "self.get_model().load_weights(named_tensors)" in tensor and "except" not in tensor
+    assert "except Exception" in inspect.getsource(WeightUpdater.load_weights_from_distributed.__wrapped__)
+
+
+class Model:
+    accepts_partial_weights = False
+
+
+def _tensor_updater(model):
+    return SimpleNamespace(get_model=lambda: model)
+
+
+def test_tensor_and_distributed_updates_load_partial_weights_then_stop_accepting_them():
+    model, seen = Model(), []
+
+    def original(updater, named_tensors, load_format=None):
+        seen.append(updater.get_model().accepts_partial_weights)
+        return True, "Success"
+
+    updater = _tensor_updater(model)
+    assert model_runner.update_weights_from_tensor(original, updater, [("w", None)]) == (True, "Success")
+    assert model_runner.load_weights_from_distributed(original, updater, [("w", None)]) == (True, "Success")
+    assert seen == [True, True] and model.accepts_partial_weights is False
+
+
+def test_a_tensor_update_that_fails_answers_the_cause():
+    model = Model()
+
+    def original(updater, named_tensors, load_format=None):
+        raise KeyError("unexpected DiffusionGemma checkpoint key: nope")
+
+    success, message = model_runner.update_weights_from_tensor(original, _tensor_updater(model), [("nope", None)])
+    assert not success and "unexpected DiffusionGemma checkpoint key: nope" in message
+    assert model.accepts_partial_weights is False
+    with pytest.raises(KeyError):  # sglang catches a distributed update's errors itself
+        model_runner.load_weights_from_distributed(original, _tensor_updater(model), [])
+    assert model.accepts_partial_weights is False
+
+
+def test_other_models_update_as_sglang_does():
+    other, calls = SimpleNamespace(), []
+
+    def original(updater, *args):
+        calls.append(args)
+        raise ValueError("theirs")
+
+    for wrapper in (model_runner.update_weights_from_tensor, model_runner.load_weights_from_distributed):
+        with pytest.raises(ValueError, match="theirs"):
+            wrapper(original, _tensor_updater(other), [("w", None)])
+    assert len(calls) == 2 and not hasattr(other, "accepts_partial_weights")
