@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from sglang.srt.constants import HEALTH_CHECK_RID_PREFIX
 from sglang.srt.managers.schedule_batch import FINISH_ABORT, FINISH_LENGTH
+from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
 from sgl_diffusion.attention import BACKENDS, choose_attention_backend, create_attention_backend
 from sgl_diffusion.attention.kv import SglangKVStore
@@ -54,6 +55,9 @@ LOAD_PUBLISH_INTERVAL_S = 0.05  # sglang's own refresh floor while a batch stall
 PLAIN_KV_CACHE_DTYPES = ("auto", "bf16", "bfloat16", "fp8_e4m3", "fp8_e5m2")
 ATTENTION_STEP = "handle_attention_backend_compatibility"  # sglang resolution step checked by check_attention_backend
 STEPS_KEY = "diffusion_steps"  # per-token meta_info: a canvas's denoise steps, on its first token
+# a round as sglang's profiler sees it: --profile-by-stage counts rounds as decode steps (a round mixes prefills,
+# commits and denoise steps, and a canvas is decoded)
+CANVAS_ROUND = SimpleNamespace(forward_mode=ForwardMode.DECODE)
 _attention_check_registered = False
 
 
@@ -236,6 +240,7 @@ class DiffusionEngine:
         if not self.policy.running:
             self._report_in_flight()
             return
+        self._before_forward()
         try:
             out = self.policy.step()
         except Exception as e:  # a bug must cost the requests of this round, not the whole server
@@ -261,6 +266,17 @@ class DiffusionEngine:
             self.scheduler.output_streamer.stream_output(reqs, any(r.return_logprob for r in reqs))
 
     # ---- helpers ------------------------------------------------------------------------------
+
+    def _before_forward(self) -> None:
+        """What sglang's ``run_batch`` does before a forward: count it (``/start_profile``'s ``start_step`` and
+        ``num_steps`` count forwards), start or stop the profiler, and sleep as ``/slow_down`` asked."""
+        scheduler = self.scheduler
+        scheduler.forward_ct += 1
+        scheduler._sched_idled = False
+        scheduler.profiler_manager._profile_batch_predicate(CANVAS_ROUND)
+        if scheduler.forward_sleep_time is not None:
+            logger.info("sgl-diffusion: sleeping %ss before the round (/slow_down)", scheduler.forward_sleep_time)
+            time.sleep(scheduler.forward_sleep_time)
 
     def _report_in_flight(self) -> None:
         if self.metrics is not None:

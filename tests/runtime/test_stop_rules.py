@@ -137,8 +137,11 @@ def test_the_server_streams_each_committed_canvas_whole(model, monkeypatch):
 
     engine = DiffusionEngine.__new__(DiffusionEngine)  # the round and its streaming, without a Scheduler process
     engine.cfg, engine.metrics, engine.drafts = model.cfg, None, None
+    profiled = []
     engine.scheduler = SimpleNamespace(model_config=SimpleNamespace(context_len=1 << 20),
-                                       output_streamer=SimpleNamespace(stream_output=stream_output))
+                                       output_streamer=SimpleNamespace(stream_output=stream_output),
+                                       forward_ct=0, forward_sleep_time=None,
+                                       profiler_manager=SimpleNamespace(_profile_batch_predicate=profiled.append))
     engine.policy = OfflineEngine(model, eos_token_ids=EOS).scheduler
     engine.policy.sink = engine._accept_canvas
     engine.policy.add(DiffusionRequest(list(PROMPT), params(), 2 * c + 6, handle=handle))
@@ -146,3 +149,4 @@ def test_the_server_streams_each_committed_canvas_whole(model, monkeypatch):
         while engine.policy.running:
             engine.step()
     assert streamed == [(c, False), (2 * c, False), (2 * c + 6, True)]
+    assert engine.scheduler.forward_ct == len(profiled) == 3  # each round counted and shown to the profiler

@@ -382,6 +382,25 @@ def test_memory_occupation_requests_are_a_400_on_a_cpu_server(server):
     assert_serves(server)
 
 
+def test_a_profile_of_n_rounds_stops_by_itself_and_slow_down_sleeps(server, tmp_path):
+    """/start_profile with num_steps counts canvas rounds and writes its trace after them (it never stopped: the
+    canvas loop counted no forward); /slow_down's sleep runs before each round until it is set back to 0."""
+    started = server.post("/start_profile", {"output_dir": str(tmp_path), "num_steps": 2, "activities": ["CPU"]})
+    assert started.status_code == 200, started.text
+    assert_serves(server)  # 40 tokens at 2 steps: more rounds than the profile's 2
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("*.trace.json.gz")) and time.monotonic() < deadline:
+        time.sleep(0.5)  # the trace is written by the scheduler when the profile stops
+    assert list(tmp_path.glob("*.trace.json.gz"))
+    offset = _log_offset(server)
+    assert server.post("/slow_down", {"forward_sleep_time": 0.01}).status_code == 200
+    try:
+        assert_serves(server)
+    finally:
+        assert server.post("/slow_down", {"forward_sleep_time": 0}).status_code == 200
+    assert "(/slow_down)" in _log_since(server, offset)
+
+
 def test_abort_all_with_several_running(server):
     """Several long requests in flight, then /abort_request abort_all: every one ends with abort, KV is freed."""
     rids = [f"abort-all-{i}-{uuid.uuid4().hex[:8]}" for i in range(4)]
