@@ -1,6 +1,7 @@
 """End-to-end through a real sglang server: /generate, OpenAI routes, parity with transformers, bad input."""
 
 import concurrent.futures
+import json
 
 import openai
 import pytest
@@ -94,6 +95,20 @@ def test_openai_chat_and_completions(server):
     with pytest.raises(openai.BadRequestError, match="max_denoising_steps"):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
                                        extra_body={"diffusion": {"max_denoising_steps": 0}})
+
+
+@pytest.mark.parametrize("route, body, text_of", [
+    ("/api/generate", {"prompt": "Hi"}, lambda chunk: chunk["response"]),
+    ("/api/chat", {"messages": [{"role": "user", "content": "Hi"}]}, lambda chunk: chunk["message"]["content"]),
+])  # fmt: skip
+def test_ollama_streams_the_whole_answer(server, route, body, text_of):
+    """sglang's Ollama API streams the text a greedy request answers in one piece (sglang sent the finished chunk,
+    here the whole one-canvas answer, as done with no text)."""
+    body = {"model": "tiny", **body, "options": {"num_predict": 12, "temperature": 0}}
+    whole = server.post(route, body | {"stream": False}).json()
+    chunks = [json.loads(line) for line in server.post(route, body).text.splitlines() if line]
+    assert [c["done"] for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert text_of(whole) and "".join(map(text_of, chunks)) == text_of(whole)
 
 
 @pytest.mark.parametrize(

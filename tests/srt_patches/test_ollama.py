@@ -1,0 +1,70 @@
+import asyncio
+import inspect
+from types import SimpleNamespace
+
+import orjson
+import pytest
+
+from srt_patches import ollama
+
+DIFFUSION_HF = SimpleNamespace(architectures=["DiffusionGemmaForBlockDiffusion"])
+OTHER_HF = SimpleNamespace(architectures=["LlamaForCausalLM"])
+
+
+@pytest.mark.parametrize("target", ollama.TARGETS)
+def test_upstream_signature_and_why(target, upstream_parameters):
+    """The streamers take (request, raw request, model name), read chunks from self.tokenizer_manager, and still send
+    a finished chunk with empty content (the patch's reason)."""
+    empty = inspect.Parameter.empty
+    assert upstream_parameters(target) == [("self", empty), ("gen_request", empty), ("raw_request", empty),
+                                           ("model_name", empty)]  # fmt: skip
+    from sglang.srt.entrypoints.ollama.serving import OllamaServing
+
+    source = inspect.getsource(getattr(OllamaServing, target.rpartition(".")[2]).__wrapped__)
+    assert "self.tokenizer_manager.generate_request(" in source
+    assert 'content=""' in source or 'response=""' in source
+
+
+@pytest.mark.parametrize("target", ollama.TARGETS)
+def test_installed(target, applied):
+    assert applied.is_installed(target)
+
+
+class Manager:
+    """A tokenizer manager streaming cumulative texts; the last chunk is finished (a canvas, then the last one)."""
+
+    def __init__(self, hf, texts):
+        self.model_config = SimpleNamespace(hf_config=hf)
+        self.texts = texts
+
+    async def generate_request(self, gen_request, raw_request):
+        for i, text in enumerate(self.texts):
+            done = i == len(self.texts) - 1
+            yield {"text": text, "meta_info": {"finish_reason": {"type": "stop"} if done else None, "id": "r"}}
+
+
+def _streamed(target, hf, texts):
+    from sglang.srt.entrypoints.ollama.serving import OllamaServing
+
+    serving = OllamaServing(Manager(hf, texts))
+    original = getattr(OllamaServing, target.rpartition(".")[2]).__wrapped__
+
+    async def run():
+        response = await ollama.stream_response(original, serving, None, None, "m")
+        return [orjson.loads(line) async for line in response.body_iterator]
+
+    chunks = asyncio.run(run())
+    pieces = [c["message"]["content"] if "message" in c else c["response"] for c in chunks]
+    return pieces, [c["done"] for c in chunks]
+
+
+@pytest.mark.parametrize("target", ollama.TARGETS)
+def test_the_finished_chunks_text_is_streamed_before_done(target):
+    assert _streamed(target, DIFFUSION_HF, ["one canvas"]) == (["one canvas", ""], [False, True])
+    assert _streamed(target, DIFFUSION_HF, ["first ", "first second"]) == (["first ", "second", ""], [False, False, True])
+    assert _streamed(target, DIFFUSION_HF, ["all", "all"]) == (["all", ""], [False, True])  # nothing new: as sglang
+
+
+@pytest.mark.parametrize("target", ollama.TARGETS)
+def test_other_models_stream_as_sglang_does(target):
+    assert _streamed(target, OTHER_HF, ["first ", "first second"]) == (["first ", ""], [False, True])
