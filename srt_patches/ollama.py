@@ -1,12 +1,16 @@
-"""Stream the text of a finished chunk through sglang's Ollama API too.
+"""sglang's Ollama API for DiffusionGemma: stream the text of the finished chunk, answer a refused request with a 400.
 
-Targets: sglang.srt.entrypoints.ollama.serving.OllamaServing.{_stream_chat_response, _stream_generate_response}
+Targets: sglang.srt.entrypoints.ollama.serving.OllamaServing.{_stream_chat_response, _stream_generate_response,
+         handle_chat, handle_generate}
 Checked against: sglang 0.5.23
 Why: sglang's Ollama streamers send a finished chunk as ``done`` with empty content, dropping the text that chunk
      brought. A token model loses its last token there; DiffusionGemma sends a whole canvas per chunk, so a streamed
      one-canvas answer arrived empty. The streamers run here on a view of the server whose tokenizer manager sends a
      finished chunk's new text first, in a chunk of its own that is not finished.
-Remove when: sglang's Ollama streamers send the final chunk's delta.
+     The Ollama handlers catch no error: a request the server refuses (an option our sampler does not have, such as
+     ``top_k``) was a 500, or a stream cut off with no body. The stream's first chunk is awaited before the response
+     starts, and a refusal (ValueError) is answered 400 with Ollama's ``{"error": ...}`` body.
+Remove when: sglang's Ollama streamers send the final chunk's delta and its handlers answer ValueErrors with a 400.
 """
 
 from __future__ import annotations
@@ -14,45 +18,70 @@ from __future__ import annotations
 from sglang.srt.plugins.hook_registry import HookType, plugin_hook
 
 _SERVING = "sglang.srt.entrypoints.ollama.serving.OllamaServing"
-TARGETS = (f"{_SERVING}._stream_chat_response", f"{_SERVING}._stream_generate_response")
+TARGETS = (f"{_SERVING}._stream_chat_response", f"{_SERVING}._stream_generate_response",
+           f"{_SERVING}.handle_chat", f"{_SERVING}.handle_generate")  # fmt: skip
 
 
-def stream_response(original, serving, *args, **kwargs):
+def _serves_diffusion(serving) -> bool:
     from sgl_diffusion.runtime.scheduler_hook import serves_diffusion_model
 
-    if not serves_diffusion_model(serving.tokenizer_manager.model_config.hf_config):
-        return original(serving, *args, **kwargs)
-    return original(_TextBeforeDone(serving), *args, **kwargs)
+    return serves_diffusion_model(serving.tokenizer_manager.model_config.hf_config)
+
+
+async def handle(original, serving, request, raw_request):
+    if not _serves_diffusion(serving):
+        return await original(serving, request, raw_request)
+    from fastapi.responses import ORJSONResponse
+
+    try:
+        return await original(serving, request, raw_request)
+    except ValueError as e:
+        return ORJSONResponse({"error": str(e)}, status_code=400)
+
+
+async def stream_response(original, serving, gen_request, raw_request, model_name):
+    if not _serves_diffusion(serving):
+        return await original(serving, gen_request, raw_request, model_name)
+    chunks = serving.tokenizer_manager.generate_request(gen_request, raw_request)
+    first = await anext(chunks)  # a refused request raises here, before any byte is sent
+    return await original(_TextBeforeDone(serving, first, chunks), gen_request, raw_request, model_name)
 
 
 class _TextBeforeDone:
-    """``serving`` whose ``tokenizer_manager.generate_request`` yields a finished chunk's new text unfinished first."""
+    """``serving`` whose ``tokenizer_manager.generate_request`` yields the started stream, a finished chunk's new
+    text unfinished first."""
 
-    def __init__(self, serving):
+    def __init__(self, serving, first, rest):
         self._serving = serving
-        self.tokenizer_manager = _Manager(serving.tokenizer_manager)
+        self.tokenizer_manager = _Manager(serving.tokenizer_manager, first, rest)
 
     def __getattr__(self, name):
         return getattr(self._serving, name)
 
 
 class _Manager:
-    def __init__(self, manager):
-        self._manager = manager
+    def __init__(self, manager, first, rest):
+        self._manager, self._first, self._rest = manager, first, rest
 
     def __getattr__(self, name):
         return getattr(self._manager, name)
 
-    async def generate_request(self, *args, **kwargs):
-        sent = ""
-        async for chunk in self._manager.generate_request(*args, **kwargs):
+    async def generate_request(self, *args, **kwargs):  # the request is the one already started
+        sent, chunk = "", self._first
+        while True:
             text, meta = chunk.get("text", ""), chunk.get("meta_info", {})
             if meta.get("finish_reason") is not None and len(text) > len(sent):
                 yield {**chunk, "meta_info": {**meta, "finish_reason": None}}
             sent = text
             yield chunk
+            try:
+                chunk = await anext(self._rest)
+            except StopAsyncIteration:
+                return
 
 
 def register() -> None:
-    for target in TARGETS:
+    for target in TARGETS[:2]:
         plugin_hook(target, HookType.AROUND)(stream_response)
+    for target in TARGETS[2:]:
+        plugin_hook(target, HookType.AROUND)(handle)

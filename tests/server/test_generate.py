@@ -111,6 +111,16 @@ def test_ollama_streams_the_whole_answer(server, route, body, text_of):
     assert text_of(whole) and "".join(map(text_of, chunks)) == text_of(whole)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_ollama_refuses_an_option_the_sampler_lacks_with_a_400(server, stream):
+    """top_k has no meaning for the canvas sampler: Ollama's routes answer a 400 naming it (a 500, or a stream cut
+    off with no body, before), and the server keeps serving."""
+    resp = server.post("/api/generate", {"model": "tiny", "prompt": "Hi", "stream": stream,
+                                         "options": {"num_predict": 8, "top_k": 40}})
+    assert resp.status_code == 400 and "top_k" in resp.json()["error"], resp.text
+    assert server.healthy()
+
+
 @pytest.mark.parametrize(
     "diffusion, field",
     [

@@ -11,7 +11,7 @@ DIFFUSION_HF = SimpleNamespace(architectures=["DiffusionGemmaForBlockDiffusion"]
 OTHER_HF = SimpleNamespace(architectures=["LlamaForCausalLM"])
 
 
-@pytest.mark.parametrize("target", ollama.TARGETS)
+@pytest.mark.parametrize("target", ollama.TARGETS[:2])
 def test_upstream_signature_and_why(target, upstream_parameters):
     """The streamers take (request, raw request, model name), read chunks from self.tokenizer_manager, and still send
     a finished chunk with empty content (the patch's reason)."""
@@ -25,6 +25,16 @@ def test_upstream_signature_and_why(target, upstream_parameters):
     assert 'content=""' in source or 'response=""' in source
 
 
+@pytest.mark.parametrize("target", ollama.TARGETS[2:])
+def test_handlers_signature_and_why(target, upstream_parameters):
+    """The handlers take (request, raw request) and still let a ValueError out (a 500) instead of answering it."""
+    empty = inspect.Parameter.empty
+    assert upstream_parameters(target) == [("self", empty), ("request", empty), ("raw_request", empty)]
+    from sglang.srt.entrypoints.ollama.serving import OllamaServing
+
+    assert "except" not in inspect.getsource(getattr(OllamaServing, target.rpartition(".")[2]).__wrapped__)
+
+
 @pytest.mark.parametrize("target", ollama.TARGETS)
 def test_installed(target, applied):
     assert applied.is_installed(target)
@@ -33,11 +43,14 @@ def test_installed(target, applied):
 class Manager:
     """A tokenizer manager streaming cumulative texts; the last chunk is finished (a canvas, then the last one)."""
 
-    def __init__(self, hf, texts):
+    def __init__(self, hf, texts, refusal=None):
         self.model_config = SimpleNamespace(hf_config=hf)
-        self.texts = texts
+        self.served_model_name = "m"
+        self.texts, self.refusal = texts, refusal
 
     async def generate_request(self, gen_request, raw_request):
+        if self.refusal is not None:
+            raise ValueError(self.refusal)
         for i, text in enumerate(self.texts):
             done = i == len(self.texts) - 1
             yield {"text": text, "meta_info": {"finish_reason": {"type": "stop"} if done else None, "id": "r"}}
@@ -58,13 +71,36 @@ def _streamed(target, hf, texts):
     return pieces, [c["done"] for c in chunks]
 
 
-@pytest.mark.parametrize("target", ollama.TARGETS)
+@pytest.mark.parametrize("target", ollama.TARGETS[:2])
 def test_the_finished_chunks_text_is_streamed_before_done(target):
     assert _streamed(target, DIFFUSION_HF, ["one canvas"]) == (["one canvas", ""], [False, True])
     assert _streamed(target, DIFFUSION_HF, ["first ", "first second"]) == (["first ", "second", ""], [False, False, True])
     assert _streamed(target, DIFFUSION_HF, ["all", "all"]) == (["all", ""], [False, True])  # nothing new: as sglang
 
 
-@pytest.mark.parametrize("target", ollama.TARGETS)
+@pytest.mark.parametrize("target", ollama.TARGETS[:2])
 def test_other_models_stream_as_sglang_does(target):
     assert _streamed(target, OTHER_HF, ["first ", "first second"]) == (["first ", ""], [False, True])
+
+
+def test_a_refused_request_is_a_400_streamed_or_not():
+    """The tokenizer manager's refusal (a ValueError, raised when the stream starts) becomes Ollama's error body with
+    a 400, before any byte of a stream is sent; other models keep sglang's handling."""
+    from sglang.srt.entrypoints.ollama.protocol import OllamaGenerateRequest
+    from sglang.srt.entrypoints.ollama.serving import OllamaServing
+
+    refusal = "top_k=40 is not supported for DiffusionGemma (use the diffusion parameters)"
+    handle_generate = OllamaServing.handle_generate.__wrapped__
+    stream_generate = OllamaServing._stream_generate_response.__wrapped__
+
+    async def answer(hf, stream):
+        serving = OllamaServing(Manager(hf, ["x"], refusal))
+        serving._stream_generate_response = lambda *a: ollama.stream_response(stream_generate, serving, *a)
+        request = OllamaGenerateRequest(model="m", prompt="hi", stream=stream, options={"top_k": 40})
+        return await ollama.handle(handle_generate, serving, request, None)
+
+    for stream in (False, True):
+        response = asyncio.run(answer(DIFFUSION_HF, stream))
+        assert response.status_code == 400 and orjson.loads(response.body) == {"error": refusal}
+    with pytest.raises(ValueError, match="top_k=40"):
+        asyncio.run(answer(OTHER_HF, False))
