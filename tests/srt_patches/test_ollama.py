@@ -74,7 +74,8 @@ def _streamed(target, hf, texts):
 @pytest.mark.parametrize("target", ollama.TARGETS[:2])
 def test_the_finished_chunks_text_is_streamed_before_done(target):
     assert _streamed(target, DIFFUSION_HF, ["one canvas"]) == (["one canvas", ""], [False, True])
-    assert _streamed(target, DIFFUSION_HF, ["first ", "first second"]) == (["first ", "second", ""], [False, False, True])
+    two_canvases = (["first ", "second", ""], [False, False, True])
+    assert _streamed(target, DIFFUSION_HF, ["first ", "first second"]) == two_canvases
     assert _streamed(target, DIFFUSION_HF, ["all", "all"]) == (["all", ""], [False, True])  # nothing new: as sglang
 
 
