@@ -65,7 +65,8 @@ def check_logprobs(return_logprob: bool, logprob_start_len, token_ids_logprob, p
     if not return_logprob:
         return
     if token_ids_logprob:
-        raise ValueError("token_ids_logprob is not supported for DiffusionGemma (use top_logprobs_num)")
+        raise ValueError("token_ids_logprob (what /v1/score and /v1/decisions ask for) is not supported for "
+                         "DiffusionGemma: ask for top_logprobs_num instead")
     if logprob_start_len is None or logprob_start_len < 0 or prompt_len is None or logprob_start_len >= prompt_len:
         return  # output logprobs only
     if has_images:
