@@ -1,5 +1,8 @@
 """`python -m sglang.launch_server --model-path DIR` and nothing else, on a machine without an accelerator."""
 
+import time
+from pathlib import Path
+
 import pytest
 import requests
 
@@ -36,3 +39,14 @@ def test_plain_command_serves_on_the_cpu(plain_server):
     }  # fmt: skip
     with open(plain_server.log_path) as log:
         assert log.read().count("sgl-diffusion: no accelerator found") == 1
+
+
+@pytest.mark.slow
+def test_the_gc_is_frozen_once_the_server_answers(plain_server):
+    """The warm-up is skipped on the CPU; the GC freeze that follows it waits for the HTTP server (it was posted
+    before uvicorn listened, and logged a connection-refused traceback at every start)."""
+    deadline = time.monotonic() + 120
+    while "The server is fired up" not in (log := Path(plain_server.log_path).read_text()):
+        assert time.monotonic() < deadline, "the launcher never said it was ready"
+        time.sleep(0.5)  # logged right after the freeze
+    assert '"POST /freeze_gc HTTP/1.1" 200' in log and "freeze_gc failed" not in log
