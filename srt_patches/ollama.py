@@ -5,7 +5,7 @@ Targets: sglang.srt.entrypoints.ollama.serving.OllamaServing.{_stream_chat_respo
 Checked against: sglang 0.5.23
 Why: sglang's Ollama streamers send a finished chunk as ``done`` with empty content, dropping the text that chunk
      brought. A token model loses its last token there; DiffusionGemma sends a whole canvas per chunk, so a streamed
-     one-canvas answer arrived empty. The streamers run here on a view of the server whose tokenizer manager sends a
+     one-canvas answer arrived empty. The streamers run here on a copy of the server whose tokenizer manager sends a
      finished chunk's new text first, in a chunk of its own that is not finished.
      The Ollama handlers catch no error: a request the server refuses (an option our sampler does not have, such as
      ``top_k``) was a 500, or a stream cut off with no body. The stream's first chunk is awaited before the response
@@ -14,6 +14,8 @@ Remove when: sglang's Ollama streamers send the final chunk's delta and its hand
 """
 
 from __future__ import annotations
+
+import copy
 
 from sglang.srt.plugins.hook_registry import HookType, plugin_hook
 
@@ -44,22 +46,15 @@ async def stream_response(original, serving, gen_request, raw_request, model_nam
         return await original(serving, gen_request, raw_request, model_name)
     chunks = serving.tokenizer_manager.generate_request(gen_request, raw_request)
     first = await anext(chunks)  # a refused request raises here, before any byte is sent
-    return await original(_TextBeforeDone(serving, first, chunks), gen_request, raw_request, model_name)
+    view = copy.copy(serving)  # the streamer reads only self.tokenizer_manager and sglang's helpers
+    view.tokenizer_manager = _StartedStream(serving.tokenizer_manager, first, chunks)
+    return await original(view, gen_request, raw_request, model_name)
 
 
-class _TextBeforeDone:
-    """``serving`` whose ``tokenizer_manager.generate_request`` yields the started stream, a finished chunk's new
-    text unfinished first."""
+class _StartedStream:
+    """A tokenizer manager whose ``generate_request`` yields the stream already started, a finished chunk's new text
+    unfinished first."""
 
-    def __init__(self, serving, first, rest):
-        self._serving = serving
-        self.tokenizer_manager = _Manager(serving.tokenizer_manager, first, rest)
-
-    def __getattr__(self, name):
-        return getattr(self._serving, name)
-
-
-class _Manager:
     def __init__(self, manager, first, rest):
         self._manager, self._first, self._rest = manager, first, rest
 
