@@ -15,13 +15,13 @@ import logging
 import os
 
 from srt_patches import (
-    api_contract, data_parallel_controller, draft_stream, http_server, memory_occupation, model_runner, ollama,
+    api_contract, control_requests, data_parallel_controller, draft_stream, http_server, model_runner, ollama,
     openai_protocol, scheduler, serving_chat, tokenizer_manager,
 )
 
 PATCH_MODULES = (
     scheduler, model_runner, tokenizer_manager, api_contract, openai_protocol, serving_chat, draft_stream,
-    data_parallel_controller, memory_occupation, ollama, http_server,
+    data_parallel_controller, control_requests, ollama, http_server,
 )
 _applied = False
 MM_PROCESSOR_PACKAGE_ENV = "SGLANG_EXTERNAL_MM_PROCESSOR_PACKAGE"

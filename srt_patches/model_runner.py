@@ -34,6 +34,22 @@ Why: both hand ``model.load_weights`` some of the weights (a trainer's bucket), 
      the tensor update, so a tensor the model does not have (an unknown name, another shape) ended the scheduler:
      it answers ``success: false`` with the cause instead.
 Remove when: sglang tells load_weights a partial update from a checkpoint load, and answers a failed tensor update.
+
+Target: sglang.srt.managers.scheduler_components.weight_updater.SchedulerWeightUpdaterManager.update_weights_from_tensor
+Checked against: sglang 0.5.23
+Why: the scheduler unpickles each rank's payload outside any try: a payload that is not a pickle of named tensors
+     (or a list shorter than the TP size) raised in the scheduler and ended the server. Such a request now answers
+     ``success: false`` with the cause; the rank meets the others at sglang's barrier, as a rank that loaded does.
+Remove when: sglang answers a payload it cannot read with an error.
+
+Target: sglang.srt.model_executor.model_runner_components.weight_exporter.WeightExporter.{
+        init_weights_send_group_for_remote_instance, send_weights_to_remote_instance}
+Checked against: sglang 0.5.23
+Why: both answer ``(success, message)`` but assert their arguments first (a group name, one port per TP rank), and
+     the send looks its group up with ``[]``: a send before its group was set up was a KeyError, and a bad argument
+     an AssertionError, which ended the server. Those now answer ``success: false`` with the cause. On a CPU server
+     both are refused: the group is NCCL's, set up on the CUDA device, and the scheduler waited for its peer.
+Remove when: sglang checks these arguments without raising.
 """
 
 from __future__ import annotations
@@ -50,6 +66,10 @@ TARGETS = (
     "sglang.srt.model_executor.model_runner_components.weight_updater.WeightUpdater.update_weights_from_disk",
     "sglang.srt.model_executor.model_runner_components.weight_updater.WeightUpdater.update_weights_from_tensor",
     "sglang.srt.model_executor.model_runner_components.weight_updater.WeightUpdater.load_weights_from_distributed",
+    "sglang.srt.managers.scheduler_components.weight_updater.SchedulerWeightUpdaterManager.update_weights_from_tensor",
+    "sglang.srt.model_executor.model_runner_components.weight_exporter.WeightExporter."
+    "init_weights_send_group_for_remote_instance",
+    "sglang.srt.model_executor.model_runner_components.weight_exporter.WeightExporter.send_weights_to_remote_instance",
 )
 # (where, attribute) of the head counts sglang's CPU padding rewrites
 HEAD_COUNTS = (
@@ -133,6 +153,44 @@ def load_weights_from_distributed(original, updater, *args, **kwargs):
         return original(updater, *args, **kwargs)
 
 
+def scheduler_update_weights_from_tensor(original, manager, recv_req):
+    from sgl_diffusion.runtime.scheduler_hook import serves_diffusion_model
+
+    if not serves_diffusion_model(manager.tp_worker.model_config.hf_config):
+        return original(manager, recv_req)
+    try:
+        return original(manager, recv_req)
+    except Exception as e:  # raised before sglang's barrier: the tensors could not be read (loading errors answer)
+        import torch
+        from sglang.srt.managers.io_struct import UpdateWeightsFromTensorReqOutput
+
+        logger.warning("sgl-diffusion: the serialized tensors could not be read: %r", e)
+        torch.distributed.barrier(group=manager.tp_cpu_group)
+        return UpdateWeightsFromTensorReqOutput(
+            success=False, message=f"Failed to read serialized_named_tensors: {e!r}. Send one "
+            "MultiprocessingSerializer payload (base64 when over HTTP) per TP rank.")  # fmt: skip
+
+
+def remote_instance_weights(original, exporter, *args, **kwargs):
+    from sgl_diffusion.models.diffusion_gemma import DiffusionGemmaForBlockDiffusion
+
+    model = exporter.get_model()
+    if not isinstance(model, DiffusionGemmaForBlockDiffusion):
+        return original(exporter, *args, **kwargs)
+    if (device := _parameter_device(model)) != "cuda":  # the group would wait for a peer NCCL cannot serve
+        return False, f"{original.__name__}: weights go to a remote instance over NCCL; this server runs on {device}"
+    try:
+        return original(exporter, *args, **kwargs)
+    except (AssertionError, KeyError) as e:  # sglang's argument checks; it answers the failures of the transfer
+        reason = f"no group named {e} was set up (/init_weights_send_group_for_remote_instance first)" if isinstance(
+            e, KeyError) else str(e)  # fmt: skip
+        return False, f"{original.__name__}: {reason}"
+
+
+def _parameter_device(model) -> str:
+    return next(model.parameters()).device.type
+
+
 @contextlib.contextmanager
 def _partial_weights(model):
     model.accepts_partial_weights = True
@@ -148,3 +206,6 @@ def register() -> None:
     plugin_hook(TARGETS[2], HookType.AROUND)(update_weights_from_disk)
     plugin_hook(TARGETS[3], HookType.AROUND)(update_weights_from_tensor)
     plugin_hook(TARGETS[4], HookType.AROUND)(load_weights_from_distributed)
+    plugin_hook(TARGETS[5], HookType.AROUND)(scheduler_update_weights_from_tensor)
+    for target in TARGETS[6:]:
+        plugin_hook(target, HookType.AROUND)(remote_instance_weights)

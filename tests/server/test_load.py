@@ -382,6 +382,41 @@ def test_memory_occupation_requests_are_a_400_on_a_cpu_server(server):
     assert_serves(server)
 
 
+@pytest.mark.parametrize("path, body, expected", [
+    ("/start_expert_distribution_record", {}, "does not record expert distributions"),
+    ("/stop_expert_distribution_record", {}, "does not record expert distributions"),
+    ("/dump_expert_distribution_record", {}, "does not record expert distributions"),
+    ("/start_profile", {"activities": ["GPU"], "num_steps": 1}, "records CPU activity only"),
+    ("/start_profile", {"activities": ["CPU", "MEM"], "start_step": 2}, "records CPU activity only"),
+    ("/send_weights_to_remote_instance", {"master_address": "127.0.0.1", "ports": "29999", "group_name": "g"},
+     "over NCCL; this server runs on cpu"),
+    ("/init_weights_send_group_for_remote_instance", {"master_address": "127.0.0.1", "ports": "29999",
+     "group_rank": 0, "world_size": 2, "group_name": "g"}, "over NCCL; this server runs on cpu"),
+])  # fmt: skip
+def test_control_requests_the_server_cannot_honour_are_a_400(server, path, body, expected):
+    """Each of these ended the server (an exception in the scheduler), or, for the group, blocked it waiting for a
+    peer; now a 400 names the cause and the server keeps serving."""
+    resp = server.post(path, body, timeout=60)
+    assert resp.status_code == 400, resp.text
+    assert expected in resp.text
+    assert server.healthy()
+    assert_serves(server)
+
+
+def test_tensors_the_server_cannot_read_are_a_failed_update(server):
+    """/update_weights_from_tensor with a payload that is no pickle, or none for this rank, ended the server."""
+    assert server.post("/begin_weight_update", {}).status_code == 200
+    try:
+        for payload, cause in ((["aGVsbG8="], "UnpicklingError"), ([], "IndexError")):
+            resp = server.post("/update_weights_from_tensor", {"serialized_named_tensors": payload})
+            assert resp.status_code == 400 and not resp.json()["success"], resp.text
+            assert cause in resp.json()["message"] and "per TP rank" in resp.json()["message"]
+    finally:
+        assert server.post("/end_weight_update", {}).status_code == 200
+    assert server.healthy()
+    assert_serves(server)
+
+
 def test_a_profile_of_n_rounds_stops_by_itself_and_slow_down_sleeps(server, tmp_path):
     """/start_profile with num_steps counts canvas rounds and writes its trace after them (it never stopped: the
     canvas loop counted no forward); /slow_down's sleep runs before each round until it is set back to 0."""

@@ -1,5 +1,6 @@
 """srt_patches.model_runner: no token-decode CUDA graphs for DiffusionGemma."""
 
+import contextlib
 import inspect
 from types import SimpleNamespace
 
@@ -181,3 +182,116 @@ def test_other_models_update_as_sglang_does():
         with pytest.raises(ValueError, match="theirs"):
             wrapper(original, _tensor_updater(other), [("w", None)])
     assert len(calls) == 2 and not hasattr(other, "accepts_partial_weights")
+
+
+_SCHEDULER_TENSOR, _INIT_GROUP, _SEND = model_runner.TARGETS[5:8]
+
+
+def test_weight_transfer_signatures_and_why(upstream_parameters):
+    """The scheduler unpickles a tensor update's payload outside any try, then meets the other ranks at a barrier;
+    the exporter asserts its arguments and looks the send group up with []. (Why the wrappers exist.)"""
+    from sglang.srt.managers.scheduler_components.weight_updater import SchedulerWeightUpdaterManager
+    from sglang.srt.model_executor.model_runner_components.weight_exporter import WeightExporter
+
+    empty = inspect.Parameter.empty
+    assert upstream_parameters(_SCHEDULER_TENSOR) == [("self", empty), ("recv_req", empty)]
+    assert upstream_parameters(_INIT_GROUP) == [
+        ("self", empty), ("master_address", empty), ("ports", empty), ("group_rank", empty), ("world_size", empty),
+        ("group_name", empty), ("backend", "nccl")]  # fmt: skip
+    assert upstream_parameters(_SEND) == [("self", empty), ("master_address", empty), ("ports", empty),
+                                          ("group_name", empty)]  # fmt: skip
+    update = inspect.getsource(SchedulerWeightUpdaterManager.update_weights_from_tensor.__wrapped__)
+    assert "self.tp_worker.deserialize_own_rank(" in update and "try:" not in update
+    assert update.index("deserialize_own_rank") < update.index("torch.distributed.barrier(group=self.tp_cpu_group)")
+    send = inspect.getsource(WeightExporter.send_weights_to_remote_instance.__wrapped__)
+    assert "self._weights_send_group[group_name] is not None" in send and "assert len(ports_list)" in send
+
+
+def _scheduler_updater(tp_worker):
+    return SimpleNamespace(tp_worker=tp_worker, tp_cpu_group="tp-group", _session=object(),
+                           _observe_weight_load=lambda source: contextlib.nullcontext())  # fmt: skip
+
+
+@pytest.mark.parametrize("payload, cause", [(["aGVsbG8="], "UnpicklingError"), ([], "IndexError")])
+def test_a_tensor_payload_that_cannot_be_read_answers_and_meets_the_barrier(upstream, monkeypatch, payload, cause):
+    import torch
+    from sglang.srt.utils import MultiprocessingSerializer
+
+    barriers = []
+    monkeypatch.setattr(torch.distributed, "barrier", lambda group: barriers.append(group))
+    tp_worker = SimpleNamespace(model_config=SimpleNamespace(hf_config=DIFFUSION_HF),
+                                deserialize_own_rank=lambda p: MultiprocessingSerializer.deserialize(p[0]))  # fmt: skip
+    recv_req = SimpleNamespace(serialized_named_tensors=payload, selector=None, load_format=None)
+    out = model_runner.scheduler_update_weights_from_tensor(upstream(_SCHEDULER_TENSOR),
+                                                            _scheduler_updater(tp_worker), recv_req)
+    assert not out.success and cause in out.message and "per TP rank" in out.message
+    assert barriers == ["tp-group"]  # once, as a rank that read its tensors
+
+
+def test_a_readable_tensor_update_and_other_models_are_sglangs(monkeypatch):
+    import torch
+
+    barriers = []
+    monkeypatch.setattr(torch.distributed, "barrier", lambda group: barriers.append(group))
+
+    def original(manager, recv_req):
+        if manager.tp_worker.model_config.hf_config is not DIFFUSION_HF:
+            raise ValueError("theirs")
+        return "answered"
+
+    ours = SimpleNamespace(tp_worker=SimpleNamespace(model_config=SimpleNamespace(hf_config=DIFFUSION_HF)))
+    assert model_runner.scheduler_update_weights_from_tensor(original, ours, None) == "answered"
+    other = SimpleNamespace(tp_worker=SimpleNamespace(model_config=SimpleNamespace(hf_config=SimpleNamespace())))
+    with pytest.raises(ValueError, match="theirs"):
+        model_runner.scheduler_update_weights_from_tensor(original, other, None)
+    assert barriers == []
+
+
+@pytest.fixture
+def diffusion_model(monkeypatch):
+    """model(device): a stand-in the exporter wrapper takes for DiffusionGemma, its parameters on ``device``."""
+    import torch
+
+    from sgl_diffusion.models import diffusion_gemma
+
+    class Model(torch.nn.Module):
+        def __init__(self, device):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1, device=device))
+
+    monkeypatch.setattr(diffusion_gemma, "DiffusionGemmaForBlockDiffusion", Model)
+    return Model
+
+
+def _exporter(model):
+    from sglang.srt.model_executor.model_runner_components.weight_exporter import WeightExporter
+
+    return WeightExporter(tp_rank=0, tp_size=1, gpu_id=0, get_model_path=lambda: "/served", get_model=lambda: model)
+
+
+def test_remote_instance_weights_are_refused_on_a_cpu_server(upstream, diffusion_model):
+    exporter = _exporter(diffusion_model("cpu"))
+    assert model_runner.remote_instance_weights(upstream(_SEND), exporter, "127.0.0.1", "1", "g") == (
+        False, "send_weights_to_remote_instance: weights go to a remote instance over NCCL; this server runs on cpu")
+    success, message = model_runner.remote_instance_weights(upstream(_INIT_GROUP), exporter, "127.0.0.1", "1", 0, 2,
+                                                            "g")  # fmt: skip
+    assert not success and message.startswith("init_weights_send_group_for_remote_instance: ") and "cpu" in message
+
+
+def test_bad_remote_instance_arguments_answer_instead_of_raising(upstream, diffusion_model, monkeypatch):
+    import torch
+
+    model = diffusion_model("cpu")
+    monkeypatch.setattr(model_runner, "_parameter_device", lambda model: "cuda")  # past the refusal: sglang's checks
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    exporter = _exporter(model)
+    assert model_runner.remote_instance_weights(upstream(_SEND), exporter, "127.0.0.1", "1", "g") == (
+        False, "send_weights_to_remote_instance: no group named 'g_1_0' was set up "
+        "(/init_weights_send_group_for_remote_instance first)")  # fmt: skip
+    assert model_runner.remote_instance_weights(upstream(_SEND), exporter, "127.0.0.1", "1,2", "g") == (
+        False, "send_weights_to_remote_instance: Expected 1 ports, but got 2 ports.")
+    assert model_runner.remote_instance_weights(upstream(_INIT_GROUP), exporter, "127.0.0.1", "1,2", 0, 2, "g") == (
+        False, "init_weights_send_group_for_remote_instance: Expected 1 ports, but got 2 ports.")
+    other = _exporter(torch.nn.Linear(1, 1))
+    with pytest.raises(KeyError):
+        model_runner.remote_instance_weights(upstream(_SEND), other, "127.0.0.1", "1", "g")

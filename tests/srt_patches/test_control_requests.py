@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from srt_patches import memory_occupation
+from srt_patches import control_requests
 
 EMPTY = Parameter.empty
 _M = "sglang.srt.managers.tokenizer_manager.TokenizerManager"
@@ -13,22 +13,26 @@ _M = "sglang.srt.managers.tokenizer_manager.TokenizerManager"
 EXPECTED_PARAMETERS = {
     f"{_M}.release_memory_occupation": [("self", EMPTY), ("obj", EMPTY), ("request", None)],
     f"{_M}.resume_memory_occupation": [("self", EMPTY), ("obj", EMPTY), ("request", None)],
+    f"{_M}.start_profile": [("self", EMPTY), ("req", None)],
+    f"{_M}.start_expert_distribution_record": [("self", EMPTY)],
+    f"{_M}.stop_expert_distribution_record": [("self", EMPTY)],
+    f"{_M}.dump_expert_distribution_record": [("self", EMPTY)],
 }
 DIFFUSION_HF = SimpleNamespace(architectures=["DiffusionGemmaForBlockDiffusion"])
 OTHER_HF = SimpleNamespace(architectures=["LlamaForCausalLM"])
 
 
 def test_targets_are_the_ones_checked():
-    assert set(memory_occupation.TARGETS) == set(EXPECTED_PARAMETERS)
+    assert set(control_requests.TARGETS) == set(EXPECTED_PARAMETERS)
 
 
-@pytest.mark.parametrize("target", memory_occupation.TARGETS)
+@pytest.mark.parametrize("target", control_requests.TARGETS)
 def test_upstream_signature(target, upstream_parameters):
     """The upstream method still has exactly the parameters the wrapper relies on."""
     assert upstream_parameters(target) == EXPECTED_PARAMETERS[target]
 
 
-@pytest.mark.parametrize("target", memory_occupation.TARGETS)
+@pytest.mark.parametrize("target", control_requests.TARGETS)
 def test_installed(target, applied):
     """apply() leaves our wrapper on the target."""
     assert applied.is_installed(target)
@@ -63,15 +67,15 @@ def _manager(device="cuda", hf=DIFFUSION_HF, in_flight=(), paused=False):
 
 @pytest.fixture(autouse=True)
 def device_from_server_args(monkeypatch):
-    monkeypatch.setattr(memory_occupation, "_device", lambda manager: manager.server_args.device)
+    monkeypatch.setattr(control_requests, "_device", lambda manager: manager.server_args.device)
 
 
 def _release(manager, original, tags=None):
-    return asyncio.run(memory_occupation.release_memory_occupation(original, manager, SimpleNamespace(tags=tags)))
+    return asyncio.run(control_requests.release_memory_occupation(original, manager, SimpleNamespace(tags=tags)))
 
 
 def _resume(manager, original, tags=None):
-    return asyncio.run(memory_occupation.resume_memory_occupation(original, manager, SimpleNamespace(tags=tags)))
+    return asyncio.run(control_requests.resume_memory_occupation(original, manager, SimpleNamespace(tags=tags)))
 
 
 def test_a_cpu_server_refuses_both_without_reaching_the_scheduler():
@@ -114,3 +118,72 @@ def test_other_models_go_to_sglang_unchanged():
     assert _release(manager, original) == "done"
     assert _resume(manager, original, ["kv_cache"]) == "done"
     assert original.calls == [None, ["kv_cache"]]
+
+
+def test_the_profiler_and_expert_recorder_still_raise_in_the_scheduler():
+    """Why the profile and expert-distribution refusals exist: the scheduler's profiler catches only a RuntimeError
+    from torch, which raises an AssertionError when none of its activities is supported; the recorder without a
+    mode raises for start, stop and dump."""
+    from sglang.srt.eplb.expert_distribution import ExpertDistributionRecorder
+    from sglang.srt.managers.scheduler_components.profiler_manager import SchedulerProfilerManager
+
+    start = inspect.getsource(SchedulerProfilerManager._start_profile)
+    assert "except RuntimeError" in start and "except Exception" not in start and "except AssertionError" not in start
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(AssertionError, match="No activities"):  # torch leaves CUDA out: nothing is left
+            torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]).start()
+    recorder = ExpertDistributionRecorder()
+    for record in (recorder.start_record, recorder.stop_record, recorder.dump_record):
+        with pytest.raises(Exception, match="expert_distribution_recorder_mode"):
+            record()
+
+
+async def _profiled(manager, req=None):
+    return ("started", req)
+
+
+def _start_profile(manager, activities):
+    return asyncio.run(control_requests.start_profile(_profiled, manager, SimpleNamespace(activities=activities)))
+
+
+@pytest.mark.parametrize("activities", [["GPU"], ["CPU", "MEM"], ["CPU", "CUDA_PROFILER"], ["RPD"], [], ["cpu"]])
+def test_a_cpu_server_profiles_cpu_activity_only(activities):
+    from fastapi import HTTPException
+
+    with pytest.raises(HTTPException, match="records CPU activity only") as refused:
+        _start_profile(_manager("cpu"), activities)
+    assert refused.value.status_code == 400
+
+
+@pytest.mark.parametrize("activities", [None, ["CPU"], ["CPU", "GPU"]])  # None: sglang's default, CPU and GPU
+def test_a_cpu_server_starts_a_cpu_profile(activities):
+    assert _start_profile(_manager("cpu"), activities)[0] == "started"
+
+
+def test_a_cuda_server_or_another_model_profiles_as_sglang_does():
+    assert _start_profile(_manager("cuda"), ["GPU", "MEM"])[0] == "started"
+    assert _start_profile(_manager("cpu", OTHER_HF), ["GPU"])[0] == "started"
+    assert asyncio.run(control_requests.start_profile(_profiled, _manager("cpu")))[0] == "started"  # no request
+
+
+@pytest.mark.parametrize("target", control_requests.TARGETS[3:])
+def test_expert_distribution_requests_are_refused_for_diffusion_gemma_only(target, resolve):
+    from fastapi import HTTPException
+
+    verb = target.rpartition(".")[2].split("_")[0]
+    wrapper = resolve(target).__closure__  # the installed hook is this verb's
+    hook = next(c.cell_contents for c in wrapper if getattr(c.cell_contents, "__module__", "") ==
+                "srt_patches.control_requests")  # fmt: skip
+    calls = []
+
+    async def original(manager):
+        calls.append(manager)
+
+    with pytest.raises(HTTPException, match=f"/{verb}_expert_distribution_record: DiffusionGemma") as refused:
+        asyncio.run(hook(original, _manager("cuda")))
+    assert refused.value.status_code == 400 and calls == []
+    other = _manager("cuda", OTHER_HF)
+    asyncio.run(hook(original, other))
+    assert calls == [other]
