@@ -15,12 +15,12 @@ import logging
 import os
 
 from srt_patches import (
-    api_contract, control_requests, data_parallel_controller, draft_stream, http_server, model_runner, ollama,
-    openai_protocol, scheduler, serving_chat, tokenizer_manager,
+    api_contract, control_requests, data_parallel_controller, http_server, model_runner, ollama, openai_protocol,
+    openai_stream, scheduler, serving_chat, tokenizer_manager,
 )
 
 PATCH_MODULES = (
-    scheduler, model_runner, tokenizer_manager, api_contract, openai_protocol, serving_chat, draft_stream,
+    scheduler, model_runner, tokenizer_manager, api_contract, openai_protocol, serving_chat, openai_stream,
     data_parallel_controller, control_requests, ollama, http_server,
 )
 _applied = False

@@ -1,17 +1,29 @@
-"""Let ``sampling_params["diffusion"]`` through the /generate schema check.
+"""The /generate request contract: let ``sampling_params["diffusion"]`` through; refuse a sampling_params list
+that does not fit the prompts.
 
 Target: sglang.srt.entrypoints.api_contract.generate_contract_error
 Checked against: sglang 0.5.23
 Why: /generate checks its body against a fixed (Rust) schema that rejects unknown sampling keys.
      The check runs on the body without ``diffusion``; the tokenizer-manager patch validates it.
 Remove when: the schema accepts model-specific sampling parameters.
+
+Target: sglang.srt.managers.io_struct.GenerateReqInput.normalize_batch_and_arguments
+Checked against: sglang 0.5.23
+Why: a list of sampling_params is read as one dict per prompt without checking it: for one prompt the request fails
+     later on ``list.get`` (AttributeError), fewer dicts than prompts fail on an index, an empty list on ``[0]``:
+     each an HTTP 500. They are a ValueError (a 400) here, with the lengths. More dicts than prompts were silently
+     dropped; they are refused too.
+Remove when: sglang checks the length of sampling_params as it does for ``watermark``.
 """
 
 from __future__ import annotations
 
 from sglang.srt.plugins.hook_registry import HookType, plugin_hook
 
-TARGETS = ("sglang.srt.entrypoints.api_contract.generate_contract_error",)
+TARGETS = (
+    "sglang.srt.entrypoints.api_contract.generate_contract_error",
+    "sglang.srt.managers.io_struct.GenerateReqInput.normalize_batch_and_arguments",
+)
 
 
 def _without_diffusion(sampling):
@@ -28,5 +40,20 @@ def generate_contract_error(original, body, *args, **kwargs):
     return original(body, *args, **kwargs)
 
 
+def normalize_batch_and_arguments(original, request):
+    given = request.sampling_params
+    if isinstance(given, list) and not (given and all(isinstance(params, dict) for params in given)):
+        raise ValueError("sampling_params must be an object, or a non-empty list of objects, one per prompt")
+    original(request)
+    if isinstance(given, list):
+        if request.is_single:
+            raise ValueError(f"sampling_params is a list of {len(given)} but the prompt is one: send an object, "
+                             "or a list of prompts")  # fmt: skip
+        if len(given) != request.batch_size:
+            raise ValueError(f"sampling_params has {len(given)} entries for {request.batch_size} prompts: send one "
+                             "object for all, or one per prompt")  # fmt: skip
+
+
 def register() -> None:
     plugin_hook(TARGETS[0], HookType.AROUND)(generate_contract_error)
+    plugin_hook(TARGETS[1], HookType.AROUND)(normalize_batch_and_arguments)

@@ -16,11 +16,11 @@ Remove when: sglang's handlers synchronize the server's device and answer a busy
 
 Target: sglang.srt.managers.tokenizer_manager.TokenizerManager.start_profile
 Checked against: sglang 0.5.23
-Why: the scheduler's SchedulerProfilerManager._start_profile only catches a RuntimeError from the torch profiler. On a host
-     without CUDA, ``"activities": ["GPU"]`` leaves torch no activity it supports (AssertionError), and "MEM",
-     "CUDA_PROFILER" and "RPD" call CUDA or ROCm tools; with ``start_step`` the failure comes later, in the canvas
-     loop. A CPU server records CPU activity only: it refuses a list without "CPU" or with those three ("GPU"
-     next to "CPU" is sglang's default, and torch leaves it out).
+Why: the scheduler's SchedulerProfilerManager._start_profile only catches a RuntimeError from the torch profiler.
+     On a host without CUDA, ``"activities": ["GPU"]`` leaves torch no activity it supports (AssertionError), and
+     "MEM", "CUDA_PROFILER" and "RPD" call CUDA or ROCm tools; with ``start_step`` the failure comes later, in the
+     canvas loop. A CPU server records CPU activity only: it refuses a list without "CPU" or with those three
+     ("GPU" next to "CPU" is sglang's default, and torch leaves it out).
 Remove when: sglang checks the activities against the device before starting the profiler.
 
 Target: sglang.srt.managers.tokenizer_manager.TokenizerManager.{start,stop,dump}_expert_distribution_record

@@ -3,7 +3,8 @@
 Also accept ``"image_token_budget"`` in chat bodies, checked here and passed on in the request's
 ``mm_processor_kwargs`` (what sgl_diffusion.multimodal's processor reads).
 
-Also report diffusion figures in ``usage.diffusion`` (canvases, denoise steps, tokens per forward).
+Also report diffusion figures in ``usage.diffusion`` (canvases, denoise steps, tokens per forward; a streamed
+answer's usage chunk gets them in srt_patches.openai_stream).
 
 Also serve the completions ``suffix`` as an infill: the completion is a hole of ``max_tokens`` tokens
 followed by the suffix as fixed context (``diffusion.infill``); the answer is the hole's text, as
@@ -45,7 +46,8 @@ def _add_diffusion_field() -> None:
             cls.model_fields[name] = FieldInfo(annotation=annotation, default=None)
             cls.model_rebuild(force=True)
     # NOTE: models that nest UsageInfo captured its old schema; rebuild them so usage.diffusion serializes
-    for cls in (protocol.ChatCompletionResponse, protocol.CompletionResponse):
+    for cls in (protocol.ChatCompletionResponse, protocol.CompletionResponse, protocol.ChatCompletionStreamResponse,
+                protocol.CompletionStreamResponse):
         cls.model_rebuild(force=True)
 
 
@@ -89,15 +91,17 @@ def response_usage(original, responses, *args, **kwargs):
     from sgl_diffusion.runtime.scheduler_hook import STEPS_KEY
 
     usage = original(responses, *args, **kwargs)
-    steps = [s for r in responses for s in (r.get("meta_info", {}).get(STEPS_KEY) or [])]
-    if steps:
-        forwards = sum(steps)
-        usage.diffusion = {
-            "canvases": sum(1 for s in steps if s),
-            "denoise_steps": forwards,
-            "tokens_per_forward": round(len(steps) / max(forwards, 1), 4),
-        }
+    usage.diffusion = diffusion_usage([s for r in responses for s in (r.get("meta_info", {}).get(STEPS_KEY) or [])])
     return usage
+
+
+def diffusion_usage(steps: list[int]) -> dict | None:
+    """``usage.diffusion`` from the per-token step counts (a canvas's steps on its first token, 0 on the others)."""
+    if not steps:
+        return None
+    forwards = sum(steps)
+    return {"canvases": sum(1 for s in steps if s), "denoise_steps": forwards,
+            "tokens_per_forward": round(len(steps) / max(forwards, 1), 4)}  # fmt: skip
 
 
 def register() -> None:

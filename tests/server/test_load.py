@@ -383,15 +383,18 @@ def test_memory_occupation_requests_are_a_400_on_a_cpu_server(server):
 
 
 @pytest.mark.parametrize("path, body, expected", [
-    ("/start_expert_distribution_record", {}, "does not record expert distributions"),
-    ("/stop_expert_distribution_record", {}, "does not record expert distributions"),
-    ("/dump_expert_distribution_record", {}, "does not record expert distributions"),
-    ("/start_profile", {"activities": ["GPU"], "num_steps": 1}, "records CPU activity only"),
-    ("/start_profile", {"activities": ["CPU", "MEM"], "start_step": 2}, "records CPU activity only"),
-    ("/send_weights_to_remote_instance", {"master_address": "127.0.0.1", "ports": "29999", "group_name": "g"},
-     "over NCCL; this server runs on cpu"),
-    ("/init_weights_send_group_for_remote_instance", {"master_address": "127.0.0.1", "ports": "29999",
-     "group_rank": 0, "world_size": 2, "group_name": "g"}, "over NCCL; this server runs on cpu"),
+    pytest.param("/start_expert_distribution_record", {}, "does not record expert distributions", id="start-expert"),
+    pytest.param("/stop_expert_distribution_record", {}, "does not record expert distributions", id="stop-expert"),
+    pytest.param("/dump_expert_distribution_record", {}, "does not record expert distributions", id="dump-expert"),
+    pytest.param("/start_profile", {"activities": ["GPU"], "num_steps": 1}, "records CPU activity only",
+                 id="profile-gpu"),
+    pytest.param("/start_profile", {"activities": ["CPU", "MEM"], "start_step": 2}, "records CPU activity only",
+                 id="profile-mem-later"),
+    pytest.param("/send_weights_to_remote_instance", {"master_address": "127.0.0.1", "ports": "29999",
+                 "group_name": "g"}, "over NCCL; this server runs on cpu", id="send-weights"),
+    pytest.param("/init_weights_send_group_for_remote_instance", {"master_address": "127.0.0.1", "ports": "29999",
+                 "group_rank": 0, "world_size": 2, "group_name": "g"}, "over NCCL; this server runs on cpu",
+                 id="init-send-group"),
 ])  # fmt: skip
 def test_control_requests_the_server_cannot_honour_are_a_400(server, path, body, expected):
     """Each of these ended the server (an exception in the scheduler), or, for the group, blocked it waiting for a
@@ -634,6 +637,9 @@ def _fixed_cases():
         Case("gen:batch one unknown diffusion key", GEN, {"text": ["Hi", "Yo", "Hey"], "sampling_params": [
             sp, sp, {"max_new_tokens": 8, "diffusion": {"max_denoising_steps": 1, "bogus": [1]}}]}),
         Case("gen:batch fewer params than texts", GEN, {"text": ["Hi", "Yo", "Hey"], "sampling_params": [sp, sp]}),
+        Case("gen:batch more params than texts", GEN, {"text": ["Hi", "Yo"], "sampling_params": [sp, sp, sp]}),
+        Case("gen:batch empty params list", GEN, {"text": ["Hi", "Yo"], "sampling_params": []}),
+        Case("gen:batch a params entry not an object", GEN, {"text": ["Hi", "Yo"], "sampling_params": [sp, 3]}),
         Case("gen:batch rid length mismatch", GEN, {"text": ["Hi", "Yo"], "rid": ["a"], "sampling_params": sp}),
         Case("gen:batch input_ids one >= vocab", GEN, {"input_ids": [[2, 5], [2, VOCAB]], "sampling_params": sp}),
         # OpenAI completions
@@ -704,14 +710,9 @@ ODD_CASES = [
 # Inputs that give a 5xx today, each a strict xfail (remove it once the input gets a 4xx). Fixed since this file
 # was written: an empty prompt and a prompt id outside [0, vocab) killed the scheduler (AttributeError in
 # canvas_batch.Segment for a 0-token prompt; IndexError in DiffusionGemma.embed), now refused with 400 by the
-# tokenizer-manager patch (commits 892dd69, 2276c84).
-_SP_LIST = ("a sampling_params list whose length does not fit the prompts is an HTTP 500 'Internal Server Error' "
-            "(text/plain): sglang's TokenizerManager._validate_one_request calls obj.sampling_params.get() on a list "
-            "(AttributeError, not a ValueError) [upstream sglang 0.5.23; the plugin's patches pass lists through]")
-KNOWN_BAD: dict[str, str] = {
-    "gen:sampling_params list for one text": _SP_LIST,
-    "gen:batch fewer params than texts": _SP_LIST,
-}
+# tokenizer-manager patch (commits 892dd69, 2276c84); a sampling_params list that does not fit the prompts was a 500
+# (sglang read it unchecked), now refused with 400 by srt_patches/api_contract.py.
+KNOWN_BAD: dict[str, str] = {}
 
 
 def _fuzz_params():

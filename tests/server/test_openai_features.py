@@ -99,6 +99,7 @@ def test_completions_stream_one_chunk_per_canvas(server, client, tokenizer):
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finishes == ["length"]
     assert chunks[-1].usage.completion_tokens == 70 == full.usage.completion_tokens
+    assert chunks[-1].usage.diffusion == full.usage.diffusion and full.usage.diffusion["canvases"] == 3
 
 
 def test_chat_stream_equals_non_stream(server, client, tokenizer):
@@ -113,6 +114,7 @@ def test_chat_stream_equals_non_stream(server, client, tokenizer):
     assert 1 <= sum(bool(c.choices[0].delta.content) for c in choice_chunks) <= 3  # one per canvas at most
     assert choice_chunks[-1].choices[0].finish_reason == "length" == full.choices[0].finish_reason
     assert chunks[-1].usage.completion_tokens == 70
+    assert chunks[-1].usage.diffusion == full.usage.diffusion and full.usage.diffusion["canvases"] == 3
 
 
 # ---- n, seed, max_tokens, ignore_eos, usage --------------------------------------------------------------------

@@ -9,6 +9,7 @@ EMPTY = Parameter.empty
 # What the wrapper relies on: the body is the first positional argument.
 EXPECTED_PARAMETERS = {
     "sglang.srt.entrypoints.api_contract.generate_contract_error": [("body", EMPTY)],
+    "sglang.srt.managers.io_struct.GenerateReqInput.normalize_batch_and_arguments": [("self", EMPTY)],
 }
 DIFFUSION = {"seed": 3, "max_denoising_steps": 8}
 
@@ -92,3 +93,35 @@ def test_bodies_without_diffusion_are_judged_by_upstream():
     for body in bodies:
         assert api_contract.generate_contract_error(original, body) == "verdict"
     assert seen == bodies
+
+
+def _normalized(**fields):
+    from sglang.srt.managers.io_struct import GenerateReqInput
+
+    request = GenerateReqInput(**fields)
+    request.normalize_batch_and_arguments()
+    return request
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"text": "Hi", "sampling_params": [{}]}, "a list of 1 but the prompt is one"),
+    ({"input_ids": [2, 5], "sampling_params": [{}, {}]}, "a list of 2 but the prompt is one"),
+    ({"text": ["Hi", "Yo", "Hey"], "sampling_params": [{}, {}]}, "has 2 entries for 3 prompts"),
+    ({"text": ["Hi", "Yo"], "sampling_params": [{}, {}, {}]}, "has 3 entries for 2 prompts"),
+    ({"text": ["Hi", "Yo"], "sampling_params": [{"n": 2}]}, "has 1 entries for 2 prompts"),
+    ({"text": ["Hi", "Yo"], "sampling_params": []}, "a non-empty list of objects"),
+    ({"text": ["Hi", "Yo"], "sampling_params": [{}, 3]}, "a non-empty list of objects"),
+])  # fmt: skip
+def test_a_sampling_params_list_that_does_not_fit_the_prompts_is_a_value_error(applied, fields, message):
+    """sglang read these unchecked: an AttributeError or IndexError later, an HTTP 500 (or extra dicts dropped)."""
+    with pytest.raises(ValueError, match=message):
+        _normalized(**fields)
+
+
+def test_sampling_params_that_fit_are_normalized_as_sglang_does(applied):
+    assert _normalized(text="Hi", sampling_params={"temperature": 0.5}).sampling_params == {"temperature": 0.5}
+    batch = _normalized(text=["Hi", "Yo"], sampling_params=[{"temperature": 0.5}, {"temperature": 0.7}])
+    assert [p["temperature"] for p in batch.sampling_params] == [0.5, 0.7]
+    assert len(_normalized(text=["Hi", "Yo"], sampling_params={}).sampling_params) == 2
+    parallel = _normalized(text="Hi", sampling_params=[{"n": 2}])  # n > 1 makes one prompt a batch of one
+    assert parallel.batch_size == 1 and len(parallel.sampling_params) == 2

@@ -1,4 +1,4 @@
-"""Carry provisional canvas drafts to streaming clients as their own field, apart from the text.
+"""What OpenAI streams carry beyond sglang's chunks: provisional canvas drafts, and the usage chunk's diffusion block.
 
 Targets: sglang.srt.managers.tokenizer_manager.TokenizerManager.update_request_meta_info,
          sglang.srt.managers.tokenizer_manager.TokenizerManager.generate_request,
@@ -13,6 +13,13 @@ Why: the scheduler sends each draft as per-chunk ``customized_info`` (sgl_diffus
      chunks with no choices and a top-level ``diffusion_draft`` (like the usage chunk, which clients
      that read only ``choices`` skip).
 Remove when: sglang streams model-specific per-chunk fields.
+
+Target: sglang.srt.entrypoints.openai.usage_processor.UsageProcessor.calculate_streaming_usage
+Checked against: sglang 0.5.23
+Why: a streamed request's usage chunk (``stream_options.include_usage``) is built from token counts alone, so it
+     lacked the ``usage.diffusion`` block the non-streamed answer has. While an OpenAI stream runs, the chunks'
+     per-token step counts are kept per choice (generate_request above), and its usage chunk gets the block.
+Remove when: sglang passes the requests' meta_info to the streaming usage.
 """
 
 from __future__ import annotations
@@ -30,10 +37,13 @@ TARGETS = (
     f"{_MANAGER}.generate_request",
     "sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat._generate_chat_stream",
     "sglang.srt.entrypoints.openai.serving_completions.OpenAIServingCompletion._generate_completion_stream",
+    "sglang.srt.entrypoints.openai.usage_processor.UsageProcessor.calculate_streaming_usage",
 )
 # Where generate_request diverts drafts while an OpenAI stream of this task wants them.
 _draft_sink: ContextVar[asyncio.Queue | None] = ContextVar("sgl_diffusion_draft_sink", default=None)
 _END = object()
+# The step counts of the OpenAI stream this task serves, per choice index (None outside one).
+_stream_steps: ContextVar[dict[int, list[int]] | None] = ContextVar("sgl_diffusion_stream_steps", default=None)
 
 
 def _draft_key() -> str:
@@ -53,9 +63,25 @@ def update_request_meta_info(original, manager, meta_info, state, customized_inf
 
 
 def generate_request(original, manager, obj, *args, **kwargs):
-    sink = _draft_sink.get()
+    sink, steps = _draft_sink.get(), _stream_steps.get()
     outputs = original(manager, obj, *args, **kwargs)
+    if steps is not None:
+        outputs = _keep_steps(outputs, steps)
     return outputs if sink is None else _divert_drafts(outputs, sink)
+
+
+async def _keep_steps(outputs, steps: dict[int, list[int]]):
+    from sgl_diffusion.runtime.scheduler_hook import STEPS_KEY
+
+    async for out in outputs:
+        meta = out.get("meta_info", {}) if isinstance(out, dict) else {}
+        if new := meta.get(STEPS_KEY):
+            kept = steps.setdefault(out.get("index", 0), [])
+            if len(new) == meta.get("completion_tokens"):  # the whole answer's, as sglang accumulates them
+                kept[:] = new
+            else:  # --incremental-streaming-output: this chunk's only
+                kept.extend(new)
+        yield out
 
 
 async def _divert_drafts(outputs, sink: asyncio.Queue):
@@ -74,13 +100,30 @@ async def _divert_drafts(outputs, sink: asyncio.Queue):
 
 
 def chat_stream(original, serving, adapted_request, request, *args, **kwargs):
-    return _with_drafts(original(serving, adapted_request, request, *args, **kwargs), adapted_request, request,
-                        "chat.completion.chunk")
+    sse = _counting_steps(original, serving, adapted_request, request, *args, **kwargs)
+    return _with_drafts(sse, adapted_request, request, "chat.completion.chunk")
 
 
 def completion_stream(original, serving, adapted_request, request, *args, **kwargs):
-    return _with_drafts(original(serving, adapted_request, request, *args, **kwargs), adapted_request, request,
-                        "text_completion")
+    sse = _counting_steps(original, serving, adapted_request, request, *args, **kwargs)
+    return _with_drafts(sse, adapted_request, request, "text_completion")
+
+
+async def _counting_steps(original, *args, **kwargs):
+    # Set in the context that runs the stream's body (and copied into the drafts' pump task, created later), so the
+    # stream's generate_request and its usage see it; the context ends with the response, so it is never reset.
+    _stream_steps.set({})
+    async for event in original(*args, **kwargs):
+        yield event
+
+
+def streaming_usage(original, *args, **kwargs):
+    from srt_patches.openai_protocol import diffusion_usage
+
+    usage = original(*args, **kwargs)
+    if steps := _stream_steps.get():
+        usage.diffusion = diffusion_usage([s for index in sorted(steps) for s in steps[index]])
+    return usage
 
 
 def wants_drafts(adapted_request) -> bool:
@@ -126,3 +169,4 @@ def register() -> None:
     plugin_hook(TARGETS[1], HookType.AROUND)(generate_request)
     plugin_hook(TARGETS[2], HookType.AROUND)(chat_stream)
     plugin_hook(TARGETS[3], HookType.AROUND)(completion_stream)
+    plugin_hook(TARGETS[4], HookType.AROUND)(streaming_usage)

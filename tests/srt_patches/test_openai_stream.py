@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from srt_patches import draft_stream
+from srt_patches import openai_stream
 
 EMPTY = Parameter.empty
 _TM = "sglang.srt.managers.tokenizer_manager.TokenizerManager"
@@ -20,21 +20,25 @@ EXPECTED_PARAMETERS = {
     "sglang.srt.entrypoints.openai.serving_completions.OpenAIServingCompletion._generate_completion_stream": [
         ("self", EMPTY), ("adapted_request", EMPTY), ("request", EMPTY),
     ],
+    "sglang.srt.entrypoints.openai.usage_processor.UsageProcessor.calculate_streaming_usage": [
+        ("prompt_tokens", EMPTY), ("reasoning_tokens", EMPTY), ("completion_tokens", EMPTY), ("cached_tokens", EMPTY),
+        ("n_choices", EMPTY),
+    ],
 }  # fmt: skip
 DRAFT = {"canvas": 0, "step": 2, "token_ids": [5, 6], "text": "ab"}
 
 
 def test_every_target_has_an_expected_signature():
-    assert set(draft_stream.TARGETS) == set(EXPECTED_PARAMETERS)
+    assert set(openai_stream.TARGETS) == set(EXPECTED_PARAMETERS)
 
 
-@pytest.mark.parametrize("target", draft_stream.TARGETS)
+@pytest.mark.parametrize("target", openai_stream.TARGETS)
 def test_upstream_signature(target, upstream_parameters):
     expected = EXPECTED_PARAMETERS[target]
     assert upstream_parameters(target)[: len(expected)] == expected
 
 
-@pytest.mark.parametrize("target", draft_stream.TARGETS)
+@pytest.mark.parametrize("target", openai_stream.TARGETS)
 def test_installed(target, applied):
     assert applied.is_installed(target)
 
@@ -45,7 +49,7 @@ def test_upstream_accumulates_customized_info(upstream):
 
     state = ReqState([], False, asyncio.Event(), None, None)
     meta = {}
-    update = upstream(draft_stream.TARGETS[0])
+    update = upstream(openai_stream.TARGETS[0])
     update(TokenizerManager, meta, state, {"k": [[1]]}, 0, None)
     update(TokenizerManager, meta, state, {"k": [[2]]}, 0, None)
     assert meta["k"] == [1, 2]
@@ -60,10 +64,10 @@ def test_meta_info_gets_the_latest_draft_only():
 
     meta = {}
     info = {"diffusion_draft": [None, DRAFT], "diffusion_steps": [[1], [2]]}
-    draft_stream.update_request_meta_info(original, None, meta, None, info, 1, None)
+    openai_stream.update_request_meta_info(original, None, meta, None, info, 1, None)
     assert meta == {"diffusion_draft": DRAFT} and seen == [{"diffusion_steps": [[1], [2]]}]
     meta = {}
-    draft_stream.update_request_meta_info(original, None, meta, None, info, 0, None)
+    openai_stream.update_request_meta_info(original, None, meta, None, info, 0, None)
     assert meta == {}
 
 
@@ -88,11 +92,11 @@ def test_drafts_are_diverted_and_draft_only_chunks_dropped():
 
     async def run():
         sink = asyncio.Queue()
-        token = draft_stream._draft_sink.set(sink)
+        token = openai_stream._draft_sink.set(sink)
         try:
-            out = await _collect(draft_stream.generate_request(original, None, None))
+            out = await _collect(openai_stream.generate_request(original, None, None))
         finally:
-            draft_stream._draft_sink.reset(token)
+            openai_stream._draft_sink.reset(token)
         return out, [sink.get_nowait() for _ in range(sink.qsize())]
 
     out, drafts = asyncio.run(run())
@@ -100,7 +104,7 @@ def test_drafts_are_diverted_and_draft_only_chunks_dropped():
     assert all("diffusion_draft" not in c["meta_info"] for c in out)
     assert [d["step"] for d in drafts] == [2, 3, 2] and drafts[0]["id"] == "r1" and drafts[0]["index"] == 0
     # without a sink the stream is untouched
-    assert asyncio.run(_collect(draft_stream.generate_request(original, None, None))) == chunks
+    assert asyncio.run(_collect(openai_stream.generate_request(original, None, None))) == chunks
 
 
 def _adapted(stream_drafts):
@@ -114,20 +118,20 @@ def test_openai_stream_interleaves_draft_chunks():
             yield c
 
     async def original_sse(serving, adapted_request, request, raw_request):
-        async for content in draft_stream.generate_request(lambda *a: manager_stream(), None, adapted_request):
+        async for content in openai_stream.generate_request(lambda *a: manager_stream(), None, adapted_request):
             await asyncio.sleep(0)
             yield f"data: {json.dumps({'tokens': content['meta_info']['completion_tokens']})}\n\n"
         yield "data: [DONE]\n\n"
 
     request = SimpleNamespace(model="m")
-    events = asyncio.run(_collect(draft_stream.completion_stream(original_sse, None, _adapted(True), request, None)))
+    events = asyncio.run(_collect(openai_stream.completion_stream(original_sse, None, _adapted(True), request, None)))
     kinds = [("draft", json.loads(e[6:])["diffusion_draft"]["canvas"]) if "diffusion_draft" in e else e.strip()
              for e in events]
     assert kinds == [("draft", 0), 'data: {"tokens": 32}', ("draft", 1), 'data: {"tokens": 40}', "data: [DONE]"]
     first = json.loads(events[0][6:])
     assert first["choices"] == [] and first["object"] == "text_completion" and first["model"] == "m"
     # without stream_drafts the original stream is returned as is
-    plain = asyncio.run(_collect(draft_stream.completion_stream(original_sse, None, _adapted(False), request, None)))
+    plain = asyncio.run(_collect(openai_stream.completion_stream(original_sse, None, _adapted(False), request, None)))
     assert all("diffusion_draft" not in e for e in plain) and len(plain) == 5  # 4 chunks + [DONE]
 
 
@@ -138,4 +142,63 @@ def test_openai_stream_error_propagates():
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        asyncio.run(_collect(draft_stream.chat_stream(broken, None, _adapted(True), SimpleNamespace(model="m"), None)))
+        asyncio.run(_collect(openai_stream.chat_stream(broken, None, _adapted(True), SimpleNamespace(model="m"), None)))
+
+
+def _steps_chunk(steps, index=0, finish=None):
+    chunk = _chunk(len(steps), None, finish, index)
+    chunk["meta_info"]["diffusion_steps"] = steps
+    return chunk
+
+
+def _usage_stream(chunks):
+    """An OpenAI stream builder as sglang's: it reads generate_request's chunks, then builds the usage chunk."""
+    async def manager_stream():
+        for c in chunks:
+            yield c
+
+    async def original_sse(serving, adapted_request, request, raw_request):
+        async for content in openai_stream.generate_request(lambda *a: manager_stream(), None, adapted_request):
+            yield f"data: {json.dumps({'tokens': content['meta_info']['completion_tokens']})}\n\n"
+        usage = openai_stream.streaming_usage(lambda *a, **k: SimpleNamespace(completion_tokens=1), {}, {}, {}, {}, 1)
+        yield f"data: {json.dumps({'usage': vars(usage)})}\n\n"
+
+    return original_sse
+
+
+@pytest.mark.parametrize("drafts", [False, True])
+def test_a_streamed_usage_chunk_carries_the_diffusion_block(drafts):
+    """Step counts as sglang accumulates them (the answer's so far, per choice): the usage chunk counts every canvas
+    of every choice once, as the non-streamed usage does."""
+    chunks = [_steps_chunk([3, 0]), _steps_chunk([2, 0, 0], index=1), _steps_chunk([3, 0, 4, 0]),
+              _steps_chunk([2, 0, 0, 5], index=1, finish={"type": "length"})]  # fmt: skip
+    events = asyncio.run(_collect(openai_stream.chat_stream(_usage_stream(chunks), None, _adapted(drafts),
+                                                            SimpleNamespace(model="m"), None)))  # fmt: skip
+    usage = json.loads(events[-1][6:])["usage"]
+    assert usage["diffusion"] == {"canvases": 4, "denoise_steps": 14, "tokens_per_forward": round(8 / 14, 4)}
+    assert usage["completion_tokens"] == 1  # sglang's figures are left as they are
+
+
+def test_incremental_step_counts_add_up_and_other_models_get_none():
+    chunks = [_steps_chunk([3, 0]), _steps_chunk([4])]  # --incremental-streaming-output: each chunk's own tokens
+    chunks[1]["meta_info"]["completion_tokens"] = 3
+    events = asyncio.run(_collect(openai_stream.completion_stream(_usage_stream(chunks), None, _adapted(False),
+                                                                  SimpleNamespace(model="m"), None)))  # fmt: skip
+    assert json.loads(events[-1][6:])["usage"]["diffusion"] == {"canvases": 2, "denoise_steps": 7,
+                                                                "tokens_per_forward": round(3 / 7, 4)}  # fmt: skip
+    no_steps = [_chunk(4, None, {"type": "stop"})]  # another model's chunks carry no step counts
+    events = asyncio.run(_collect(openai_stream.completion_stream(_usage_stream(no_steps), None, _adapted(False),
+                                                                  SimpleNamespace(model="m"), None)))  # fmt: skip
+    assert "diffusion" not in json.loads(events[-1][6:])["usage"]
+
+
+def test_outside_an_openai_stream_nothing_is_kept():
+    """/generate and the Ollama routes call generate_request outside an OpenAI stream: their chunks pass untouched."""
+    chunks = [_steps_chunk([3, 0])]
+
+    async def original(manager, obj, request=None):
+        for c in chunks:
+            yield c
+
+    assert asyncio.run(_collect(openai_stream.generate_request(original, None, None))) == chunks
+    assert openai_stream._stream_steps.get() is None
