@@ -5,13 +5,15 @@ sglang's handlers below raise where they should answer an error (their outputs c
 the scheduler). The requests are refused here instead, in the HTTP process: a ValueError is a 400 in the memory
 routes, which catch it; the profile and expert routes catch nothing, so they get an HTTPException(400).
 
-Targets: sglang.srt.managers.tokenizer_manager.TokenizerManager.{release_memory_occupation, resume_memory_occupation}
+Targets: sglang.srt.managers.tokenizer_manager.TokenizerManager.{release_memory_occupation, resume_memory_occupation,
+         pause_generation}
 Checked against: sglang 0.5.23
 Why: their scheduler handlers (SchedulerWeightUpdaterManager.{release,resume}_memory_occupation) assert an idle
      engine, then synchronize ``torch.get_device_module()``, which is CUDA on any host; the resume removes each tag
      from the released set, a KeyError for one never released. So a CPU server died on the first call, and a GPU
-     server on a release while canvases run or a resume without a release. (A release right after an ``in_place``
-     pause still reaches sglang's assertion: only the scheduler knows which paused requests hold KV.)
+     server on a release while canvases run or a resume without a release. A pause counts as idle only when it
+     retracted or aborted the requests: after an ``in_place`` pause they keep their KV, so a release then is refused
+     too (pause_generation is wrapped to note the mode).
 Remove when: sglang's handlers synchronize the server's device and answer a busy engine with an error.
 
 Target: sglang.srt.managers.tokenizer_manager.TokenizerManager.start_profile
@@ -39,18 +41,21 @@ _MANAGER = "sglang.srt.managers.tokenizer_manager.TokenizerManager"
 TARGETS = (
     f"{_MANAGER}.release_memory_occupation", f"{_MANAGER}.resume_memory_occupation", f"{_MANAGER}.start_profile",
     f"{_MANAGER}.start_expert_distribution_record", f"{_MANAGER}.stop_expert_distribution_record",
-    f"{_MANAGER}.dump_expert_distribution_record",
+    f"{_MANAGER}.dump_expert_distribution_record", f"{_MANAGER}.pause_generation",
 )  # fmt: skip
 CPU_PROFILE_ACTIVITIES = {"CPU", "GPU"}  # "GPU" is dropped by torch without CUDA; "CPU" must be there
 _RELEASED = "_sgl_diffusion_released"  # manager attribute: the memory tags released and not resumed yet
+_PAUSE_MODE = "_sgl_diffusion_pause_mode"  # manager attribute: the mode of the last /pause_generation
 
 
 async def release_memory_occupation(original, manager, obj, request=None):
     if _serves_diffusion(manager):
         _check_device(manager, "release")
-        if not manager.is_pause and _requests_in_flight(manager):
-            raise ValueError("release_memory_occupation needs an idle server: requests are running; pause them "
-                             'first (/pause_generation with {"mode": "retract"} or "abort")')  # fmt: skip
+        holding_kv = not manager.is_pause or getattr(manager, _PAUSE_MODE, None) == "in_place"
+        if holding_kv and _requests_in_flight(manager):
+            state = "paused in place, and keep their KV" if manager.is_pause else "running"
+            raise ValueError(f"release_memory_occupation needs an idle server: requests are {state}; pause them "
+                             'with /pause_generation {"mode": "retract"} or "abort" first')  # fmt: skip
     result = await original(manager, obj, request)
     _released(manager).update(_tags(obj))
     return result
@@ -74,6 +79,11 @@ async def start_profile(original, manager, req=None):
             _bad_request(f"this server runs on {device}: its profiler records CPU activity only; send "
                          f'"activities": ["CPU"] (got {activities})')  # fmt: skip
     return await original(manager, req)
+
+
+async def pause_generation(original, manager, obj):
+    setattr(manager, _PAUSE_MODE, obj.mode)
+    return await original(manager, obj)
 
 
 def _expert_distribution_record(verb: str):
@@ -133,5 +143,6 @@ def register() -> None:
     plugin_hook(TARGETS[0], HookType.AROUND)(release_memory_occupation)
     plugin_hook(TARGETS[1], HookType.AROUND)(resume_memory_occupation)
     plugin_hook(TARGETS[2], HookType.AROUND)(start_profile)
-    for target, verb in zip(TARGETS[3:], ("start", "stop", "dump")):
+    for target, verb in zip(TARGETS[3:6], ("start", "stop", "dump")):
         plugin_hook(target, HookType.AROUND)(_expert_distribution_record(verb))
+    plugin_hook(TARGETS[6], HookType.AROUND)(pause_generation)

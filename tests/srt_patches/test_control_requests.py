@@ -17,6 +17,7 @@ EXPECTED_PARAMETERS = {
     f"{_M}.start_expert_distribution_record": [("self", EMPTY)],
     f"{_M}.stop_expert_distribution_record": [("self", EMPTY)],
     f"{_M}.dump_expert_distribution_record": [("self", EMPTY)],
+    f"{_M}.pause_generation": [("self", EMPTY), ("obj", EMPTY)],
 }
 DIFFUSION_HF = SimpleNamespace(architectures=["DiffusionGemmaForBlockDiffusion"])
 OTHER_HF = SimpleNamespace(architectures=["LlamaForCausalLM"])
@@ -97,6 +98,24 @@ def test_a_release_while_requests_run_is_refused_unless_paused():
     assert original.calls == [None, None]
 
 
+@pytest.mark.parametrize("mode, refused", [("in_place", True), ("retract", False), ("abort", False)])
+def test_a_release_after_an_in_place_pause_is_refused(mode, refused):
+    """An in_place pause keeps the requests' KV (sglang's handler would assert an idle engine and stop the server);
+    retract and abort give it back."""
+    manager, original = _manager(in_flight=["r1"]), Original()
+
+    async def pause(manager, obj):
+        manager.is_pause = True
+
+    asyncio.run(control_requests.pause_generation(pause, manager, SimpleNamespace(mode=mode)))
+    if refused:
+        with pytest.raises(ValueError, match="requests are paused in place, and keep their KV"):
+            _release(manager, original)
+        assert original.calls == []
+        manager.rid_to_state = {}  # the requests finished or were aborted: nothing holds KV
+    assert _release(manager, original) == "done"
+
+
 def test_a_resume_needs_the_tags_released_before():
     manager, original = _manager(), Original()
     with pytest.raises(ValueError, match="kv_cache, weights, cuda_graph not released"):
@@ -168,7 +187,7 @@ def test_a_cuda_server_or_another_model_profiles_as_sglang_does():
     assert asyncio.run(control_requests.start_profile(_profiled, _manager("cpu")))[0] == "started"  # no request
 
 
-@pytest.mark.parametrize("target", control_requests.TARGETS[3:])
+@pytest.mark.parametrize("target", control_requests.TARGETS[3:6])
 def test_expert_distribution_requests_are_refused_for_diffusion_gemma_only(target, resolve):
     from fastapi import HTTPException
 
