@@ -18,6 +18,13 @@ Checked against: sglang 0.5.23
 Why: the pydantic request models drop unknown fields, neither builder forwards them, and usage has
      no place for model-specific figures; sglang reads ``suffix`` only through FIM completion templates.
 Remove when: sglang lets models declare extra request fields.
+
+Target: sglang.srt.entrypoints.openai.serving_tokenize.OpenAIServingDetokenize._validate_request (sglang's
+        OpenAIServingBase._validate_request, which checks nothing, wrapped on the detokenize handler only)
+Checked against: sglang 0.5.23
+Why: /v1/detokenize hands any integer to the tokenizer: a negative id is an HTTP 500 ("out of range integral type
+     conversion"), and an id past the vocabulary decodes to nothing, silently. Both are a 400 naming the range.
+Remove when: sglang range-checks the ids it detokenizes.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ TARGETS = (
     f"{_PROTOCOL}.ChatCompletionRequest.to_sampling_params",
     "sglang.srt.entrypoints.openai.serving_completions.OpenAIServingCompletion._build_sampling_params",
     "sglang.srt.entrypoints.openai.usage_processor.UsageProcessor.calculate_response_usage",
+    "sglang.srt.entrypoints.openai.serving_tokenize.OpenAIServingDetokenize._validate_request",
 )
 
 
@@ -104,8 +112,24 @@ def diffusion_usage(steps: list[int]) -> dict | None:
             "tokens_per_forward": round(len(steps) / max(forwards, 1), 4)}  # fmt: skip
 
 
+def validate_detokenize(original, serving, request):
+    from sgl_diffusion.runtime.scheduler_hook import serves_diffusion_model
+
+    if error := original(serving, request):
+        return error
+    if not serves_diffusion_model(serving.tokenizer_manager.model_config.hf_config):
+        return None
+    tokens = request.tokens if isinstance(request.tokens, list) else []
+    ids = [t for row in tokens for t in (row if isinstance(row, list) else [row]) if isinstance(t, int)]
+    vocab = len(serving.tokenizer_manager.tokenizer)
+    if bad := [t for t in ids if not 0 <= t < vocab]:
+        return f"token ids must be in [0, {vocab}): got {bad[:8]}"
+    return None
+
+
 def register() -> None:
     _add_diffusion_field()
     plugin_hook(TARGETS[0], HookType.AROUND)(chat_to_sampling_params)
     plugin_hook(TARGETS[1], HookType.AROUND)(completion_sampling_params)
     plugin_hook(TARGETS[2], HookType.AROUND)(response_usage)
+    plugin_hook(TARGETS[3], HookType.AROUND)(validate_detokenize)

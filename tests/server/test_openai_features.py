@@ -193,6 +193,19 @@ def test_usage_counts(server, client):
     assert resp.usage.diffusion == {"canvases": 3, "denoise_steps": 6, "tokens_per_forward": round(70 / 6, 4)}
 
 
+def test_tokenize_round_trip_and_ids_outside_the_vocabulary(server, tokenizer):
+    """/v1/tokenize and /v1/detokenize agree with the checkpoint's tokenizer; an id outside the vocabulary is a 400
+    (a negative one was a 500, one past the end decoded to nothing)."""
+    ids = requests.post(f"{server.url}/v1/tokenize", json={"prompt": "Once upon"}, timeout=30).json()["tokens"]
+    assert ids == tokenizer("Once upon", add_special_tokens=False)["input_ids"] or ids == tokenizer("Once upon")[
+        "input_ids"]  # fmt: skip
+    text = requests.post(f"{server.url}/v1/detokenize", json={"tokens": ids}, timeout=30).json()["text"]
+    assert text.endswith("Once upon")
+    for bad in ([-1], [ids[0], len(tokenizer)]):
+        resp = requests.post(f"{server.url}/v1/detokenize", json={"tokens": bad}, timeout=30)
+        assert resp.status_code == 400 and f"token ids must be in [0, {len(tokenizer)})" in resp.text, resp.text
+
+
 def test_chat_prompt_tokens_are_the_chat_template(client, tokenizer):
     """Chat usage.prompt_tokens is the length of the checkpoint's Gemma 4 chat template applied to the messages."""
     resp = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4, extra_body=diffusion(1))

@@ -17,6 +17,9 @@ EXPECTED_PARAMETERS = {
     "sglang.srt.entrypoints.openai.usage_processor.UsageProcessor.calculate_response_usage": [
         ("responses", EMPTY), ("n_choices", 1),
     ],
+    "sglang.srt.entrypoints.openai.serving_tokenize.OpenAIServingDetokenize._validate_request": [
+        ("self", EMPTY), ("_", EMPTY),
+    ],
 }  # fmt: skip
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -174,3 +177,36 @@ def test_completion_suffix_becomes_an_infill(protocol):
     both = protocol.CompletionRequest(model="m", prompt="a", suffix="z", diffusion={"infill": {"template": "{{hole}}"}})
     with pytest.raises(ValueError, match="either suffix or diffusion.infill"):
         _completion_serving("DiffusionGemmaForBlockDiffusion")._build_sampling_params(both)
+
+
+@pytest.fixture
+def serving_detokenize(applied):
+    """An OpenAIServingDetokenize without its __init__, serving DiffusionGemma with a 397-token vocabulary."""
+    from types import SimpleNamespace
+
+    from sglang.srt.entrypoints.openai.serving_tokenize import OpenAIServingDetokenize
+
+    serving = object.__new__(OpenAIServingDetokenize)
+    serving.tokenizer_manager = SimpleNamespace(
+        model_config=SimpleNamespace(hf_config=SimpleNamespace(architectures=["DiffusionGemmaForBlockDiffusion"])),
+        tokenizer=[None] * 397)  # fmt: skip
+    return serving
+
+
+@pytest.mark.parametrize("tokens, bad", [([-1], [-1]), ([5, 397], [397]), ([[2, 5], [7, -3, 400]], [-3, 400])])
+def test_detokenize_refuses_ids_outside_the_vocabulary(serving_detokenize, tokens, bad):
+    from sglang.srt.entrypoints.openai.protocol import DetokenizeRequest
+
+    assert serving_detokenize._validate_request(DetokenizeRequest(tokens=tokens)) == (
+        f"token ids must be in [0, 397): got {bad}")
+
+
+def test_detokenize_ids_in_range_and_other_models_pass(serving_detokenize):
+    from types import SimpleNamespace
+
+    from sglang.srt.entrypoints.openai.protocol import DetokenizeRequest
+
+    for tokens in ([0, 396], [[2], []], []):
+        assert serving_detokenize._validate_request(DetokenizeRequest(tokens=tokens)) is None
+    serving_detokenize.tokenizer_manager.model_config.hf_config = SimpleNamespace(architectures=["LlamaForCausalLM"])
+    assert serving_detokenize._validate_request(DetokenizeRequest(tokens=[-1])) is None
