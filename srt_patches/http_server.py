@@ -1,4 +1,5 @@
-"""Freeze the server's GC once its HTTP server answers, also when the warm-up is skipped.
+"""sglang's HTTP server: freeze the GC once it answers, also when the warm-up is skipped; bad input to its utility
+routes is a 400.
 
 Target: sglang.srt.entrypoints.http_server._freeze_gc_after_server_warmup
 Checked against: sglang 0.5.23
@@ -7,6 +8,15 @@ Why: with ``--skip-server-warmup`` (a CPU default here: the warm-up request cost
      connection-refused traceback at start-up, and its processes' GC was never frozen. The post now waits until
      /model_info answers, as sglang's warm-up does before its request.
 Remove when: sglang waits for its HTTP server before freezing the GC.
+
+Target: sglang.srt.entrypoints.http_server.launch_server
+Checked against: sglang 0.5.23
+Why: four routes let the error of a bad argument escape as an HTTP 500 with a traceback in the log: an unknown parser
+     name on /parse_function_call and /separate_reasoning (ValueError from the parser), an unknown level on
+     /configure_logging (ValueError from logging), an unknown parameter on /vertex_generate (TypeError from
+     GenerateReqInput). Before the server starts, an exception handler is added to sglang's app that answers those
+     errors of those routes with a 400 and the message; any other error still is a 500.
+Remove when: these routes check their arguments.
 """
 
 from __future__ import annotations
@@ -15,7 +25,17 @@ import time
 
 from sglang.srt.plugins.hook_registry import HookType, plugin_hook
 
-TARGETS = ("sglang.srt.entrypoints.http_server._freeze_gc_after_server_warmup",)
+TARGETS = (
+    "sglang.srt.entrypoints.http_server._freeze_gc_after_server_warmup",
+    "sglang.srt.entrypoints.http_server.launch_server",
+)
+# route -> (the error its bad arguments raise, text that error's message holds then)
+BAD_ARGUMENT_ERRORS = {
+    "/parse_function_call": (ValueError, "Unsupported tool_call_parser"),
+    "/separate_reasoning": (ValueError, "Unsupported model type"),
+    "/configure_logging": (ValueError, "Unknown level"),
+    "/vertex_generate": (TypeError, "unexpected keyword argument"),
+}
 WAIT_S, POLL_S = 120, 0.5  # sglang's warm-up waits up to 120 s for /model_info
 
 
@@ -48,5 +68,25 @@ def _wait_until_answering(server_args) -> None:
             time.sleep(POLL_S)
 
 
+def launch_server(original, server_args, *args, **kwargs):
+    if _serves_diffusion(server_args):
+        from sglang.srt.entrypoints.http_server import app
+
+        for error in {error for error, _ in BAD_ARGUMENT_ERRORS.values()}:
+            app.add_exception_handler(error, bad_argument_is_a_400)  # NOTE: before the app starts, which freezes them
+    return original(server_args, *args, **kwargs)
+
+
+async def bad_argument_is_a_400(request, exc):
+    from fastapi.responses import ORJSONResponse
+
+    route = request.url.path.removeprefix(request.scope.get("root_path", ""))
+    error, text = BAD_ARGUMENT_ERRORS.get(route, (None, None))
+    if error is None or not isinstance(exc, error) or text not in str(exc):
+        raise exc  # not a bad argument: sglang's 500, as before
+    return ORJSONResponse({"error": {"message": str(exc)}}, status_code=400)
+
+
 def register() -> None:
     plugin_hook(TARGETS[0], HookType.AROUND)(freeze_gc_after_server_warmup)
+    plugin_hook(TARGETS[1], HookType.AROUND)(launch_server)

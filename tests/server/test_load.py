@@ -406,6 +406,21 @@ def test_control_requests_the_server_cannot_honour_are_a_400(server, path, body,
     assert_serves(server)
 
 
+@pytest.mark.parametrize("path, body, expected", [
+    pytest.param("/parse_function_call", {"text": "hi", "tool_call_parser": "nope", "tools": []},
+                 "Unsupported tool_call_parser: nope", id="function-call-parser"),
+    pytest.param("/separate_reasoning", {"text": "hi", "reasoning_parser": "nope"}, "Unsupported model type: nope",
+                 id="reasoning-parser"),
+    pytest.param("/configure_logging", {"log_level": "LOUD"}, "Unknown level: 'LOUD'", id="log-level"),
+    pytest.param("/vertex_generate", {"instances": [{"text": "hi"}], "parameters": {"bogus": 1}},
+                 "unexpected keyword argument 'bogus'", id="vertex-parameter"),
+])  # fmt: skip
+def test_bad_arguments_to_utility_routes_are_a_400(server, path, body, expected):
+    """These were a 500 with a traceback in the log."""
+    resp = server.post(path, body)
+    assert resp.status_code == 400 and expected in resp.json()["error"]["message"], resp.text
+
+
 def test_tensors_the_server_cannot_read_are_a_failed_update(server):
     """/update_weights_from_tensor with a payload that is no pickle, or none for this rank, ended the server."""
     assert server.post("/begin_weight_update", {}).status_code == 200

@@ -63,3 +63,60 @@ def test_waiting_polls_until_the_server_answers(monkeypatch):
     monkeypatch.setattr("sglang.srt.arg_groups.serving_hook.ssl_verify_of", lambda args: True)
     http_server._wait_until_answering(server_args)
     assert attempts == ["http://127.0.0.1:1/model_info"] * 3 and naps == [http_server.POLL_S] * 2
+
+
+def test_launch_server_signature_and_the_routes_still_exist(upstream_parameters):
+    """launch_server still takes the server args first; the routes whose bad arguments are answered still exist."""
+    from sglang.srt.entrypoints.http_server import app
+
+    assert upstream_parameters(http_server.TARGETS[1])[0] == ("server_args", inspect.Parameter.empty)
+    paths = {getattr(route, "path", None) for route in app.routes}
+    assert set(http_server.BAD_ARGUMENT_ERRORS) <= paths
+
+
+def test_launch_server_installed(applied):
+    assert applied.is_installed(http_server.TARGETS[1])
+
+
+def _app_with_bad_argument_handlers():
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    @app.post("/configure_logging")
+    async def configure_logging(level: str = "LOUD"):
+        raise ValueError(f"Unknown level: {level!r}")
+
+    @app.post("/vertex_generate")
+    async def vertex_generate():
+        raise TypeError("'NoneType' object is not iterable")  # a bug, not a bad argument
+
+    @app.post("/generate")
+    async def generate():
+        raise ValueError("Unknown level: 'LOUD'")  # another route's error
+
+    for error in (ValueError, TypeError):
+        app.add_exception_handler(error, http_server.bad_argument_is_a_400)
+    return app
+
+
+def test_a_bad_argument_of_those_routes_is_a_400_and_anything_else_a_500():
+    from fastapi.testclient import TestClient
+
+    client = TestClient(_app_with_bad_argument_handlers(), raise_server_exceptions=False)
+    resp = client.post("/configure_logging")
+    assert resp.status_code == 400 and resp.json() == {"error": {"message": "Unknown level: 'LOUD'"}}
+    assert client.post("/vertex_generate").status_code == 500
+    assert client.post("/generate").status_code == 500
+
+
+@pytest.mark.parametrize("ours", [True, False])
+def test_the_handlers_are_added_before_a_diffusion_server_starts(monkeypatch, ours):
+    from sglang.srt.entrypoints.http_server import app
+
+    monkeypatch.setattr(http_server, "_serves_diffusion", lambda server_args: ours)
+    monkeypatch.setattr(app, "exception_handlers", dict(app.exception_handlers))
+    started = []
+    http_server.launch_server(lambda server_args: started.append(dict(app.exception_handlers)), object())
+    added = {error for error in (ValueError, TypeError) if started[0].get(error) is http_server.bad_argument_is_a_400}
+    assert added == ({ValueError, TypeError} if ours else set())
