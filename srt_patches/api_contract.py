@@ -12,8 +12,9 @@ Checked against: sglang 0.5.23
 Why: a list of sampling_params is read as one dict per prompt without checking it: for one prompt the request fails
      later on ``list.get`` (AttributeError), fewer dicts than prompts fail on an index, an empty list on ``[0]``:
      each an HTTP 500. They are a ValueError (a 400) here, with the lengths. More dicts than prompts were silently
-     dropped; they are refused too.
-Remove when: sglang checks the length of sampling_params as it does for ``watermark``.
+     dropped; they are refused too. An empty ``input_embeds`` (the prompt when neither text nor ids are given) failed
+     on ``[0][0]``, a 500 too.
+Remove when: sglang checks the length of sampling_params as it does for ``watermark``, and empty input_embeds.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ def generate_contract_error(original, body, *args, **kwargs):
 
 
 def normalize_batch_and_arguments(original, request):
+    embeds = request.input_embeds
+    if request.text is None and request.input_ids is None and isinstance(embeds, list) and not (embeds and embeds[0]):
+        raise ValueError("input_embeds is empty")
     given = request.sampling_params
     if isinstance(given, list) and not (given and all(isinstance(params, dict) for params in given)):
         raise ValueError("sampling_params must be an object, or a non-empty list of objects, one per prompt")

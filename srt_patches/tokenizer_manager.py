@@ -12,6 +12,11 @@ Why: SamplingParams is a fixed msgspec struct, so ``sampling_params["diffusion"]
      placeholder for are refused (sglang only logs them and answers from the text).
      For ``n > 1`` sglang sends copies of one SamplingParams, so a seeded request would give n equal
      answers; copy i is sent with seed + i instead (reproducible, and distinct).
+     Request fields the canvas engine does not implement are refused, not ignored: ``input_embeds`` (with
+     --disable-radix-cache sglang passed them on and the engine generated from placeholder ids),
+     ``return_routed_experts``, and the internal ``lora_id`` and ``positional_embed_overrides``, which clients can
+     set too (a list lora_id or any override ended the scheduler); unknown ``session_params`` keys are a 400
+     instead of sglang's TypeError (a 500).
 Remove when: SamplingParams accepts model-specific parameters.
 """
 
@@ -43,6 +48,7 @@ def create_tokenized_object(original, manager, obj, *args, **kwargs):
         return original(manager, obj, *args, **kwargs)
 
     input_ids = kwargs["input_ids"] if "input_ids" in kwargs else (args[1] if len(args) > 1 else None)
+    _check_fields(obj)
     _check_prompt(manager, input_ids)
     mm_inputs = kwargs["mm_inputs"] if "mm_inputs" in kwargs else (args[3] if len(args) > 3 else None)
     _check_images_placed(obj, mm_inputs)
@@ -63,6 +69,26 @@ def create_tokenized_object(original, manager, obj, *args, **kwargs):
         return original(manager, obj, *args, **kwargs)
     finally:
         obj.sampling_params = sampling
+
+
+# request fields the canvas engine does not implement -> what to say
+UNSUPPORTED_FIELDS = {
+    "input_embeds": "input_embeds (send text or input_ids)",
+    "return_routed_experts": "return_routed_experts",
+    "lora_id": "lora_id (LoRA adapters)",
+    "positional_embed_overrides": "positional_embed_overrides",
+}
+
+
+def _check_fields(obj) -> None:
+    if refused := [what for field, what in UNSUPPORTED_FIELDS.items() if getattr(obj, field, None)]:
+        raise ValueError(f"{', '.join(refused)}: not supported for DiffusionGemma")
+    session = getattr(obj, "session_params", None)
+    if isinstance(session, dict):
+        from sglang.srt.managers.io_struct import SessionParams
+
+        if unknown := sorted(set(session) - set(SessionParams.__struct_fields__)):
+            raise ValueError(f"session_params: unknown keys {unknown} (known: {list(SessionParams.__struct_fields__)})")
 
 
 def _check_prompt(manager, input_ids) -> None:

@@ -655,6 +655,13 @@ def _fixed_cases():
         Case("gen:batch more params than texts", GEN, {"text": ["Hi", "Yo"], "sampling_params": [sp, sp, sp]}),
         Case("gen:batch empty params list", GEN, {"text": ["Hi", "Yo"], "sampling_params": []}),
         Case("gen:batch a params entry not an object", GEN, {"text": ["Hi", "Yo"], "sampling_params": [sp, 3]}),
+        # each ended the scheduler (positional_embed_overrides, a list lora_id) or was a 500, before they were refused
+        Case("gen:positional_embed_overrides", GEN, _with(GEN, positional_embed_overrides={
+            "embeds": [[0.1] * 8], "positions": [1]})),
+        Case("gen:lora_id list", GEN, _with(GEN, lora_id=["a", "b"])),
+        Case("gen:session_params unknown key", GEN, _with(GEN, session_params={"bogus": 1})),
+        Case("gen:input_embeds empty", GEN, {"input_embeds": [], "sampling_params": sp}),
+        Case("gen:return_routed_experts", GEN, _with(GEN, return_routed_experts=True)),
         Case("gen:batch rid length mismatch", GEN, {"text": ["Hi", "Yo"], "rid": ["a"], "sampling_params": sp}),
         Case("gen:batch input_ids one >= vocab", GEN, {"input_ids": [[2, 5], [2, VOCAB]], "sampling_params": sp}),
         # OpenAI completions

@@ -111,6 +111,8 @@ def _normalized(**fields):
     ({"text": ["Hi", "Yo"], "sampling_params": [{"n": 2}]}, "has 1 entries for 2 prompts"),
     ({"text": ["Hi", "Yo"], "sampling_params": []}, "a non-empty list of objects"),
     ({"text": ["Hi", "Yo"], "sampling_params": [{}, 3]}, "a non-empty list of objects"),
+    ({"input_embeds": []}, "input_embeds is empty"),
+    ({"input_embeds": [[]]}, "input_embeds is empty"),
 ])  # fmt: skip
 def test_a_sampling_params_list_that_does_not_fit_the_prompts_is_a_value_error(applied, fields, message):
     """sglang read these unchecked: an AttributeError or IndexError later, an HTTP 500 (or extra dicts dropped)."""

@@ -251,6 +251,33 @@ def test_prompt_ids_are_checked(hf_config, tiny_checkpoint_dir, input_ids, word)
     assert len(original.calls) == 1
 
 
+@pytest.mark.parametrize("fields, word", [
+    ({"input_embeds": [[0.5] * 64] * 5}, "input_embeds"),
+    ({"return_routed_experts": True}, "return_routed_experts"),
+    ({"lora_id": ["a", "b"]}, "lora_id"),
+    ({"lora_id": "abc"}, "lora_id"),
+    ({"positional_embed_overrides": {"embeds": [[0.1]], "positions": [1]}}, "positional_embed_overrides"),
+    ({"session_params": {"id": "s", "bogus": 1}}, r"session_params: unknown keys \['bogus'\]"),
+])  # fmt: skip
+def test_fields_the_engine_does_not_implement_are_refused(hf_config, tiny_checkpoint_dir, fields, word):
+    """Refused with a 400, not ignored (input_embeds, routed experts) or left to end the scheduler (lora_id,
+    positional_embed_overrides) or to a 500 (session_params)."""
+    original = Recorder()
+    obj = SimpleNamespace(sampling_params={"max_new_tokens": 4}, **fields)
+    with pytest.raises(ValueError, match=word):
+        tokenizer_manager.create_tokenized_object(original, _manager(hf_config, tiny_checkpoint_dir), obj, "", None)
+    assert original.calls == []
+
+
+def test_unset_fields_and_known_session_params_pass(hf_config, tiny_checkpoint_dir):
+    original = Recorder()
+    obj = SimpleNamespace(sampling_params={"max_new_tokens": 4}, input_embeds=None, return_routed_experts=False,
+                          lora_id=None, positional_embed_overrides=None,
+                          session_params={"id": "s", "rid": "r", "offset": 3, "replace": True})  # fmt: skip
+    tokenizer_manager.create_tokenized_object(original, _manager(hf_config, tiny_checkpoint_dir), obj, "", [2, 5])
+    assert len(original.calls) == 1
+
+
 def test_preferred_diffusion_is_merged_under_the_request(hf_config, tiny_checkpoint_dir):
     """A `diffusion` entry of --preferred-sampling-params fills what the request leaves unset, and is taken out
     of the preferred params the original merges (SamplingParams would reject it)."""
