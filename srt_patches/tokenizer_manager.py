@@ -14,9 +14,9 @@ Why: SamplingParams is a fixed msgspec struct, so ``sampling_params["diffusion"]
      answers; copy i is sent with seed + i instead (reproducible, and distinct).
      Request fields the canvas engine does not implement are refused, not ignored: ``input_embeds`` (with
      --disable-radix-cache sglang passed them on and the engine generated from placeholder ids),
-     ``return_routed_experts``, and the internal ``lora_id`` and ``positional_embed_overrides``, which clients can
-     set too (a list lora_id or any override ended the scheduler); unknown ``session_params`` keys are a 400
-     instead of sglang's TypeError (a 500).
+     ``return_routed_experts``, ``return_indexer_topk``, and the internal ``lora_id`` and
+     ``positional_embed_overrides``, which clients can set too (a list lora_id or any override ended the
+     scheduler); unknown ``session_params`` keys are a 400 instead of sglang's TypeError (a 500).
 Remove when: SamplingParams accepts model-specific parameters.
 """
 
@@ -75,6 +75,7 @@ def create_tokenized_object(original, manager, obj, *args, **kwargs):
 UNSUPPORTED_FIELDS = {
     "input_embeds": "input_embeds (send text or input_ids)",
     "return_routed_experts": "return_routed_experts",
+    "return_indexer_topk": "return_indexer_topk",
     "lora_id": "lora_id (LoRA adapters)",
     "positional_embed_overrides": "positional_embed_overrides",
 }

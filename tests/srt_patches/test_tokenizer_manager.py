@@ -254,6 +254,7 @@ def test_prompt_ids_are_checked(hf_config, tiny_checkpoint_dir, input_ids, word)
 @pytest.mark.parametrize("fields, word", [
     ({"input_embeds": [[0.5] * 64] * 5}, "input_embeds"),
     ({"return_routed_experts": True}, "return_routed_experts"),
+    ({"return_indexer_topk": True}, "return_indexer_topk"),
     ({"lora_id": ["a", "b"]}, "lora_id"),
     ({"lora_id": "abc"}, "lora_id"),
     ({"positional_embed_overrides": {"embeds": [[0.1]], "positions": [1]}}, "positional_embed_overrides"),
