@@ -11,6 +11,7 @@ streamer reads.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -358,7 +359,8 @@ class DiffusionEngine:
         before = len(req.output_ids)
         state = dreq.state
         req.output_ids.extend(canvas)
-        req.update_finish_state(new_accepted_len=len(canvas))
+        with _earliest_stop_str_first(req, len(canvas)):
+            req.update_finish_state(new_accepted_len=len(canvas))
         if not req.finished() and req.seqlen + self.cfg.canvas_length > self.scheduler.model_config.context_len:
             req.finished_reason = FINISH_LENGTH(length=len(req.output_ids))  # the next canvas would not fit
         end = req.finished_len if req.finished() and req.finished_len is not None else len(req.output_ids)
@@ -386,6 +388,25 @@ class DiffusionEngine:
         req.grammar = None
         self.policy.abort(dreq, cache)
         self.scheduler.output_streamer.stream_output([req], req.return_logprob)
+
+
+@contextlib.contextmanager
+def _earliest_stop_str_first(req, new_len: int):
+    """sglang's stop-string check takes the first stop string *in the request's list* found among the new tokens:
+    right for one token a step, wrong for a canvas, where a later-listed string may occur earlier. Token by token
+    the earliest one would end the request, so it is put first while the canvas is checked."""
+    stops = req.sampling_params.stop_strs
+    present = [s for s in stops if s in req.tail_str(new_len)] if len(stops) > 1 else []
+    if len(present) < 2:
+        yield
+        return
+    ends = {s: req._locate_str_stop_finished_len(new_len, stop_str=s) for s in present}
+    first = min(present, key=ends.__getitem__)  # ties keep the list's order, as token by token
+    req.sampling_params.stop_strs = [first] + [s for s in stops if s != first]
+    try:
+        yield
+    finally:
+        req.sampling_params.stop_strs = stops
 
 
 def check_supported(scheduler: Scheduler) -> None:

@@ -150,3 +150,44 @@ def test_the_server_streams_each_committed_canvas_whole(model, monkeypatch):
             engine.step()
     assert streamed == [(c, False), (2 * c, False), (2 * c + 6, True)]
     assert engine.scheduler.forward_ct == len(profiled) == 3  # each round counted and shown to the profiler
+
+
+def _req_with_stops(tokenizer, stops, text):
+    from sglang.srt.managers.schedule_batch import Req as SglangReq
+
+    sampling = SamplingParams(max_new_tokens=64, stop=stops)
+    sampling.normalize(tokenizer)
+    req = SglangReq("rid", "", list(PROMPT), sampling, eos_token_ids=set(EOS), vocab_size=len(tokenizer))
+    req.tokenizer = tokenizer
+    canvas = tokenizer("x" + text, add_special_tokens=False)["input_ids"]
+    req.output_ids.extend(canvas)
+    return req, len(canvas)
+
+
+@pytest.mark.parametrize("stops", [["B", "A"], ["A", "B"]])
+def test_the_earliest_stop_string_of_a_canvas_ends_it(tiny_checkpoint_dir, stops):
+    """Token by token "A" would end "x1A2B3" first; a canvas holds it all, and the order of the list must not
+    matter (sglang takes the first listed string it finds)."""
+    from transformers import AutoTokenizer
+
+    from sgl_diffusion.runtime.scheduler_hook import _earliest_stop_str_first
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint_dir)
+    req, n = _req_with_stops(tokenizer, stops, "1A2B3")
+    with _earliest_stop_str_first(req, n):
+        req.update_finish_state(new_accepted_len=n)
+    assert req.finished_reason.matched == "A"
+    assert tokenizer.decode(req.output_ids[: req.finished_len]).endswith("A")
+    assert "B" not in tokenizer.decode(req.output_ids[: req.finished_len])
+    assert req.sampling_params.stop_strs == stops  # the request's list is given back as it was
+
+
+def test_sglang_still_takes_the_first_listed_stop_string():
+    """Why the reordering exists; when this fails, sglang matches the earliest string itself."""
+    import inspect
+
+    from sglang.srt.managers.schedule_batch import Req as SglangReq
+
+    source = inspect.getsource(SglangReq._check_str_based_finish)
+    assert "for stop_str in self.sampling_params.stop_strs:" in source and "return True" in source
+    assert "_locate_str_stop_finished_len" in source

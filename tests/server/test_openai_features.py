@@ -248,6 +248,26 @@ def test_stop_string_inside_a_canvas(server, client, tokenizer, canvas):
     assert [c.choices[0].finish_reason for c in streamed if c.choices][-1] == "stop"
 
 
+def test_the_earliest_stop_string_in_a_canvas_ends_it_whatever_their_order(server, client, tokenizer):
+    """Two stop strings in one canvas: the text ends before the earlier one, even listed second (sglang's check takes
+    the first listed string it finds among the new tokens: right token by token, wrong for a whole canvas)."""
+    for seed in range(40):
+        out = native(server, text="Once", sampling_params={"max_new_tokens": CANVAS, "ignore_eos": True,
+                                                           **diffusion(seed)})
+        earlier = _stop_char(out["text"], 1)
+        later = earlier and _stop_char(out["text"], earlier[0] + 1)
+        if later and later[1] not in out["text"][:earlier[0]]:
+            break
+    else:
+        pytest.fail("no seed with two usable stop characters")
+    (pos, first), (_, second) = earlier, later
+    for stop in ([second, first], [first, second]):
+        resp = client.completions.create(model="tiny", prompt="Once", max_tokens=CANVAS, stop=stop,
+                                         extra_body=diffusion(seed, ignore_eos=True))
+        assert resp.choices[0].text == out["text"][:pos], stop
+        assert resp.choices[0].finish_reason == "stop" and resp.choices[0].matched_stop == first, stop
+
+
 def test_stop_token_ids_inside_a_canvas(server, client, tokenizer):
     """stop_token_ids ends the request at that token inside the canvas (token counted, not in the text)."""
     for seed in range(40):
