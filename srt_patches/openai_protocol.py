@@ -1,4 +1,5 @@
-"""Accept ``"diffusion"`` in OpenAI request bodies and pass it on as ``sampling_params["diffusion"]``.
+"""Accept ``"diffusion"`` in OpenAI request bodies (chat, completions, responses) and in Anthropic Messages bodies,
+and pass it on as ``sampling_params["diffusion"]``.
 
 Also accept ``"image_token_budget"`` in chat bodies, checked here and passed on in the request's
 ``mm_processor_kwargs`` (what sgl_diffusion.multimodal's processor reads).
@@ -11,8 +12,9 @@ followed by the suffix as fixed context (``diffusion.infill``); the answer is th
 OpenAI defines it (the suffix is context the canvas reads, not output).
 
 Target: sglang.srt.entrypoints.openai.protocol.{ChatCompletionRequest.to_sampling_params,
-        CompletionRequest, UsageInfo}, sglang.srt.entrypoints.openai.serving_completions.
-        OpenAIServingCompletion._build_sampling_params,
+        ResponsesRequest.to_sampling_params, CompletionRequest, UsageInfo},
+        sglang.srt.entrypoints.openai.serving_completions.OpenAIServingCompletion._build_sampling_params,
+        sglang.srt.entrypoints.anthropic.serving.AnthropicServing._convert_to_chat_completion_request,
         sglang.srt.entrypoints.openai.usage_processor.UsageProcessor.calculate_response_usage
 Checked against: sglang 0.5.23
 Why: the pydantic request models drop unknown fields, neither builder forwards them, and usage has
@@ -39,15 +41,19 @@ TARGETS = (
     "sglang.srt.entrypoints.openai.serving_completions.OpenAIServingCompletion._build_sampling_params",
     "sglang.srt.entrypoints.openai.usage_processor.UsageProcessor.calculate_response_usage",
     "sglang.srt.entrypoints.openai.serving_tokenize.OpenAIServingDetokenize._validate_request",
+    f"{_PROTOCOL}.ResponsesRequest.to_sampling_params",
+    "sglang.srt.entrypoints.anthropic.serving.AnthropicServing._convert_to_chat_completion_request",
 )
 
 
 def _add_diffusion_field() -> None:
     from pydantic.fields import FieldInfo
+    from sglang.srt.entrypoints.anthropic.protocol import AnthropicMessagesRequest
     from sglang.srt.entrypoints.openai import protocol
 
-    fields = [(cls, "diffusion", dict[str, Any] | None)
-              for cls in (protocol.ChatCompletionRequest, protocol.CompletionRequest, protocol.UsageInfo)]
+    fields = [(cls, "diffusion", dict[str, Any] | None) for cls in (
+        protocol.ChatCompletionRequest, protocol.CompletionRequest, protocol.ResponsesRequest, AnthropicMessagesRequest,
+        protocol.UsageInfo)]  # fmt: skip
     fields.append((protocol.ChatCompletionRequest, "image_token_budget", int | None))
     for cls, name, annotation in fields:
         if name not in cls.model_fields:
@@ -70,6 +76,19 @@ def chat_to_sampling_params(original, request, *args, **kwargs):
         budget = check_image_token_budget(request.image_token_budget)
         request.mm_processor_kwargs = dict(request.mm_processor_kwargs or {}) | {BUDGET_KEY: budget}
     return params
+
+
+def responses_to_sampling_params(original, request, *args, **kwargs):
+    params = original(request, *args, **kwargs)
+    if request.diffusion is not None:
+        params["diffusion"] = request.diffusion
+    return params
+
+
+def anthropic_to_chat_request(original, serving, anthropic_request, *args, **kwargs):
+    chat_request = original(serving, anthropic_request, *args, **kwargs)
+    chat_request.diffusion = anthropic_request.diffusion  # read by chat_to_sampling_params
+    return chat_request
 
 
 def completion_sampling_params(original, serving, request, *args, **kwargs):
@@ -133,3 +152,5 @@ def register() -> None:
     plugin_hook(TARGETS[1], HookType.AROUND)(completion_sampling_params)
     plugin_hook(TARGETS[2], HookType.AROUND)(response_usage)
     plugin_hook(TARGETS[3], HookType.AROUND)(validate_detokenize)
+    plugin_hook(TARGETS[4], HookType.AROUND)(responses_to_sampling_params)
+    plugin_hook(TARGETS[5], HookType.AROUND)(anthropic_to_chat_request)

@@ -206,6 +206,26 @@ def test_tokenize_round_trip_and_ids_outside_the_vocabulary(server, tokenizer):
         assert resp.status_code == 400 and f"token ids must be in [0, {len(tokenizer)})" in resp.text, resp.text
 
 
+def test_responses_and_anthropic_messages_take_diffusion_parameters(server, client):
+    """/v1/responses and /v1/messages accept `diffusion` as chat does: the same seeded request gives chat's text (the
+    same prompt, through the same template), and a bad value is a 400 naming it. (Responses' default temperature is
+    sglang's 0.7: set 1 to compare with chat's default.)"""
+    model = requests.get(f"{server.url}/v1/models", timeout=30).json()["data"][0]["id"]
+    params = {"seed": 5, "max_denoising_steps": 2}
+    chat = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=20, extra_body={"diffusion": params})
+    responses = requests.post(f"{server.url}/v1/responses", json={
+        "model": model, "input": MESSAGES[0]["content"], "temperature": 1, "max_output_tokens": 22,  # sglang takes 2
+        "diffusion": params}, timeout=120).json()  # fmt: skip
+    messages = requests.post(f"{server.url}/v1/messages", json={
+        "model": model, "max_tokens": 20, "messages": MESSAGES, "diffusion": params}, timeout=120).json()
+    assert responses["output"][0]["content"][0]["text"] == chat.choices[0].message.content
+    assert messages["content"][0]["text"] == chat.choices[0].message.content
+    for route, body in (("/v1/responses", {"model": model, "input": "Hi"}),
+                        ("/v1/messages", {"model": model, "max_tokens": 8, "messages": MESSAGES})):
+        resp = requests.post(f"{server.url}{route}", json=body | {"diffusion": {"max_denoising_steps": -1}}, timeout=60)
+        assert resp.status_code == 400 and "diffusion.max_denoising_steps" in resp.text, (route, resp.text)
+
+
 def test_chat_prompt_tokens_are_the_chat_template(client, tokenizer):
     """Chat usage.prompt_tokens is the length of the checkpoint's Gemma 4 chat template applied to the messages."""
     resp = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4, extra_body=diffusion(1))

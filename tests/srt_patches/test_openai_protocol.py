@@ -20,6 +20,12 @@ EXPECTED_PARAMETERS = {
     "sglang.srt.entrypoints.openai.serving_tokenize.OpenAIServingDetokenize._validate_request": [
         ("self", EMPTY), ("_", EMPTY),
     ],
+    "sglang.srt.entrypoints.openai.protocol.ResponsesRequest.to_sampling_params": [
+        ("self", EMPTY), ("default_max_tokens", None),
+    ],
+    "sglang.srt.entrypoints.anthropic.serving.AnthropicServing._convert_to_chat_completion_request": [
+        ("self", EMPTY), ("anthropic_request", EMPTY),
+    ],
 }  # fmt: skip
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -210,3 +216,24 @@ def test_detokenize_ids_in_range_and_other_models_pass(serving_detokenize):
         assert serving_detokenize._validate_request(DetokenizeRequest(tokens=tokens)) is None
     serving_detokenize.tokenizer_manager.model_config.hf_config = SimpleNamespace(architectures=["LlamaForCausalLM"])
     assert serving_detokenize._validate_request(DetokenizeRequest(tokens=[-1])) is None
+
+
+def test_a_responses_request_carries_diffusion(protocol):
+    request = protocol.ResponsesRequest(model="m", input="hi", diffusion={"max_denoising_steps": 3})
+    assert request.to_sampling_params(None, {})["diffusion"] == {"max_denoising_steps": 3}
+    assert "diffusion" not in protocol.ResponsesRequest(model="m", input="hi").to_sampling_params(None, {})
+
+
+def test_an_anthropic_request_carries_diffusion_into_its_chat_request(applied):
+    from sglang.srt.entrypoints.anthropic.protocol import AnthropicMessagesRequest
+    from sglang.srt.entrypoints.anthropic.serving import AnthropicServing
+
+    from types import SimpleNamespace
+
+    serving = AnthropicServing(SimpleNamespace(supports_inline_system=True))  # the conversion reads only the request
+    body = {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+    chat = serving._convert_to_chat_completion_request(
+        AnthropicMessagesRequest(**body, diffusion={"max_denoising_steps": 3}))
+    assert chat.diffusion == {"max_denoising_steps": 3}
+    assert chat.to_sampling_params([], {})["diffusion"] == {"max_denoising_steps": 3}
+    assert serving._convert_to_chat_completion_request(AnthropicMessagesRequest(**body)).diffusion is None
