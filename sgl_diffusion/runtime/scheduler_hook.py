@@ -396,7 +396,8 @@ def _earliest_stop_str_first(req, new_len: int):
     right for one token a step, wrong for a canvas, where a later-listed string may occur earlier. Token by token
     the earliest one would end the request, so it is put first while the canvas is checked."""
     stops = req.sampling_params.stop_strs
-    present = [s for s in stops if s in req.tail_str(new_len)] if len(stops) > 1 else []
+    tail = req.tail_str(new_len) if len(stops) > 1 else ""
+    present = [s for s in stops if s in tail]
     if len(present) < 2:
         yield
         return
