@@ -5,7 +5,8 @@ Also accept ``"image_token_budget"`` in chat bodies, checked here and passed on 
 ``mm_processor_kwargs`` (what sgl_diffusion.multimodal's processor reads).
 
 Also report diffusion figures in ``usage.diffusion`` (canvases, denoise steps, tokens per forward; a streamed
-answer's usage chunk gets them in srt_patches.openai_stream).
+answer's usage chunk gets them in srt_patches.openai_stream), and in the Anthropic Messages usage, which sglang
+converts from the chat usage field by field.
 
 Also serve the completions ``suffix`` as an infill: the completion is a hole of ``max_tokens`` tokens
 followed by the suffix as fixed context (``diffusion.infill``); the answer is the hole's text, as
@@ -15,7 +16,8 @@ Target: sglang.srt.entrypoints.openai.protocol.{ChatCompletionRequest.to_samplin
         ResponsesRequest.to_sampling_params, CompletionRequest, UsageInfo},
         sglang.srt.entrypoints.openai.serving_completions.OpenAIServingCompletion._build_sampling_params,
         sglang.srt.entrypoints.anthropic.serving.AnthropicServing._convert_to_chat_completion_request,
-        sglang.srt.entrypoints.openai.usage_processor.UsageProcessor.calculate_response_usage
+        sglang.srt.entrypoints.openai.usage_processor.UsageProcessor.calculate_response_usage,
+        sglang.srt.entrypoints.anthropic.serving._anthropic_usage_from_openai
 Checked against: sglang 0.5.23
 Why: the pydantic request models drop unknown fields, neither builder forwards them, and usage has
      no place for model-specific figures; sglang reads ``suffix`` only through FIM completion templates.
@@ -43,17 +45,18 @@ TARGETS = (
     "sglang.srt.entrypoints.openai.serving_tokenize.OpenAIServingDetokenize._validate_request",
     f"{_PROTOCOL}.ResponsesRequest.to_sampling_params",
     "sglang.srt.entrypoints.anthropic.serving.AnthropicServing._convert_to_chat_completion_request",
+    "sglang.srt.entrypoints.anthropic.serving._anthropic_usage_from_openai",
 )
 
 
 def _add_diffusion_field() -> None:
     from pydantic.fields import FieldInfo
-    from sglang.srt.entrypoints.anthropic.protocol import AnthropicMessagesRequest
+    from sglang.srt.entrypoints.anthropic import protocol as anthropic
     from sglang.srt.entrypoints.openai import protocol
 
     fields = [(cls, "diffusion", dict[str, Any] | None) for cls in (
-        protocol.ChatCompletionRequest, protocol.CompletionRequest, protocol.ResponsesRequest, AnthropicMessagesRequest,
-        protocol.UsageInfo)]  # fmt: skip
+        protocol.ChatCompletionRequest, protocol.CompletionRequest, protocol.ResponsesRequest,
+        anthropic.AnthropicMessagesRequest, protocol.UsageInfo, anthropic.AnthropicUsage)]  # fmt: skip
     fields.append((protocol.ChatCompletionRequest, "image_token_budget", int | None))
     for cls, name, annotation in fields:
         if name not in cls.model_fields:
@@ -61,7 +64,8 @@ def _add_diffusion_field() -> None:
             cls.model_rebuild(force=True)
     # NOTE: models that nest UsageInfo captured its old schema; rebuild them so usage.diffusion serializes
     for cls in (protocol.ChatCompletionResponse, protocol.CompletionResponse, protocol.ChatCompletionStreamResponse,
-                protocol.CompletionStreamResponse):
+                protocol.CompletionStreamResponse, anthropic.AnthropicMessagesResponse, anthropic.MessageDeltaEvent,
+                anthropic.MessageStartEvent):
         cls.model_rebuild(force=True)
 
 
@@ -122,6 +126,13 @@ def response_usage(original, responses, *args, **kwargs):
     return usage
 
 
+def anthropic_usage(original, usage, *args, **kwargs):
+    converted = original(usage, *args, **kwargs)
+    if converted.output_tokens and getattr(usage, "diffusion", None) is not None:
+        converted.diffusion = usage.diffusion  # with the output tokens it describes
+    return converted
+
+
 def diffusion_usage(steps: list[int]) -> dict | None:
     """``usage.diffusion`` from the per-token step counts (a canvas's steps on its first token, 0 on the others)."""
     if not steps:
@@ -154,3 +165,4 @@ def register() -> None:
     plugin_hook(TARGETS[3], HookType.AROUND)(validate_detokenize)
     plugin_hook(TARGETS[4], HookType.AROUND)(responses_to_sampling_params)
     plugin_hook(TARGETS[5], HookType.AROUND)(anthropic_to_chat_request)
+    plugin_hook(TARGETS[6], HookType.AROUND)(anthropic_usage)

@@ -14,7 +14,8 @@ Why: SamplingParams is a fixed msgspec struct, so ``sampling_params["diffusion"]
      answers; copy i is sent with seed + i instead (reproducible, and distinct).
      Request fields the canvas engine does not implement are refused, not ignored: ``input_embeds`` (with
      --disable-radix-cache sglang passed them on and the engine generated from placeholder ids),
-     ``return_routed_experts``, ``return_indexer_topk``, and the internal ``lora_id`` and
+     ``return_routed_experts``, ``return_indexer_topk``, ``return_sampling_mask`` (sglang asked for a top_k our
+     admission refuses; with top_k=1 the mask came back empty), and the internal ``lora_id`` and
      ``positional_embed_overrides``, which clients can set too (a list lora_id or any override ended the
      scheduler); unknown ``session_params`` keys are a 400 instead of sglang's TypeError (a 500).
 Remove when: SamplingParams accepts model-specific parameters.
@@ -78,6 +79,9 @@ UNSUPPORTED_FIELDS = {
     "return_indexer_topk": "return_indexer_topk",
     "lora_id": "lora_id (LoRA adapters)",
     "positional_embed_overrides": "positional_embed_overrides",
+    # a canvas token is drawn from the whole vocabulary at the schedule's temperature, not from a top-k support set;
+    # sglang's own check asked for a top_k that our admission refuses, and with top_k=1 the mask came back empty
+    "return_sampling_mask": "return_sampling_mask (canvas tokens have no top-k support set)",
 }
 
 

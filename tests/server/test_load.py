@@ -662,6 +662,9 @@ def _fixed_cases():
         Case("gen:session_params unknown key", GEN, _with(GEN, session_params={"bogus": 1})),
         Case("gen:input_embeds empty", GEN, {"input_embeds": [], "sampling_params": sp}),
         Case("gen:return_routed_experts", GEN, _with(GEN, return_routed_experts=True)),
+        # sglang's check asked for a top_k our admission refuses; with top_k=1 the mask came back empty
+        Case("gen:return_sampling_mask", GEN, _with(GEN, return_sampling_mask=True)),
+        Case("gen:return_sampling_mask top_k 1", GEN, _with(GEN, **{"return_sampling_mask": True, "sampling_params.top_k": 1})),
         Case("gen:batch rid length mismatch", GEN, {"text": ["Hi", "Yo"], "rid": ["a"], "sampling_params": sp}),
         Case("gen:batch input_ids one >= vocab", GEN, {"input_ids": [[2, 5], [2, VOCAB]], "sampling_params": sp}),
         # OpenAI completions

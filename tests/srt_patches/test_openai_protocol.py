@@ -26,6 +26,9 @@ EXPECTED_PARAMETERS = {
     "sglang.srt.entrypoints.anthropic.serving.AnthropicServing._convert_to_chat_completion_request": [
         ("self", EMPTY), ("anthropic_request", EMPTY),
     ],
+    "sglang.srt.entrypoints.anthropic.serving._anthropic_usage_from_openai": [
+        ("usage", EMPTY), ("include_input", EMPTY), ("include_output", EMPTY), ("force_zero_output", False),
+    ],
 }  # fmt: skip
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -155,6 +158,24 @@ def test_usage_reports_diffusion_figures(applied):
     assert usage.completion_tokens == 42 and "diffusion" in usage.model_dump()
     plain = UsageProcessor.calculate_response_usage([{"meta_info": {"prompt_tokens": 1, "completion_tokens": 1}}])
     assert plain.diffusion is None
+
+
+def test_anthropic_usage_carries_diffusion_with_the_output_tokens(applied):
+    """sglang converts the chat usage to Anthropic's field by field; usage.diffusion comes along where the output
+    tokens do (the final usage), not on a message_start's zeroed output nor on input-only usage."""
+    from sglang.srt.entrypoints.anthropic.serving import _anthropic_usage_from_openai
+    from sglang.srt.entrypoints.openai.protocol import UsageInfo
+
+    figures = {"canvases": 1, "denoise_steps": 3, "tokens_per_forward": 2.0}
+    usage = UsageInfo(prompt_tokens=5, completion_tokens=6, total_tokens=11, diffusion=figures)
+    final = _anthropic_usage_from_openai(usage, include_input=True, include_output=True)
+    assert final.diffusion == figures and final.output_tokens == 6
+    assert final.model_dump(exclude_none=True)["diffusion"] == figures
+    assert _anthropic_usage_from_openai(usage, include_input=True, include_output=True, force_zero_output=True
+                                        ).diffusion is None  # fmt: skip
+    assert _anthropic_usage_from_openai(usage, include_input=True, include_output=False).diffusion is None
+    plain = UsageInfo(prompt_tokens=5, completion_tokens=6, total_tokens=11)
+    assert _anthropic_usage_from_openai(plain, include_input=True, include_output=True).diffusion is None
 
 
 def _completion_serving(architecture):
