@@ -45,6 +45,7 @@ class OfflineEngine:
         dtype = model.embed_tokens.weight.dtype
         kv = TorchKVStore(num_slots + 1, [(s.num_kv_heads, s.head_dim) for s in cfg.layers], dtype, device)
         self.slots = FreeListSlots(num_slots, device)
+        self.num_slots = num_slots
         step = None if canvas_step is None else CanvasStep(model, kv, canvas_step, judge=rng == "exact")
         runner = DiffusionRunner(model, SdpaBackend(kv, cfg.sliding_window), step, rng)
         self.scheduler = CanvasScheduler(runner, self.slots, eos_sink(eos_token_ids), device, steps_per_round,
@@ -54,5 +55,6 @@ class OfflineEngine:
         for req in requests:
             self.scheduler.add(req)
         while self.scheduler.running:
-            self.scheduler.step()
+            if exhausted := self.scheduler.step().exhausted:
+                raise MemoryError(f"a request needs more KV than the engine's {self.num_slots} slots")
         return [req.output_ids for req in requests]

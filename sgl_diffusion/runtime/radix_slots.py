@@ -30,10 +30,13 @@ class RadixKVSlots(KVSlots):
             return None
         req.init_next_round_input(self.tree)  # match the prompt against the tree: req.prefix_len, req.last_node
         reused = self.tree.prefix_device_indices(req).long() if req.prefix_len else self.empty
+        # NOTE: pins the matched prefix until release; before allocating, whose eviction could otherwise take it
+        lock = self.tree.lock(req.last_node)
         new = self._alloc(len(tokens) - req.prefix_len)
         if new is None:
+            self.tree.unlock(lock)
             return None
-        req.lock = self.tree.lock(req.last_node)  # NOTE: pins the matched prefix until release
+        req.lock = lock
         self.rows.alloc([req])
         end = req.prefix_len + new.numel()
         self.rows.write((req.kv.req_pool_idx, slice(0, end)), torch.cat([reused, new]).to(torch.int32))
@@ -75,23 +78,24 @@ class RadixKVSlots(KVSlots):
             self.tree.unlock(req.lock)
             req.lock = None
 
-    def forget(self, dreq: DiffusionRequest) -> None:
-        self.release(dreq, cache=False)
+    def forget(self, dreq: DiffusionRequest, cache: bool = False) -> None:
+        self.release(dreq, cache)
         dreq.handle.reset_for_retract()  # sglang's own reset: the next reservation matches the tree again
         dreq.handle.is_retracted = False  # NOTE: that flag steers sglang's batch paths, which never see this Req
 
     def _extend(self, req, n: int, slide_window: bool) -> Reservation | None:
         start = req.kv.kv_committed_len
+        if slide_window:
+            # the canvas reads only the last window of sliding layers: give the rest of the SWA side back, before
+            # allocating, so that a request whose context outgrew the window can make room for its own commit
+            # NOTE: not for a finished request's last commit: it is released right after, and freeing would
+            # also drop the window at the end of its prompt, which a repeated prompt needs to match
+            self.tree.evict_sliding_windows(req, start)
         new = self._alloc(n)
         if new is None:
             return None
         self.rows.write((req.kv.req_pool_idx, slice(start, start + n)), new.to(torch.int32))
         req.kv.kv_allocated_len = req.kv.kv_committed_len = start + n
-        if slide_window:
-            # the canvas reads only the last window of sliding layers: give the rest of the SWA side back
-            # NOTE: not for a finished request's last commit: it is released right after, and freeing would
-            # also drop the window at the end of its prompt, which a repeated prompt needs to match
-            self.tree.evict_sliding_windows(req, start)
         return Reservation(self.empty, new)
 
     def _alloc(self, n: int) -> torch.Tensor | None:

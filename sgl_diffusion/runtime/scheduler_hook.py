@@ -251,9 +251,9 @@ class DiffusionEngine:
                 self._abort(dreq, reason, cache=False)  # its KV may be half written: keep it out of the tree
             return
         self._report_in_flight()
-        if out.starved and not out.committed and not out.finished and len(out.starved) == len(self.policy.running):
-            # Everyone waits for KV that only they could free: end the newest instead of hanging all.
-            self._abort(out.starved[-1], FINISH_ABORT("KV cache exhausted", HTTPStatus.SERVICE_UNAVAILABLE))
+        for dreq in out.exhausted:  # it holds all the KV it could get and needs more: it would wait forever
+            self._abort(dreq, FINISH_ABORT("KV cache exhausted: the request needs more KV than the server's pool holds"
+                                           " (--max-total-tokens)", HTTPStatus.SERVICE_UNAVAILABLE))
         reqs = [r.handle for r, _ in out.committed]
         reqs += [r for r in self._collect_drafts() if r not in reqs]
         hand_over_logprobs([r for r, _ in out.committed] + out.finished)
@@ -457,6 +457,8 @@ def run_event_loop(scheduler: Scheduler) -> None:
         while not scheduler.gracefully_exit:
             scheduler.ingest_requests()
             if scheduler._engine_paused:
+                engine.publish_load()  # /v1/loads shows what waits
+                scheduler.maybe_sleep_on_idle()  # until the next message (/continue_generation): no busy loop
                 continue
             engine.admit_compiled_grammars()
             engine.admit()

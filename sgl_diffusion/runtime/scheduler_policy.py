@@ -53,9 +53,10 @@ class KVSlots(ABC):
     def release(self, req: DiffusionRequest, cache: bool = True) -> None:
         """Give back everything the request holds; with ``cache``, keep its committed context cached."""
 
-    def forget(self, req: DiffusionRequest) -> None:
-        """Give back everything the request holds, cache nothing, and let its next reservation start afresh."""
-        self.release(req, cache=False)
+    def forget(self, req: DiffusionRequest, cache: bool = False) -> None:
+        """Give back everything the request holds (with ``cache``, keep its committed context cached, as release does),
+        and let its next reservation start afresh."""
+        self.release(req, cache)
 
 
 @dataclass
@@ -118,6 +119,8 @@ class StepOutput:
     committed: list[tuple[DiffusionRequest, list[int]]]  # requests that finished a canvas, with kept tokens
     finished: list[DiffusionRequest]  # requests whose output completed in this forward
     starved: list[DiffusionRequest] = field(default_factory=list)  # denied KV slots this round
+    # holding all the KV it could get, and short of more: the pool cannot hold it even alone; the caller ends it
+    exhausted: list[DiffusionRequest] = field(default_factory=list)
 
 
 class CanvasScheduler:
@@ -151,6 +154,8 @@ class CanvasScheduler:
                     self.kv.encoded(reqs[seg.req_index])
             out = self._apply(reqs, segments, states, done)
             out.starved = starved
+        elif starved and len(starved) == len(self.running):
+            out.exhausted = self._make_room()
         for req in list(self.running):
             if req.finished and not req.pending:  # its last canvas is encoded (or never will be)
                 self._free(req)
@@ -170,6 +175,23 @@ class CanvasScheduler:
             elif req.slots is not None:
                 self.kv.forget(req)
                 req.slots, req.pending = None, [*req.prompt_ids, *req.output_ids]
+
+    def _make_room(self) -> list[DiffusionRequest]:
+        """Every request waits for KV that only running requests could free (a burst of prompts filled the pool, and
+        each now needs room to commit a canvas). As sglang retracts decode requests, the newest one holding KV gives it
+        back (its committed context stays cached while the pool lets it) and waits behind the others with its output
+        and current canvas, to re-encode prompt + output when there is room. The oldest is never retracted, so it
+        finishes and frees what it holds; when it is the only one holding KV, it needs more than the pool has, and is
+        returned to be ended."""
+        holders = [req for req in self.running if req.slots is not None]
+        if not holders or holders[-1] is self.running[0]:
+            return self.running[:1]
+        victim = holders[-1]
+        self.kv.forget(victim, cache=True)
+        victim.slots, victim.pending = None, [*victim.prompt_ids, *victim.output_ids]
+        self.running.remove(victim)
+        self.running.append(victim)
+        return []
 
     def holds_kv(self) -> bool:
         return any(req.slots is not None for req in self.running)

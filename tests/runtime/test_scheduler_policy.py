@@ -143,6 +143,54 @@ def test_kv_exhaustion_waits_instead_of_failing(model):
     assert engine.slots.free_slots.numel() == 80
 
 
+def _recording_forget(engine):
+    forgotten, forget = [], engine.slots.forget
+    engine.slots.forget = lambda req, cache=False: (forgotten.append(req), forget(req, cache))[1]
+    return forgotten
+
+
+def test_a_burst_that_fills_the_pool_retracts_the_newest_and_every_request_finishes(model):
+    """Three prompts fill the pool; then each needs room to commit a canvas, which only the others could free. The
+    newest request holding KV gives it back and waits (sglang's retraction), instead of one being failed; all three
+    get their whole output, the oldest is never retracted, and every slot comes back."""
+    engine = OfflineEngine(model, num_slots=100)  # 3 prompts of 20, then 32 slots per committed canvas
+    forgotten = _recording_forget(engine)
+    reqs = [request(model, 20, 96, seed=s, steps=1) for s in (1, 2, 3)]
+    outs = engine.generate(reqs)
+    assert [len(o) for o in outs] == [96, 96, 96]
+    assert forgotten and reqs[0] not in forgotten
+    assert engine.slots.free_slots.numel() == 100
+
+
+def test_a_retracted_request_keeps_its_output_and_re_encodes_it(model):
+    """The newest request holding KV is the one retracted: it keeps its committed output and current canvas, moves
+    behind the others, and its next reservation is prompt + output as one prefill."""
+    engine = OfflineEngine(model, num_slots=100)
+    forgotten, policy = _recording_forget(engine), engine.scheduler
+    a, b, c = (request(model, 20, 96, seed=s, steps=1) for s in (1, 2, 3))
+    for req in (a, b, c):
+        policy.add(req)
+    while not forgotten:
+        policy.step()
+    assert forgotten == [c] and policy.running == [a, b, c]
+    assert c.slots is None and len(c.output_ids) == 32 and a.slots is not None and b.slots is not None
+    assert c.pending == c.prompt_ids + c.output_ids and c.state is not None
+    policy.step()  # still no room for the oldest: the next newest holder goes
+    assert forgotten == [c, b] and policy.running == [a, c, b]
+
+
+def test_a_request_the_pool_cannot_hold_alone_is_reported_not_waited_for(model):
+    """Alone, holding all the KV it could get and short of more: it would wait forever, so the step reports it (the
+    server ends it with a 503) and the offline engine raises."""
+    engine = OfflineEngine(model, num_slots=40)  # a 10-token prompt, then 32 slots to commit the first canvas
+    with pytest.raises(MemoryError, match="40 slots"):
+        engine.generate([request(model, 10, 64, seed=1, steps=1)])
+    engine = OfflineEngine(model, num_slots=40)
+    big = request(model, 41, 32, seed=1, steps=1)  # its prompt alone does not fit
+    engine.scheduler.add(big)
+    assert engine.scheduler.step().exhausted == [big]
+
+
 def test_sampler_tiles_give_the_same_tokens(model, monkeypatch):
     """Tiling the LM head and sampler over rows (bounded vocab-sized memory) changes no token."""
     from sgl_diffusion.runtime import runner

@@ -113,3 +113,22 @@ def test_requests_beyond_max_running_wait_their_turn(small_server):
         outs = list(pool.map(one, range(8)))
     assert all(len(o["output_ids"]) == 40 for o in outs)
     assert_idle_and_no_kv_in_use(small_server)
+
+
+def test_requests_that_fill_the_pool_together_are_retracted_not_failed(small_server):
+    """Two requests that fit the pool one at a time but not together: running side by side, they fill it with their
+    prompts and first canvases, then both need room to commit the next, which only the other could free. The newer
+    gives its KV back and resumes once the older is done (sglang's retraction); before, it was failed with a 503.
+    (Whether they overlap depends on timing; each alone fits, so with retraction both finish in any case.)"""
+    import concurrent.futures
+
+    def one(i):
+        ids = [2, 5] + [(i * 53 + j * 7) % 390 + 3 for j in range(148)]  # 150 tokens; 150 + 128 of 400 each
+        return small_server.post("/generate", {"input_ids": ids, "sampling_params": {
+            "max_new_tokens": 128, "ignore_eos": True, "diffusion": {"max_denoising_steps": 1, "seed": i}}}, timeout=300)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(one, range(2)))
+    assert [o.status_code for o in outs] == [200, 200], [o.text[:300] for o in outs]
+    assert [len(o.json()["output_ids"]) for o in outs] == [128, 128]
+    assert_idle_and_no_kv_in_use(small_server)
