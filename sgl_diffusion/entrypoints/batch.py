@@ -303,6 +303,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--input {args.input}: no such file")
     if args.max_in_flight < 1:
         parser.error("--max-in-flight must be at least 1")
+    # NOTE: rows appended to the input would be read back as lines to answer, each adding another row, without end
+    if args.output.exists() and args.output.samefile(args.input):
+        parser.error(f"--output {args.output} is the input file: write the rows to another file")
+    if not args.output.parent.is_dir():
+        parser.error(f"--output {args.output}: no such directory {args.output.parent}")
 
     allow_input_directory(args.input)  # NOTE: before the Engine, whose tokenizer manager (here) reads it
     # tqdm's default lock is a multiprocessing semaphore, owned by the resource tracker that Engine.shutdown

@@ -119,6 +119,19 @@ def test_missing_input_is_a_usage_error(tmp_path):
     assert not (tmp_path / "out.jsonl").exists()
 
 
+def test_output_that_is_the_input_or_in_no_directory_is_a_usage_error(tmp_path):
+    """--output the input file (also through a link) would append rows that are read back as lines to answer, each
+    adding another, without end; an output in a missing directory failed only after the engine had started."""
+    lines = tmp_path / "in.jsonl"
+    lines.write_text('{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {}}\n')
+    (tmp_path / "link.jsonl").symlink_to(lines)
+    for output, message in ((lines, "is the input file"), (tmp_path / "link.jsonl", "is the input file"),
+                            (tmp_path / "nodir" / "out.jsonl", "no such directory")):  # fmt: skip
+        proc = run_cli(tmp_path, lines, output)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert lines.read_text().count("\n") == 1 and not (tmp_path / "nodir").exists()
+
+
 def test_lines_without_a_route_are_answered_when_the_engine_fails(tmp_path, monkeypatch):
     """An engine that does not start still leaves a row for every line that needs none; the error propagates,
     and a later run skips those rows."""
