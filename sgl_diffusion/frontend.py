@@ -4,7 +4,8 @@ The DSL renders chat turns on the client, from its own template table, and picks
 matching the served model path: ``diffusiongemma-...-it`` matches its Gemma 2/3 ``gemma-it`` rule,
 and its ``gemma-4-it`` writes ``assistant`` and ``<image>`` where the checkpoint's template writes
 ``model`` and ``<|image|>``. Importing this module registers the checkpoint's markup as
-``diffusiongemma`` and matches DiffusionGemma paths to it before sglang's own rules::
+``diffusiongemma`` and matches DiffusionGemma paths to it before sglang's own rules (a path naming the model,
+or a DiffusionGemma checkpoint directory on the program's machine)::
 
     import sglang as sgl
     import sgl_diffusion.frontend  # noqa: F401
@@ -15,6 +16,8 @@ is off, so answers are not thoughts and every turn of a program renders the same
 
 from __future__ import annotations
 
+import json
+import pathlib
 import re
 
 from sglang.lang.chat_template import (
@@ -30,7 +33,17 @@ _MODEL_PATH = re.compile(r"diffusion[-_]?gemma", re.IGNORECASE)
 
 
 def match_diffusion_gemma(model_path: str) -> str | None:
-    return TEMPLATE_NAME if _MODEL_PATH.search(model_path) else None
+    return TEMPLATE_NAME if _MODEL_PATH.search(model_path) or _is_local_checkpoint(model_path) else None
+
+
+def _is_local_checkpoint(model_path: str) -> bool:
+    """A DiffusionGemma checkpoint directory on this machine, whatever its name (the server's model path, read where
+    the program runs: a client beside the server, as with a local checkpoint)."""
+    try:
+        config = json.loads((pathlib.Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("model_type") == "diffusion_gemma"
 
 
 if TEMPLATE_NAME not in chat_template_registry:

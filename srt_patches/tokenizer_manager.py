@@ -9,7 +9,8 @@ Why: SamplingParams is a fixed msgspec struct, so ``sampling_params["diffusion"]
      here becomes HTTP 400 naming the field; an infill template is tokenized here, with the server's
      tokenizer), and let the result travel to the scheduler as a JSON string in ``custom_params``.
      Logprob requests without a defined answer are refused here too. Images the prompt has no
-     placeholder for are refused (sglang only logs them and answers from the text).
+     placeholder for are refused (sglang only logs them and answers from the text), and so are placeholders
+     with no image sent (the placeholder token was embedded as text).
      For ``n > 1`` sglang sends copies of one SamplingParams, so a seeded request would give n equal
      answers; copy i is sent with seed + i instead (reproducible, and distinct).
      Request fields the canvas engine does not implement are refused, not ignored: ``input_embeds`` (with
@@ -52,7 +53,7 @@ def create_tokenized_object(original, manager, obj, *args, **kwargs):
     _check_fields(obj)
     _check_prompt(manager, input_ids)
     mm_inputs = kwargs["mm_inputs"] if "mm_inputs" in kwargs else (args[3] if len(args) > 3 else None)
-    _check_images_placed(obj, mm_inputs)
+    _check_images_placed(manager, obj, input_ids, mm_inputs)
     preferred_diffusion = _split_preferred_diffusion(manager)
     if preferred_diffusion is not None and (raw is None or isinstance(raw, dict)):
         raw = preferred_diffusion | (raw or {})
@@ -121,11 +122,17 @@ def _split_preferred_diffusion(manager) -> dict | None:
     return getattr(manager, _PREFERRED_KEY)
 
 
-def _check_images_placed(obj, mm_inputs) -> None:
+def _check_images_placed(manager, obj, input_ids, mm_inputs) -> None:
     images = getattr(obj, "image_data", None)
-    if not images:
+    images = images if isinstance(images, list) else [] if images is None else [images]
+    sent = sum(image is not None for image in images)  # sglang drops null items
+    if not sent:
+        # NOTE: the placeholder token would be embedded as text, with no image behind it
+        token = getattr(manager.model_config.hf_config, "image_token_id", None)
+        if token is not None and input_ids and not (mm_inputs and mm_inputs.mm_items) and token in input_ids:
+            raise ValueError(f"the prompt has {input_ids.count(token)} image placeholder(s) ('<|image|>') but no "
+                             "image was sent")  # fmt: skip
         return
-    sent = len(images) if isinstance(images, list) else 1
     placed = sum(len(item.offsets or ()) for item in (mm_inputs.mm_items if mm_inputs else ()) if item.is_image())
     if placed < sent:
         raise ValueError(

@@ -94,6 +94,8 @@ class MediaPolicy:
         if not isinstance(source, str):
             raise MediaRefused(f"{'an image' if kind == 'image' else 'a video'} must be a URL, a data URL, base64 or a "
                                f"file path, not {type(source).__name__}")  # fmt: skip
+        if not source.strip():  # not a path to refuse: nothing was sent
+            raise MediaRefused(f"the {kind} is empty: send a URL, a data URL, base64 or a file path")
         scheme = _SCHEME.match(source)
         scheme = scheme.group(1).lower() if scheme else None
         if scheme == "data":

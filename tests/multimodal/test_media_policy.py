@@ -103,6 +103,7 @@ def test_what_is_not_a_file_inside_an_allowed_directory(layout):
 @pytest.mark.parametrize("source, word", [
     ("ftp://example.com/a.png", "ftp: URLs are not read"), ("gopher://x/", "gopher: URLs"),
     ("data:image/png;base64,@@@", "not valid base64"), (12, "not int"), (None, "not NoneType"),
+    ("", "the image is empty"), ("  ", "the image is empty"),
 ])  # fmt: skip
 def test_other_sources_are_refused(source, word):
     with pytest.raises(ValueError, match=word):

@@ -29,7 +29,9 @@ def dsl_server(configured_server):
 
 @pytest.fixture(scope="module")
 def backend(dsl_server):
-    return sgl.RuntimeEndpoint(dsl_server.url)
+    # sglang's own default markup, what a served path the frontend cannot tell as DiffusionGemma gets (this test
+    # checkpoint is local, so its path would pick the Gemma 4 markup)
+    return sgl.RuntimeEndpoint(dsl_server.url, chat_template_name="default")
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +184,7 @@ def test_image_prompt_with_gemma4_placeholder(gemma_backend, png):
     assert grown == 62  # <|image|> becomes <|image> + 60 soft tokens (48x32 px, 4 px patches pooled 2x2) + <image|>
 
 
-@pytest.mark.parametrize("template", [None, "gemma-4-it"])
+@pytest.mark.parametrize("template", ["default", "gemma-4-it"])
 def test_image_prompt_with_stock_template_is_refused(dsl_server, png, template):
     """sglang's own frontend templates write '<image>', which Gemma 4 does not read: the image is refused with a
     message naming the placeholder, never dropped silently."""
@@ -203,6 +205,18 @@ def test_frontend_chat_template_for_the_real_checkpoint(path):
     assert template.role_prefix_and_suffix["assistant"][0].startswith("<|turn>model\n")
     assert template.image_token == "<|image|>"
     assert get_chat_template_by_model_path("google/gemma-4-31B-it").name == "gemma-4-it"
+
+
+def test_frontend_chat_template_for_a_local_checkpoint_of_any_name(tiny_checkpoint_dir, tmp_path):
+    """A DiffusionGemma checkpoint directory on the program's machine gets the Gemma 4 markup whatever its name (the
+    tests' own, say); a directory of another model, or a missing one, does not."""
+    from sglang.lang.chat_template import get_chat_template_by_model_path
+
+    assert "diffusion" not in str(tiny_checkpoint_dir).lower()
+    assert get_chat_template_by_model_path(str(tiny_checkpoint_dir)).name == "diffusiongemma"
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    assert get_chat_template_by_model_path(str(tmp_path)).name != "diffusiongemma"
+    assert get_chat_template_by_model_path(str(tmp_path / "missing")).name != "diffusiongemma"
 
 
 @sgl.function
