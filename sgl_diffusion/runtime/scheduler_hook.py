@@ -252,8 +252,9 @@ class DiffusionEngine:
             return
         self._report_in_flight()
         for dreq in out.exhausted:  # it holds all the KV it could get and needs more: it would wait forever
-            self._abort(dreq, FINISH_ABORT("KV cache exhausted: the request needs more KV than the server's pool holds"
-                                           " (--max-total-tokens)", HTTPStatus.SERVICE_UNAVAILABLE))
+            self._abort(dreq, FINISH_ABORT(
+                "KV cache exhausted: the request needs more KV than the server's pool holds (--max-total-tokens; the "
+                "sliding-window layers' pool is --swa-full-tokens-ratio of it)", HTTPStatus.SERVICE_UNAVAILABLE))
         reqs = [r.handle for r, _ in out.committed]
         reqs += [r for r in self._collect_drafts() if r not in reqs]
         hand_over_logprobs([r for r, _ in out.committed] + out.finished)
