@@ -137,7 +137,8 @@ def _check_images_placed(manager, obj, input_ids, mm_inputs) -> None:
     if placed < sent:
         raise ValueError(
             f"{sent} image(s) sent but the prompt has a placeholder for {placed}: put one '<|image|>' in the "
-            "prompt text per image (sglang's frontend chat templates write '<image>', which Gemma 4 does not read)"
+            "prompt text per image (sglang's frontend chat templates write '<image>', which Gemma 4 does not read; "
+            "in a chat, images go in user messages: the template renders system messages as text only)"
         )
 
 

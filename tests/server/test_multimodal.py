@@ -172,3 +172,14 @@ def test_too_many_images_for_the_context_is_400(client, server):
     with pytest.raises(openai.BadRequestError, match="(?i)context|too long|exceed"):
         chat(client, [image_part(image)] * 20 + [QUESTION], image_token_budget=280)
     assert server.healthy()
+
+
+def test_an_image_in_a_system_message_is_400_saying_where_images_go(client, server):
+    """Gemma 4's template renders a system message as text only, so its image has no placeholder: refused, and the
+    message says images go in user messages."""
+    image = data_url(png_bytes(32, 32), "image/png")
+    with pytest.raises(openai.BadRequestError, match="images go in user messages"):
+        client.chat.completions.create(model="tiny", max_tokens=4, messages=[
+            {"role": "system", "content": [image_part(image), {"type": "text", "text": "Be terse."}]},
+            {"role": "user", "content": "Hi"}])  # fmt: skip
+    assert server.healthy()
