@@ -336,22 +336,23 @@ def test_images_need_a_placeholder_each(hf_config, tiny_checkpoint_dir, images, 
         assert original.calls == []
 
 
-@pytest.mark.parametrize("images, input_ids, mm_offsets, error", [
-    ([None], [2, 18, 5], None, r"1 image placeholder\(s\) \('<\|image\|>'\) but no image was sent"),
-    (None, [2, 18, 18, 5], None, r"2 image placeholder\(s\)"),
-    ([], [2, 18, 5], None, "no image was sent"),
-    ([None, "a.png"], [2, 5], [], r"1 image\(s\) sent but the prompt has a placeholder for 0"),
-    (None, [2, 5, 6], None, None),
-    ([None], [2, 5, 6], None, None),
-    (None, [2, 18, 5], [(1, 2)], None),  # placeholders another medium (a video) filled
+@pytest.mark.parametrize("images, text, input_ids, mm_offsets, error", [
+    ([None], "<|image|> a", [2, 18, 5], None, r"1 image placeholder\(s\) \('<\|image\|>'\) but no image was sent"),
+    (None, "<|image|><|image|> a", [2, 18, 18, 5], None, r"2 image placeholder\(s\)"),
+    ([], "<|image|> a", [2, 18, 5], None, "no image was sent"),
+    ([None, "a.png"], "a", [2, 5], [], r"1 image\(s\) sent but the prompt has a placeholder for 0"),
+    (None, "a b", [2, 5, 6], None, None),
+    ([None], "a b", [2, 5, 6], None, None),
+    (None, "<|image|> a", [2, 18, 5], [(1, 2)], None),  # placeholders another medium (a video) filled
+    (None, None, [2, 18, 5], None, None),  # token ids are the caller's own (random-id benchmarks draw 18 too)
 ])  # fmt: skip
-def test_null_images_are_not_sent_and_a_placeholder_needs_an_image(hf_config, tiny_checkpoint_dir, images, input_ids,
-                                                                   mm_offsets, error):
+def test_null_images_are_not_sent_and_a_placeholder_needs_an_image(hf_config, tiny_checkpoint_dir, images, text,
+                                                                   input_ids, mm_offsets, error):
     """sglang drops null image items, so they are not counted as sent; a placeholder (id 18 in the tiny checkpoint)
-    with no image behind it was embedded as text: a ValueError (400) naming the count."""
+    in a text prompt with no image behind it was embedded as text: a ValueError (400) naming the count."""
     assert hf_config.image_token_id == 18
     original = Recorder()
-    obj = SimpleNamespace(sampling_params={"max_new_tokens": 4}, image_data=images)
+    obj = SimpleNamespace(sampling_params={"max_new_tokens": 4}, image_data=images, text=text)
     mm_inputs = None if mm_offsets is None else _mm_inputs(*mm_offsets)
     call = lambda: tokenizer_manager.create_tokenized_object(  # noqa: E731
         original, _manager(hf_config, tiny_checkpoint_dir), obj, "", input_ids, None, mm_inputs)
