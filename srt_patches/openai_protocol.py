@@ -69,10 +69,14 @@ def _add_diffusion_field() -> None:
         cls.model_rebuild(force=True)
 
 
-def chat_to_sampling_params(original, request, *args, **kwargs):
-    params = original(request, *args, **kwargs)
+def _carry_diffusion(params: dict, request) -> dict:
     if request.diffusion is not None:
         params["diffusion"] = request.diffusion
+    return params
+
+
+def chat_to_sampling_params(original, request, *args, **kwargs):
+    params = _carry_diffusion(original(request, *args, **kwargs), request)
     if request.image_token_budget is not None:
         from sgl_diffusion.multimodal.processor import BUDGET_KEY, check_image_token_budget
 
@@ -83,10 +87,7 @@ def chat_to_sampling_params(original, request, *args, **kwargs):
 
 
 def responses_to_sampling_params(original, request, *args, **kwargs):
-    params = original(request, *args, **kwargs)
-    if request.diffusion is not None:
-        params["diffusion"] = request.diffusion
-    return params
+    return _carry_diffusion(original(request, *args, **kwargs), request)
 
 
 def anthropic_to_chat_request(original, serving, anthropic_request, *args, **kwargs):
@@ -96,9 +97,7 @@ def anthropic_to_chat_request(original, serving, anthropic_request, *args, **kwa
 
 
 def completion_sampling_params(original, serving, request, *args, **kwargs):
-    params = original(serving, request, *args, **kwargs)
-    if request.diffusion is not None:
-        params["diffusion"] = request.diffusion
+    params = _carry_diffusion(original(serving, request, *args, **kwargs), request)
     if request.suffix and serving.template_manager.completion_template_name is None:
         from sgl_diffusion.runtime.scheduler_hook import serves_diffusion_model
 

@@ -55,6 +55,6 @@ class OfflineEngine:
         for req in requests:
             self.scheduler.add(req)
         while self.scheduler.running:
-            if exhausted := self.scheduler.step().exhausted:
+            if self.scheduler.step().exhausted:
                 raise MemoryError(f"a request needs more KV than the engine's {self.num_slots} slots")
         return [req.output_ids for req in requests]
