@@ -31,6 +31,9 @@ class FreeListSlots(KVSlots):
         slots, self.free_slots = self.free_slots[:n], self.free_slots[n:]
         return Reservation(self.empty, slots)
 
+    def room(self):
+        return self.free_slots.numel()
+
     def release(self, req, cache=True):
         self.free_slots = torch.cat([self.free_slots, req.slots])
 

@@ -66,6 +66,14 @@ class RadixKVSlots(KVSlots):
         # NOTE: when the tree already held these tokens it points the row at its own slots and frees ours
         dreq.slots = self.rows.req_to_token[req.kv.req_pool_idx, : req.kv.kv_committed_len].long()
 
+    def room(self) -> int:
+        allocator, tree = self.allocator, self.tree
+        if hasattr(allocator, "full_available_size"):
+            # NOTE: the full layers' pool: the sliding layers' holds a request's prompt only until its next commit
+            # gives back what lies outside the window (_extend), so it never stays short for long
+            return allocator.full_available_size() + tree.full_evictable_size()
+        return allocator.available_size() + tree.evictable_size()
+
     @property
     def caches_prefixes(self) -> bool:
         return self.tree.supports_prefix_sharing()  # False with --disable-radix-cache

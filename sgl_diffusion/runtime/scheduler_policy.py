@@ -44,6 +44,11 @@ class KVSlots(ABC):
     def encoded(self, req: DiffusionRequest) -> None:
         """Called after a forward wrote the request's reserved KV (a prefix cache may publish it)."""
 
+    def room(self) -> int | None:
+        """Slots a reservation could get now (free, or held only by a cache that would give them up); None: no
+        limit is known."""
+        return None
+
     @property
     def caches_prefixes(self) -> bool:
         """Whether released context is kept for later requests (then a request's last canvas is worth encoding)."""
@@ -204,9 +209,17 @@ class CanvasScheduler:
         # NOTE: a new prompt is matched against the cache only after every finished answer's last canvas is in it:
         # the next turn of a conversation (sent once the answer was streamed) may arrive before that commit's forward
         last_commits = any(r.finished and r.pending for r in self.running)
+        holders = sum(r.slots is not None and not r.finished for r in self.running)
+        held_back = False
         for req in list(self.running):
             if last_commits and req.slots is None:
                 continue  # admitted next round
+            if req.slots is None and req.pending:
+                if held_back or not self._has_headroom(req, holders):
+                    held_back = True  # first come, first served: a long prompt is not overtaken by shorter ones
+                    starved.append(req)
+                    continue
+                holders += 1
             if req.pending:
                 kind = "prefill" if req.slots is None else "commit"
                 got = self.kv.reserve(req, req.pending)
@@ -254,6 +267,17 @@ class CanvasScheduler:
             states.append(req.state)
             reqs.append(req)
         return reqs, segments, states, starved
+
+    def _has_headroom(self, req: DiffusionRequest, holders: int) -> bool:
+        """Whether a prompt (or a retracted request's prompt + output) may be encoded beside ``holders`` requests that
+        hold KV: its tokens and then a canvas for each of them must fit. Encoding prompts into the whole pool would
+        leave no room for anyone's next commit, and requests would be retracted as soon as they were admitted (sglang's
+        prefill admission keeps room for running decodes the same way). Alone, a request is always tried."""
+        if holders == 0:
+            return True
+        room = self.kv.room()
+        canvases = holders + (req.max_new_tokens > 0)
+        return room is None or len(req.pending) + canvases * self.canvas_length <= room
 
     def _build_batch(self, reqs, segments, states) -> CanvasBatch:
         ids, soft = self.runner.canvas_inputs(states) if states else (None, None)

@@ -149,34 +149,48 @@ def _recording_forget(engine):
     return forgotten
 
 
-def test_a_burst_that_fills_the_pool_retracts_the_newest_and_every_request_finishes(model):
-    """Three prompts fill the pool; then each needs room to commit a canvas, which only the others could free. The
-    newest request holding KV gives it back and waits (sglang's retraction), instead of one being failed; all three
-    get their whole output, the oldest is never retracted, and every slot comes back."""
+def test_a_burst_of_prompts_is_encoded_only_while_their_canvases_fit(model):
+    """Encoding every prompt of a burst into the pool would leave no room for their first commits. A prompt is encoded
+    only while its tokens and a canvas for each request holding KV fit: the second and third wait (FIFO), nobody is
+    retracted, and all three get their whole output."""
     engine = OfflineEngine(model, num_slots=100)  # 3 prompts of 20, then 32 slots per committed canvas
-    forgotten = _recording_forget(engine)
+    forgotten, recorder = _recording_forget(engine), Recorder(engine)
     reqs = [request(model, 20, 96, seed=s, steps=1) for s in (1, 2, 3)]
     outs = engine.generate(reqs)
     assert [len(o) for o in outs] == [96, 96, 96]
-    assert forgotten and reqs[0] not in forgotten
+    prefills = [[seg.req_index for seg in b.segments if seg.kind == "prefill"] for b in recorder.batches]
+    assert prefills[0] == [0]  # 20 + 2 x 32 > the 80 slots left: the second prompt waits
+    assert sum(map(len, prefills)) == 3 and not forgotten
+    assert engine.slots.free_slots.numel() == 100
+
+
+def test_a_burst_that_fills_the_pool_retracts_the_newest_and_every_request_finishes(model):
+    """Two short prompts leave room for one canvas each, then both commit and need a canvas more, which only the other
+    could free. The newest request holding KV gives it back and waits (sglang's retraction), instead of one being
+    failed; all get their whole output, the oldest is never retracted, and every slot comes back."""
+    engine = OfflineEngine(model, num_slots=100)  # prompts of 4, then 32 slots per committed canvas
+    forgotten = _recording_forget(engine)
+    reqs = [request(model, 4, 96, seed=s, steps=1) for s in (1, 2, 3)]
+    outs = engine.generate(reqs)
+    assert [len(o) for o in outs] == [96, 96, 96]
+    assert forgotten == [reqs[1]]  # the third prompt never fitted beside two requests' canvases
     assert engine.slots.free_slots.numel() == 100
 
 
 def test_a_retracted_request_keeps_its_output_and_re_encodes_it(model):
     """The newest request holding KV is the one retracted: it keeps its committed output and current canvas, moves
-    behind the others, and its next reservation is prompt + output as one prefill."""
+    behind the others (the waiting one included), and its next reservation is prompt + output as one prefill."""
     engine = OfflineEngine(model, num_slots=100)
     forgotten, policy = _recording_forget(engine), engine.scheduler
-    a, b, c = (request(model, 20, 96, seed=s, steps=1) for s in (1, 2, 3))
+    a, b, c = (request(model, 4, 96, seed=s, steps=1) for s in (1, 2, 3))
     for req in (a, b, c):
         policy.add(req)
     while not forgotten:
         policy.step()
-    assert forgotten == [c] and policy.running == [a, b, c]
-    assert c.slots is None and len(c.output_ids) == 32 and a.slots is not None and b.slots is not None
-    assert c.pending == c.prompt_ids + c.output_ids and c.state is not None
-    policy.step()  # still no room for the oldest: the next newest holder goes
-    assert forgotten == [c, b] and policy.running == [a, c, b]
+    assert forgotten == [b] and policy.running == [a, c, b]
+    # its second canvas was done but not yet committed (no room): it stays in the output, to be encoded with the rest
+    assert b.slots is None and len(b.output_ids) == 64 and a.slots is not None and c.slots is None
+    assert b.pending == b.prompt_ids + b.output_ids and b.state is not None
 
 
 def test_a_request_the_pool_cannot_hold_alone_is_reported_not_waited_for(model):

@@ -115,11 +115,11 @@ def test_requests_beyond_max_running_wait_their_turn(small_server):
     assert_idle_and_no_kv_in_use(small_server)
 
 
-def test_requests_that_fill_the_pool_together_are_retracted_not_failed(small_server):
-    """Two requests that fit the pool one at a time but not together: running side by side, they fill it with their
-    prompts and first canvases, then both need room to commit the next, which only the other could free. The newer
-    gives its KV back and resumes once the older is done (sglang's retraction); before, it was failed with a 503.
-    (Whether they overlap depends on timing; each alone fits, so with retraction both finish in any case.)"""
+def test_requests_that_fill_the_pool_together_wait_or_are_retracted_not_failed(small_server):
+    """Two requests that fit the pool one at a time but not together. The second prompt is encoded only while its
+    tokens and both requests' next canvases fit; then both grow until each needs room to commit a canvas that only the
+    other could free, and the newer gives its KV back and resumes once the older is done (sglang's retraction). Before,
+    one was failed with a 503. (Whether they overlap depends on timing; each alone fits, so both finish in any case.)"""
     import concurrent.futures
 
     def one(i):
