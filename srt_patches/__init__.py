@@ -16,12 +16,12 @@ import os
 
 from srt_patches import (
     api_contract, control_requests, data_parallel_controller, http_server, model_runner, ollama, openai_protocol,
-    openai_stream, scheduler, serving_chat, tokenizer_manager,
+    openai_stream, scheduler, serving_chat, session, tokenizer_manager,
 )
 
 PATCH_MODULES = (
     scheduler, model_runner, tokenizer_manager, api_contract, openai_protocol, serving_chat, openai_stream,
-    data_parallel_controller, control_requests, ollama, http_server,
+    data_parallel_controller, control_requests, ollama, http_server, session,
 )
 _applied = False
 MM_PROCESSOR_PACKAGE_ENV = "SGLANG_EXTERNAL_MM_PROCESSOR_PACKAGE"

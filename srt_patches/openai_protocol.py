@@ -87,6 +87,11 @@ def chat_to_sampling_params(original, request, *args, **kwargs):
 
 
 def responses_to_sampling_params(original, request, *args, **kwargs):
+    diffusion = getattr(request, "diffusion", None)
+    if isinstance(diffusion, dict) and diffusion.get("stream_drafts"):
+        # its stream is sglang's own events, with no place for a draft: they would be dropped without a word
+        raise ValueError("diffusion.stream_drafts: the Responses API has no draft events; stream drafts from "
+                         "/v1/chat/completions, /v1/completions or /generate")
     return _carry_diffusion(original(request, *args, **kwargs), request)
 
 

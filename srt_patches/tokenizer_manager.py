@@ -18,7 +18,8 @@ Why: SamplingParams is a fixed msgspec struct, so ``sampling_params["diffusion"]
      ``return_routed_experts``, ``return_indexer_topk``, ``return_sampling_mask`` (sglang asked for a top_k our
      admission refuses; with top_k=1 the mask came back empty), and the internal ``lora_id`` and
      ``positional_embed_overrides``, which clients can set too (a list lora_id or any override ended the
-     scheduler); unknown ``session_params`` keys are a 400 instead of sglang's TypeError (a 500).
+     scheduler); unknown ``session_params`` keys are a 400 instead of sglang's TypeError (a 500), and so are values
+     of the wrong type (the scheduler used a list id as a dict key and a float offset as a slice bound, and died).
 Remove when: SamplingParams accepts model-specific parameters.
 """
 
@@ -90,11 +91,24 @@ def _check_fields(obj) -> None:
     if refused := [what for field, what in UNSUPPORTED_FIELDS.items() if getattr(obj, field, None)]:
         raise ValueError(f"{', '.join(refused)}: not supported for DiffusionGemma")
     session = getattr(obj, "session_params", None)
-    if isinstance(session, dict):
-        from sglang.srt.managers.io_struct import SessionParams
+    if session is None:
+        return
+    if not isinstance(session, dict):
+        raise ValueError("session_params must be an object")
+    import typing
 
-        if unknown := sorted(set(session) - set(SessionParams.__struct_fields__)):
-            raise ValueError(f"session_params: unknown keys {unknown} (known: {list(SessionParams.__struct_fields__)})")
+    import msgspec
+    from sglang.srt.managers.io_struct import SessionParams
+
+    if unknown := sorted(set(session) - set(SessionParams.__struct_fields__)):
+        raise ValueError(f"session_params: unknown keys {unknown} (known: {list(SessionParams.__struct_fields__)})")
+    # NOTE: SessionParams(**session) checks no type, and the scheduler uses the values as dict keys and slice bounds:
+    # a list id or a float offset raised there and ended the server
+    for name, kind in typing.get_type_hints(SessionParams).items():
+        try:
+            msgspec.convert(session.get(name), kind)
+        except msgspec.ValidationError as e:
+            raise ValueError(f"session_params.{name}: {e}") from None
 
 
 def _check_prompt(manager, input_ids) -> None:

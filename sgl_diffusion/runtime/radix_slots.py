@@ -41,7 +41,8 @@ class RadixKVSlots(KVSlots):
         end = req.prefix_len + new.numel()
         self.rows.write((req.kv.req_pool_idx, slice(0, end)), torch.cat([reused, new]).to(torch.int32))
         req.kv.kv_allocated_len = req.kv.kv_committed_len = end
-        req.cached_tokens += req.prefix_len
+        if not req.retracted_stain:  # a retracted request's re-encode reuses its own context, not a cached prompt
+            req.cached_tokens += req.prefix_len
         req.already_computed = end
         return Reservation(reused, new)
 

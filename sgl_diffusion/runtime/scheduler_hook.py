@@ -365,11 +365,14 @@ class DiffusionEngine:
         if not req.finished() and req.seqlen + self.cfg.canvas_length > self.scheduler.model_config.context_len:
             req.finished_reason = FINISH_LENGTH(length=len(req.output_ids))  # the next canvas would not fit
         end = req.finished_len if req.finished() and req.finished_len is not None else len(req.output_ids)
+        # NOTE: the canvas past the stop is no output: a session's next turn appends output_ids to its history
+        # (sglang's SessionController reads no finished_len), and it got the rest of the canvas (pads, a cut stop string)
+        del req.output_ids[end:]
         steps = int(state.steps_taken)
         # meta_info["diffusion_steps"], one value per output token: the denoise steps of the token's canvas
         # on the canvas's first token, 0 on the others (so the sum is the forwards spent, the nonzeros the canvases)
         info = req.customized_info if req.customized_info is not None else {}
-        info.setdefault(STEPS_KEY, []).extend([steps] + [0] * (len(req.output_ids) - before - 1))
+        info.setdefault(STEPS_KEY, []).extend([steps] + [0] * (end - before - 1) if end > before else [])
         req.customized_info = info
         if self.metrics is not None:
             self.metrics.canvas_done(steps, end - before, int(state.accepted) / max(steps, 1))

@@ -204,8 +204,14 @@ class CanvasScheduler:
     # ---- helpers ------------------------------------------------------------------------------
 
     def _plan(self):
-        reqs, segments, states, starved = [], [], [], []
         encode_only = not self.mixed_rounds and any(r.pending for r in self.running)
+        plan = self._plan_round(encode_only)
+        if encode_only and not plan[1]:  # every encode waits for KV: the canvases run meanwhile (and may free some)
+            plan = self._plan_round(encode_only=False)
+        return plan
+
+    def _plan_round(self, encode_only: bool):
+        reqs, segments, states, starved = [], [], [], []
         # NOTE: a new prompt is matched against the cache only after every finished answer's last canvas is in it:
         # the next turn of a conversation (sent once the answer was streamed) may arrive before that commit's forward
         last_commits = any(r.finished and r.pending for r in self.running)

@@ -81,6 +81,22 @@ def test_homogeneous_rounds_keep_encodes_apart(model):
     assert len(homog_kinds) > len(mixed_kinds)
 
 
+@pytest.mark.parametrize("num_slots", [150, 200])
+def test_homogeneous_rounds_run_canvases_while_every_encode_waits_for_kv(model, num_slots):
+    """With unmixed rounds, an encode that waits for KV (a prompt held back, a commit with no room) must not hold back
+    the canvases too: they run (and free KV when they finish) instead of the engine spinning without a forward."""
+    engine = OfflineEngine(model, num_slots=num_slots, mixed_rounds=False)
+    reqs = [request(model, 63, 96, seed=0, steps=4), request(model, 63, 96, seed=1, steps=2)]
+    for req in reqs:
+        engine.scheduler.add(req)
+    for _ in range(100):
+        if not engine.scheduler.running:
+            break
+        assert not engine.scheduler.step().exhausted
+    assert [len(r.output_ids) for r in reqs] == [96, 96]
+    assert engine.slots.free_slots.numel() == num_slots
+
+
 def test_commit_and_next_canvas_share_a_forward(model):
     """When a canvas finishes, its commit and the next canvas's first step run in one forward."""
     engine = OfflineEngine(model)

@@ -245,6 +245,14 @@ def test_a_responses_request_carries_diffusion(protocol):
     assert "diffusion" not in protocol.ResponsesRequest(model="m", input="hi").to_sampling_params(None, {})
 
 
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_responses_request_cannot_ask_for_drafts(protocol, stream):
+    """Its stream is sglang's Responses events, which have no draft event: the drafts were dropped without a word."""
+    request = protocol.ResponsesRequest(model="m", input="hi", stream=stream, diffusion={"stream_drafts": True})
+    with pytest.raises(ValueError, match="Responses API has no draft events"):
+        request.to_sampling_params(None, {})
+
+
 def test_an_anthropic_request_carries_diffusion_into_its_chat_request(applied):
     from sglang.srt.entrypoints.anthropic.protocol import AnthropicMessagesRequest
     from sglang.srt.entrypoints.anthropic.serving import AnthropicServing

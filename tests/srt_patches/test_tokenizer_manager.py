@@ -260,10 +260,18 @@ def test_prompt_ids_are_checked(hf_config, tiny_checkpoint_dir, input_ids, word)
     ({"lora_id": "abc"}, "lora_id"),
     ({"positional_embed_overrides": {"embeds": [[0.1]], "positions": [1]}}, "positional_embed_overrides"),
     ({"session_params": {"id": "s", "bogus": 1}}, r"session_params: unknown keys \['bogus'\]"),
+    # the scheduler used these as dict keys and slice bounds, and died
+    ({"session_params": {"id": ["s"]}}, r"session_params.id: Expected `str \| null`, got `array`"),
+    ({"session_params": {"id": "s", "rid": {"a": 1}}}, r"session_params.rid: Expected `str \| null`, got `object`"),
+    ({"session_params": {"id": "s", "offset": 2.5}}, r"session_params.offset: Expected `int \| null`, got `float`"),
+    ({"session_params": {"id": "s", "offset": "a"}}, r"session_params.offset: Expected `int \| null`, got `str`"),
+    ({"session_params": {"id": "s", "replace": "yes"}}, r"session_params.replace: Expected `bool \| null`"),
+    ({"session_params": {"id": "s", "drop_previous_output": 1}}, r"session_params.drop_previous_output: Expected"),
+    ({"session_params": "s"}, "session_params must be an object"),
 ])  # fmt: skip
 def test_fields_the_engine_does_not_implement_are_refused(hf_config, tiny_checkpoint_dir, fields, word):
     """Refused with a 400, not ignored (input_embeds, routed experts) or left to end the scheduler (lora_id,
-    positional_embed_overrides) or to a 500 (session_params)."""
+    positional_embed_overrides, session_params of the wrong type) or to a 500 (unknown session_params)."""
     original = Recorder()
     obj = SimpleNamespace(sampling_params={"max_new_tokens": 4}, **fields)
     with pytest.raises(ValueError, match=word):

@@ -1,0 +1,73 @@
+"""RadixKVSlots on sglang's own radix tree and CPU pools, without a server: what a retraction does to a request's
+cached-token count and to the pool."""
+
+from array import array
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from sgl_diffusion.runtime.radix_slots import RadixKVSlots
+from sgl_diffusion.runtime.scheduler_policy import DiffusionRequest
+
+POOL = 1024
+
+
+@pytest.fixture
+def slots(monkeypatch):
+    import sglang.srt.managers.schedule_batch as schedule_batch
+    import sglang.srt.mem_cache.common as mem_cache_common
+    from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
+    from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+    from sglang.srt.mem_cache.radix_cache import RadixCache
+
+    # NOTE: what a server publishes into sglang's runtime context at start-up, as far as Req and the tree read it
+    for module in (schedule_batch, mem_cache_common):
+        monkeypatch.setattr(module, "get_serving", lambda: SimpleNamespace(strip_thinking_cache=False), raising=False)
+        monkeypatch.setattr(module, "get_spec", lambda: SimpleNamespace(speculative_algorithm=None), raising=False)
+    rows = ReqToTokenPool(size=8, max_context_len=512, device="cpu", enable_memory_saver=False)
+    kv = MHATokenToKVPool(POOL, 1, torch.float32, 1, 8, 1, "cpu", False, enable_alt_stream=False)
+    allocator = TokenToKVPoolAllocator(POOL, torch.float32, "cpu", kv, need_sort=False)
+    tree = RadixCache(CacheInitParams(disable=False, req_to_token_pool=rows, token_to_kv_pool_allocator=allocator,
+                                      page_size=1))  # fmt: skip
+    # a tree without sliding-window layers (the server's has them): no window ever ends within these contexts
+    tree.sliding_window_size, tree.draft_swa_window = 10**6, 0
+    return RadixKVSlots(tree, rows, "cpu")
+
+
+def _request(prompt):
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    params = SamplingParams(max_new_tokens=96)
+    params.normalize(None)
+    return DiffusionRequest(prompt, None, 96, handle=Req("r", "", array("q", prompt), params))
+
+
+def _encode(slots, dreq, tokens):
+    got = slots.reserve(dreq, tokens)
+    dreq.slots = torch.cat([got.reused if dreq.slots is None else dreq.slots, got.new])
+    slots.encoded(dreq)
+    return got
+
+
+def test_a_retracted_request_re_encodes_from_its_cached_context_without_counting_it_as_a_cached_prompt(slots):
+    """Retracted with one canvas committed and one done, it matches its own prompt + canvas in the tree; that reuse
+    is not a prompt-cache hit (it counted 52 cached tokens for a 20-token prompt), and every slot comes back."""
+    prompt, first, second = list(range(100, 120)), list(range(200, 232)), list(range(300, 332))
+    dreq = _request(prompt)
+    assert _encode(slots, dreq, prompt).reused.numel() == 0
+    dreq.output_ids += first
+    dreq.handle.output_ids.extend(first)
+    _encode(slots, dreq, first)
+    dreq.output_ids += second
+    dreq.handle.output_ids.extend(second)
+    slots.forget(dreq, cache=True)  # as CanvasScheduler._make_room does
+    dreq.slots = None
+    assert slots.room() == POOL  # all of it free or held only by the tree
+    got = _encode(slots, dreq, prompt + dreq.output_ids)
+    assert got.reused.numel() == len(prompt) + len(first) and got.new.numel() == len(second)
+    assert dreq.handle.cached_tokens == 0
+    slots.release(dreq)
+    assert slots.room() == POOL and slots.rows.available_size() == 8
