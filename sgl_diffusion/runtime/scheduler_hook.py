@@ -424,6 +424,10 @@ def check_supported(scheduler: Scheduler) -> None:
         "PD multiplexing": scheduler.enable_pdmux,
         # the canvas forward never sets up sglang's LoRA batch info: adapters would be ignored, or their layers fail
         "LoRA adapters": scheduler.enable_lora,
+        # a streaming session hands each turn's KV row to the session when sglang's batch allocates it; our KV slots
+        # allocate rows themselves, so the first turn's release failed and the idle leak check ended the server
+        "streaming sessions (--enable-streaming-session; sessions without it work)":
+            scheduler.server_args.enable_streaming_session,
         # the canvas loop neither drafts nor verifies tokens: the draft worker would only hold memory
         "speculative decoding": not scheduler.spec_algorithm.is_none(),
         # host-memory KV (HiCache) needs sglang's batch loop to load prefixes back and acknowledge write-throughs

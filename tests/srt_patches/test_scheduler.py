@@ -114,8 +114,8 @@ def test_installed_dispatch_runs_canvas_loop(applied, run_event_loop):
 
 def test_unsupported_modes_refused_at_startup():
     """PD disaggregation, pipeline parallelism, PD multiplexing, LoRA adapters, speculative decoding, the
-    hierarchical KV cache, sglang's own dLLM loop, KV pages of more than one token, one KV pool for all layers and a
-    quantized KV cache stop the scheduler with a clear error; the flags checked are the ones sglang sets."""
+    hierarchical KV cache, sglang's own dLLM loop, KV pages of more than one token, one KV pool for all layers, a
+    quantized KV cache and streaming sessions stop the scheduler with a clear error; the flags checked are the ones sglang sets."""
     from sglang.srt.disaggregation.utils import DisaggregationMode
     from sglang.srt.layers.quantization.fp4_kv_cache_quant_method import get_kv_cache_quant_method
     from sglang.srt.managers import scheduler as sglang_scheduler
@@ -125,7 +125,8 @@ def test_unsupported_modes_refused_at_startup():
     from sgl_diffusion.runtime.scheduler_hook import PLAIN_KV_CACHE_DTYPES, check_supported
 
     plain_pool = MHATokenToKVPool(16, 1, torch.float32, 2, 8, 2, "cpu", False)
-    served = {"pp_size": 1, "kv_cache_dtype": "auto", "disable_hybrid_swa_memory": False, "dllm_algorithm": None}
+    served = {"pp_size": 1, "kv_cache_dtype": "auto", "disable_hybrid_swa_memory": False, "dllm_algorithm": None,
+              "enable_streaming_session": False}
 
     def modes(pool=plain_pool, args=None, **changed):
         return SimpleNamespace(**({"disaggregation_mode": DisaggregationMode.NULL, "enable_pdmux": False,
@@ -145,6 +146,7 @@ def test_unsupported_modes_refused_at_startup():
         (r"KV pages of 16 tokens \(--page-size; 1 works\)", modes(page_size=16)),
         (r"sglang's dLLM loop \(--dllm-algorithm", modes(args={"dllm_algorithm": "LowConfidence"})),
         ("--disable-hybrid-swa-memory", modes(args={"disable_hybrid_swa_memory": True})),
+        (r"streaming sessions \(--enable-streaming-session", modes(args={"enable_streaming_session": True})),
     ]
     for message, scheduler in refused:
         with pytest.raises(RuntimeError, match=message):
