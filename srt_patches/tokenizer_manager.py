@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import typing
 from contextvars import ContextVar
 
+import msgspec
 from sglang.srt.plugins.hook_registry import HookType, plugin_hook
 
 _MANAGER = "sglang.srt.managers.tokenizer_manager.TokenizerManager"
@@ -95,9 +97,6 @@ def _check_fields(obj) -> None:
         return
     if not isinstance(session, dict):
         raise ValueError("session_params must be an object")
-    import typing
-
-    import msgspec
     from sglang.srt.managers.io_struct import SessionParams
 
     if unknown := sorted(set(session) - set(SessionParams.__struct_fields__)):

@@ -205,10 +205,10 @@ class CanvasScheduler:
 
     def _plan(self):
         encode_only = not self.mixed_rounds and any(r.pending for r in self.running)
-        plan = self._plan_round(encode_only)
-        if encode_only and not plan[1]:  # every encode waits for KV: the canvases run meanwhile (and may free some)
-            plan = self._plan_round(encode_only=False)
-        return plan
+        reqs, segments, states, starved = self._plan_round(encode_only)
+        if encode_only and not segments:  # every encode waits for KV: the canvases run meanwhile (and may free some)
+            return self._plan_round(encode_only=False)
+        return reqs, segments, states, starved
 
     def _plan_round(self, encode_only: bool):
         reqs, segments, states, starved = [], [], [], []
