@@ -5,8 +5,9 @@ Also accept ``"image_token_budget"`` in chat bodies, checked here and passed on 
 ``mm_processor_kwargs`` (what sgl_diffusion.multimodal's processor reads).
 
 Also report diffusion figures in ``usage.diffusion`` (canvases, denoise steps, tokens per forward; a streamed
-answer's usage chunk gets them in srt_patches.openai_stream), and in the Anthropic Messages usage, which sglang
-converts from the chat usage field by field.
+answer's usage chunk gets them in srt_patches.openai_stream), in the Anthropic Messages usage, which sglang
+converts from the chat usage field by field, and in the Responses usage, which sglang's ``ResponsesResponse``
+serializer writes field by field (its serializer is extended; srt_patches.openai_stream fills the field).
 
 Also serve the completions ``suffix`` as an infill: the completion is a hole of ``max_tokens`` tokens
 followed by the suffix as fixed context (``diffusion.infill``); the answer is the hole's text, as
@@ -62,11 +63,35 @@ def _add_diffusion_field() -> None:
         if name not in cls.model_fields:
             cls.model_fields[name] = FieldInfo(annotation=annotation, default=None)
             cls.model_rebuild(force=True)
+    _serialize_responses_diffusion(protocol.ResponsesResponse)
     # NOTE: models that nest UsageInfo captured its old schema; rebuild them so usage.diffusion serializes
     for cls in (protocol.ChatCompletionResponse, protocol.CompletionResponse, protocol.ChatCompletionStreamResponse,
                 protocol.CompletionStreamResponse, anthropic.AnthropicMessagesResponse, anthropic.MessageDeltaEvent,
-                anthropic.MessageStartEvent):
+                anthropic.MessageStartEvent, protocol.ResponsesLifecycleEvent):
         cls.model_rebuild(force=True)
+
+
+def _serialize_responses_diffusion(cls) -> None:
+    """The Responses usage is written field by field by sglang's ``_serialize_usage`` serializer; ours adds
+    ``diffusion`` to what it writes. NOTE: pydantic keeps a model's serializers in ``__pydantic_decorators__`` and
+    builds the schema from there, so the entry is replaced and the model rebuilt."""
+    import dataclasses
+
+    serializers = cls.__pydantic_decorators__.field_serializers
+    entry = serializers["_serialize_usage"]
+    if getattr(entry.func, "_sgl_diffusion", False):
+        return
+    upstream = entry.func
+
+    def serialize_usage(self, usage, info):
+        out = upstream(self, usage, info)
+        if out is not None and getattr(usage, "diffusion", None) is not None:
+            out["diffusion"] = usage.diffusion
+        return out
+
+    serialize_usage._sgl_diffusion = True
+    serializers["_serialize_usage"] = dataclasses.replace(entry, func=serialize_usage)
+    cls.model_rebuild(force=True)
 
 
 def _carry_diffusion(params: dict, request) -> dict:

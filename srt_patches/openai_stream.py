@@ -20,6 +20,13 @@ Why: a streamed request's usage chunk (``stream_options.include_usage``) is buil
      lacked the ``usage.diffusion`` block the non-streamed answer has. While an OpenAI stream runs, the chunks'
      per-token step counts are kept per choice (generate_request above), and its usage chunk gets the block.
 Remove when: sglang passes the requests' meta_info to the streaming usage.
+
+Targets: sglang.srt.entrypoints.openai.serving_responses.OpenAIServingResponses.{create_responses, _build_response}
+Checked against: sglang 0.5.23
+Why: the Responses API builds its usage from token counts alone, streamed or not. While a Responses request is served,
+     its step counts are kept as an OpenAI stream's are, and every response built from it gets ``usage.diffusion``
+     (srt_patches.openai_protocol serializes it in the Responses usage shape).
+Remove when: sglang passes the requests' meta_info to the Responses usage.
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ TARGETS = (
     "sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat._generate_chat_stream",
     "sglang.srt.entrypoints.openai.serving_completions.OpenAIServingCompletion._generate_completion_stream",
     "sglang.srt.entrypoints.openai.usage_processor.UsageProcessor.calculate_streaming_usage",
+    "sglang.srt.entrypoints.openai.serving_responses.OpenAIServingResponses.create_responses",
+    "sglang.srt.entrypoints.openai.serving_responses.OpenAIServingResponses._build_response",
 )
 # Where generate_request diverts drafts while an OpenAI stream of this task wants them.
 _draft_sink: ContextVar[asyncio.Queue | None] = ContextVar("sgl_diffusion_draft_sink", default=None)
@@ -126,6 +135,22 @@ def streaming_usage(original, *args, **kwargs):
     return usage
 
 
+async def create_responses(original, serving, *args, **kwargs):
+    # NOTE: set in the request's task; a streamed answer's body runs in a task that copies this context later, so its
+    # generate_request and _build_response see the same dict
+    _stream_steps.set({})
+    return await original(serving, *args, **kwargs)
+
+
+def build_response(original, *args, **kwargs):
+    from srt_patches.openai_protocol import diffusion_usage
+
+    response = original(*args, **kwargs)
+    if (steps := _stream_steps.get()) and response.usage is not None:
+        response.usage.diffusion = diffusion_usage([s for index in sorted(steps) for s in steps[index]])
+    return response
+
+
 def wants_drafts(adapted_request) -> bool:
     sampling = adapted_request.sampling_params
     diffusion = sampling.get("diffusion") if isinstance(sampling, dict) else None
@@ -170,3 +195,5 @@ def register() -> None:
     plugin_hook(TARGETS[2], HookType.AROUND)(chat_stream)
     plugin_hook(TARGETS[3], HookType.AROUND)(completion_stream)
     plugin_hook(TARGETS[4], HookType.AROUND)(streaming_usage)
+    plugin_hook(TARGETS[5], HookType.AROUND)(create_responses)
+    plugin_hook(TARGETS[6], HookType.AROUND)(build_response)

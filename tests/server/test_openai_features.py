@@ -208,8 +208,8 @@ def test_tokenize_round_trip_and_ids_outside_the_vocabulary(server, tokenizer):
 
 def test_responses_and_anthropic_messages_take_diffusion_parameters(server, client):
     """/v1/responses and /v1/messages accept `diffusion` as chat does: the same seeded request gives chat's text (the
-    same prompt, through the same template), and a bad value is a 400 naming it. /v1/messages reports chat's
-    usage.diffusion, streamed (in message_delta) or not. (Responses' default temperature is
+    same prompt, through the same template), and a bad value is a 400 naming it. /v1/messages and /v1/responses report
+    chat's usage.diffusion, streamed (in message_delta, in response.completed) or not. (Responses' default temperature is
     sglang's 0.7: set 1 to compare with chat's default.)"""
     model = requests.get(f"{server.url}/v1/models", timeout=30).json()["data"][0]["id"]
     params = {"seed": 5, "max_denoising_steps": 2}
@@ -222,6 +222,13 @@ def test_responses_and_anthropic_messages_take_diffusion_parameters(server, clie
     assert responses["output"][0]["content"][0]["text"] == chat.choices[0].message.content
     assert messages["content"][0]["text"] == chat.choices[0].message.content
     assert messages["usage"]["diffusion"] == chat.usage.diffusion and chat.usage.diffusion["denoise_steps"] > 0
+    assert responses["usage"]["diffusion"] == chat.usage.diffusion
+    with requests.post(f"{server.url}/v1/responses", json={
+            "model": model, "input": MESSAGES[0]["content"], "temperature": 1, "max_output_tokens": 22,
+            "diffusion": params, "stream": True}, stream=True, timeout=120) as streamed:  # fmt: skip
+        events = [json.loads(line[len(b"data: "):]) for line in streamed.iter_lines() if line.startswith(b"data: ")]
+    completed = next(e for e in events if e["type"] == "response.completed")
+    assert completed["response"]["usage"]["diffusion"] == chat.usage.diffusion, events[-1]
     with requests.post(f"{server.url}/v1/messages", json={"model": model, "max_tokens": 20, "messages": MESSAGES,
                                                           "diffusion": params, "stream": True}, stream=True,
                        timeout=120) as streamed:  # fmt: skip

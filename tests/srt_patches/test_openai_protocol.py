@@ -1,3 +1,4 @@
+import json
 from inspect import Parameter
 
 import pytest
@@ -243,6 +244,23 @@ def test_a_responses_request_carries_diffusion(protocol):
     request = protocol.ResponsesRequest(model="m", input="hi", diffusion={"max_denoising_steps": 3})
     assert request.to_sampling_params(None, {})["diffusion"] == {"max_denoising_steps": 3}
     assert "diffusion" not in protocol.ResponsesRequest(model="m", input="hi").to_sampling_params(None, {})
+
+
+def test_the_responses_usage_carries_diffusion_nested_or_not(protocol):
+    """sglang writes the Responses usage field by field in its own serializer; diffusion is added to what it writes,
+    in the response and in the stream's response.completed event, and left out when there is none."""
+    def response(**usage_fields):
+        usage = protocol.UsageInfo(prompt_tokens=3, completion_tokens=4, total_tokens=7, **usage_fields)
+        return protocol.ResponsesResponse(id="r", created_at=0, model="m", output=[], status="completed", usage=usage)
+
+    block = {"canvases": 1, "denoise_steps": 2, "tokens_per_forward": 2.0}
+    with_diffusion = response(diffusion=block)
+    assert with_diffusion.model_dump()["usage"] == {
+        "input_tokens": 3, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0}, "output_tokens": 4,
+        "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 7, "diffusion": block}  # fmt: skip
+    event = protocol.ResponsesLifecycleEvent(type="response.completed", response=with_diffusion)
+    assert json.loads(event.model_dump_json())["response"]["usage"]["diffusion"] == block
+    assert "diffusion" not in response().model_dump()["usage"]
 
 
 @pytest.mark.parametrize("stream", [True, False])

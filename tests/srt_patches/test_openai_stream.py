@@ -24,6 +24,13 @@ EXPECTED_PARAMETERS = {
         ("prompt_tokens", EMPTY), ("reasoning_tokens", EMPTY), ("completion_tokens", EMPTY), ("cached_tokens", EMPTY),
         ("n_choices", EMPTY),
     ],
+    "sglang.srt.entrypoints.openai.serving_responses.OpenAIServingResponses.create_responses": [
+        ("self", EMPTY), ("request", EMPTY), ("raw_request", None),
+    ],
+    # the wrapper reads the built response's usage only
+    "sglang.srt.entrypoints.openai.serving_responses.OpenAIServingResponses._build_response": [
+        ("request", EMPTY), ("sampling_params", EMPTY), ("output", EMPTY), ("status", EMPTY),
+    ],
 }  # fmt: skip
 DRAFT = {"canvas": 0, "step": 2, "token_ids": [5, 6], "text": "ab"}
 
