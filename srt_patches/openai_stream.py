@@ -51,7 +51,7 @@ TARGETS = (
 # Where generate_request diverts drafts while an OpenAI stream of this task wants them.
 _draft_sink: ContextVar[asyncio.Queue | None] = ContextVar("sgl_diffusion_draft_sink", default=None)
 _END = object()
-# The step counts of the OpenAI stream this task serves, per choice index (None outside one).
+# The step counts of the OpenAI stream or Responses request this task serves, per choice index (None outside one).
 _stream_steps: ContextVar[dict[int, list[int]] | None] = ContextVar("sgl_diffusion_stream_steps", default=None)
 
 

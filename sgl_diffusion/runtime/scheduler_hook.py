@@ -366,7 +366,7 @@ class DiffusionEngine:
             req.finished_reason = FINISH_LENGTH(length=len(req.output_ids))  # the next canvas would not fit
         end = req.finished_len if req.finished() and req.finished_len is not None else len(req.output_ids)
         # NOTE: the canvas past the stop is no output: a session's next turn appends output_ids to its history
-        # (sglang's SessionController reads no finished_len), and it got the rest of the canvas (pads, a cut stop string)
+        # (sglang's SessionController reads no finished_len), and got the rest of the canvas (pads, a cut stop string)
         del req.output_ids[end:]
         steps = int(state.steps_taken)
         # meta_info["diffusion_steps"], one value per output token: the denoise steps of the token's canvas
