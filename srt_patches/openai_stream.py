@@ -127,12 +127,7 @@ async def _counting_steps(original, *args, **kwargs):
 
 
 def streaming_usage(original, *args, **kwargs):
-    from srt_patches.openai_protocol import diffusion_usage
-
-    usage = original(*args, **kwargs)
-    if steps := _stream_steps.get():
-        usage.diffusion = diffusion_usage([s for index in sorted(steps) for s in steps[index]])
-    return usage
+    return _with_kept_steps(original(*args, **kwargs))
 
 
 async def create_responses(original, serving, *args, **kwargs):
@@ -143,12 +138,19 @@ async def create_responses(original, serving, *args, **kwargs):
 
 
 def build_response(original, *args, **kwargs):
+    response = original(*args, **kwargs)
+    if response.usage is not None:
+        _with_kept_steps(response.usage)
+    return response
+
+
+def _with_kept_steps(usage):
+    """``usage`` with the diffusion block of the step counts this task kept (none kept: unchanged)."""
     from srt_patches.openai_protocol import diffusion_usage
 
-    response = original(*args, **kwargs)
-    if (steps := _stream_steps.get()) and response.usage is not None:
-        response.usage.diffusion = diffusion_usage([s for index in sorted(steps) for s in steps[index]])
-    return response
+    if steps := _stream_steps.get():
+        usage.diffusion = diffusion_usage([s for index in sorted(steps) for s in steps[index]])
+    return usage
 
 
 def wants_drafts(adapted_request) -> bool:
