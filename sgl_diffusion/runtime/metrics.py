@@ -28,6 +28,11 @@ class DiffusionMetrics:
             "sglang:diffusion_canvases_in_flight", "Canvases being denoised.", names, multiprocess_mode="mostrecent"
         )
         self.canvases = Counter("sglang:diffusion_canvases_total", "Committed canvases.", names)
+        self.prefill_tokens_per_round = Histogram(
+            "sglang:diffusion_prefill_tokens_per_round",
+            "Prompt tokens a forward round encoded, over its requests (at most --chunked-prefill-size).", names,
+            buckets=(16, 64, 256, 1024, 2048, 4096, 8192, 16384, 65536),
+        )
         self.grammars_in_flight = Gauge(
             "sglang:diffusion_grammars_in_flight", "Grammar matchers held by running requests.", names,
             multiprocess_mode="mostrecent",
@@ -38,6 +43,9 @@ class DiffusionMetrics:
         self.tokens_per_forward.labels(**self.labels).observe(kept_tokens / max(steps, 1))
         self.accepted_per_step.labels(**self.labels).observe(accepted_per_step)
         self.canvases.labels(**self.labels).inc()
+
+    def prefill_round(self, tokens: int) -> None:
+        self.prefill_tokens_per_round.labels(**self.labels).observe(tokens)
 
     def in_flight(self, canvases: int, grammars: int) -> None:
         self.canvases_in_flight.labels(**self.labels).set(canvases)

@@ -24,8 +24,8 @@ class FreeListSlots(KVSlots):
         self.free_slots = torch.arange(1, num_slots + 1, device=device)
         self.empty = torch.empty(0, dtype=torch.long, device=device)
 
-    def reserve(self, req, tokens):
-        n = len(tokens)
+    def reserve(self, req, tokens, limit=None):
+        n = len(tokens) if limit is None else min(len(tokens), limit)
         if n > self.free_slots.numel():
             return None
         slots, self.free_slots = self.free_slots[:n], self.free_slots[n:]
@@ -40,7 +40,8 @@ class FreeListSlots(KVSlots):
 
 class OfflineEngine:
     def __init__(self, model, eos_token_ids=(), num_slots: int = 4096, steps_per_round: int = 1,
-                 mixed_rounds: bool = True, canvas_step: StepMode | None = None, rng: str = "exact"):
+                 mixed_rounds: bool = True, canvas_step: StepMode | None = None, rng: str = "exact",
+                 prefill_chunk: int | None = None):
         """``canvas_step``: run canvas-only rounds through the static step in this mode (runtime/canvas_step.py);
         None: every round through the model's mixed forward. ``rng``: the sampler's (env.SamplerEnv)."""
         cfg = model.cfg
@@ -52,7 +53,7 @@ class OfflineEngine:
         step = None if canvas_step is None else CanvasStep(model, kv, canvas_step, judge=rng == "exact")
         runner = DiffusionRunner(model, SdpaBackend(kv, cfg.sliding_window), step, rng)
         self.scheduler = CanvasScheduler(runner, self.slots, eos_sink(eos_token_ids), device, steps_per_round,
-                                         mixed_rounds)
+                                         mixed_rounds, prefill_chunk)
 
     def generate(self, requests: list[DiffusionRequest]) -> list[list[int]]:
         for req in requests:

@@ -22,17 +22,19 @@ class RadixKVSlots(KVSlots):
         self.allocator = tree_cache.token_to_kv_pool_allocator
         self.empty = torch.empty(0, dtype=torch.long, device=device)
 
-    def reserve(self, dreq: DiffusionRequest, tokens: list[int]) -> Reservation | None:
+    def reserve(self, dreq: DiffusionRequest, tokens: list[int], limit: int | None = None) -> Reservation | None:
         req = dreq.handle
         if req.kv.holds_kv:
-            return self._extend(req, len(tokens), slide_window=not dreq.finished)
+            n = len(tokens) if limit is None else min(len(tokens), limit)
+            return self._extend(req, n, slide_window=not dreq.finished)
         if self.rows.available_size() < 1:
             return None
         req.init_next_round_input(self.tree)  # match the prompt against the tree: req.prefix_len, req.last_node
         reused = self.tree.prefix_device_indices(req).long() if req.prefix_len else self.empty
         # NOTE: pins the matched prefix until release; before allocating, whose eviction could otherwise take it
         lock = self.tree.lock(req.last_node)
-        new = self._alloc(len(tokens) - req.prefix_len)
+        n = len(tokens) - req.prefix_len
+        new = self._alloc(n if limit is None else min(n, limit))
         if new is None:
             self.tree.unlock(lock)
             return None

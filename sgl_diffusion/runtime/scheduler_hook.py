@@ -171,6 +171,7 @@ class DiffusionEngine:
             self._accept_canvas,
             self.device,
             steps_per_round=steps_per_round,
+            prefill_chunk=scheduler.chunked_prefill_size,  # None when --chunked-prefill-size is -1
         )
         collector = getattr(scheduler.metrics_reporter, "metrics_collector", None)
         self.metrics = DiffusionMetrics(collector.labels) if collector is not None else None
@@ -251,6 +252,8 @@ class DiffusionEngine:
                 self._abort(dreq, reason, cache=False)  # its KV may be half written: keep it out of the tree
             return
         self._report_in_flight()
+        if self.metrics is not None and out.prefill_tokens:
+            self.metrics.prefill_round(out.prefill_tokens)
         for dreq in out.exhausted:  # it holds all the KV it could get and needs more: it would wait forever
             self._abort(dreq, FINISH_ABORT(
                 "KV cache exhausted: the request needs more KV than the server's pool holds (--max-total-tokens; the "

@@ -3,7 +3,9 @@
 Every running request contributes at most two segments per forward: its pending encode (the prompt,
 or the canvas it just finished) followed by one denoise step of its current canvas. Encoding and
 denoising thus share forwards: a new prompt never stalls the requests that are denoising, and a
-finished canvas is committed in the same forward as the next canvas's first step.
+finished canvas is committed in the same forward as the next canvas's first step. Prompts share a
+prefill budget per forward (chunked prefill): a long one is encoded over several forwards, and its
+canvas starts with its last chunk.
 
 A request's last canvas is committed too when the KV store keeps prefixes (the radix cache): its answer
 is streamed as soon as the canvas is done, and the request stays one more forward to encode those
@@ -35,10 +37,11 @@ class KVSlots(ABC):
     """Owns the KV slots of running requests (sglang's pools and radix tree in the server)."""
 
     @abstractmethod
-    def reserve(self, req: DiffusionRequest, tokens: list[int]) -> Reservation | None:
+    def reserve(self, req: DiffusionRequest, tokens: list[int], limit: int | None = None) -> Reservation | None:
         """KV for ``tokens`` appended to the request's committed context; None when memory is short.
 
-        Only a request's first reservation (its prompt) may reuse a cached prefix.
+        Only a request's first reservation (its prompt) may reuse a cached prefix. ``limit``: at most that many new
+        slots, for the first tokens after the reused prefix (a chunk of a long prompt); None: all of them.
         """
 
     def encoded(self, req: DiffusionRequest) -> None:
@@ -80,6 +83,9 @@ class DiffusionRequest:
     # set by the policy
     slots: torch.Tensor | None = field(default=None, init=False)  # [committed context] KV slots
     pending: list[int] = field(default_factory=list, init=False)  # tokens to encode next forward
+    # pending holds (the rest of) its prompt, or prompt + output after a retraction: encoded as a prefill, in chunks
+    # of the round's prefill budget; its canvas waits until all of it is encoded
+    prefilling: bool = field(default=False, init=False)
     state: CanvasState | None = field(default=None, init=False)
     output_ids: list[int] = field(default_factory=list, init=False)
     finished: bool = field(default=False, init=False)  # output complete; may still encode its last canvas
@@ -90,6 +96,10 @@ class DiffusionRequest:
     grammar_prefix: list[int] = field(default_factory=list, init=False)  # current canvas, accepted by the grammar
     repairs: int = field(default=0, init=False)  # grammar repairs of the current canvas so far
     grammar_fallbacks: int = field(default=0, init=False)  # positions whose top-k held no allowed token
+
+    def encode_from_scratch(self) -> None:
+        """Give up its KV slots (the caller released them): prompt + output are encoded again before its canvas."""
+        self.slots, self.pending, self.prefilling = None, [*self.prompt_ids, *self.output_ids], True
 
     @property
     def context_len(self) -> int:
@@ -126,12 +136,17 @@ class StepOutput:
     starved: list[DiffusionRequest] = field(default_factory=list)  # denied KV slots this round
     # holding all the KV it could get, and short of more: the pool cannot hold it even alone; the caller ends it
     exhausted: list[DiffusionRequest] = field(default_factory=list)
+    prefill_tokens: int = 0  # prompt tokens the forward encoded (bounded by the prefill budget)
 
 
 class CanvasScheduler:
     def __init__(self, runner: DiffusionRunner, kv: KVSlots, sink: CanvasSink, device, steps_per_round: int = 1,
-                 mixed_rounds: bool = True):
+                 mixed_rounds: bool = True, prefill_chunk: int | None = None):
         self.runner = runner
+        # prompt tokens a round encodes at most, over all requests (sglang's --chunked-prefill-size; None: no limit):
+        # a long prompt is encoded over several rounds, so the canvases beside it keep their pace and a round's
+        # activations stay bounded. Commits (one canvas each) are not counted.
+        self.prefill_chunk = prefill_chunk
         self.steps_per_round = steps_per_round  # denoise steps per forward round before the host checks ``done``
         # False: a round with any prefill or commit runs only those, as sglang's in-tree dLLM loop does
         # (kept for bench/bench_rounds.py, which measures what mixing buys)
@@ -144,7 +159,7 @@ class CanvasScheduler:
         self.running: list[DiffusionRequest] = []
 
     def add(self, req: DiffusionRequest) -> None:
-        req.pending = list(req.prompt_ids)
+        req.encode_from_scratch()
         self.running.append(req)
 
     def step(self) -> StepOutput:
@@ -159,6 +174,7 @@ class CanvasScheduler:
                     self.kv.encoded(reqs[seg.req_index])
             out = self._apply(reqs, segments, states, done)
             out.starved = starved
+            out.prefill_tokens = sum(seg.num_tokens for seg in segments if seg.kind == "prefill")
         elif starved and len(starved) == len(self.running):
             out.exhausted = self._make_room()
         for req in list(self.running):
@@ -179,7 +195,7 @@ class CanvasScheduler:
                 self._free(req, cache=False)
             elif req.slots is not None:
                 self.kv.forget(req)
-                req.slots, req.pending = None, [*req.prompt_ids, *req.output_ids]
+                req.encode_from_scratch()
 
     def _make_room(self) -> list[DiffusionRequest]:
         """Every request waits for KV that only running requests could free (a burst of prompts filled the pool, and
@@ -193,7 +209,7 @@ class CanvasScheduler:
             return self.running[:1]
         victim = holders[-1]
         self.kv.forget(victim, cache=True)
-        victim.slots, victim.pending = None, [*victim.prompt_ids, *victim.output_ids]
+        victim.encode_from_scratch()
         self.running.remove(victim)
         self.running.append(victim)
         return []
@@ -217,9 +233,13 @@ class CanvasScheduler:
         last_commits = any(r.finished and r.pending for r in self.running)
         holders = sum(r.slots is not None and not r.finished for r in self.running)
         held_back = False
+        budget = self.prefill_chunk
         for req in list(self.running):
             if last_commits and req.slots is None:
                 continue  # admitted next round
+            if req.prefilling and req.pending and budget is not None and budget <= 0:
+                held_back = held_back or req.slots is None
+                continue  # the round's prefill budget is spent: it goes on next round (it is not short of KV)
             if req.slots is None and req.pending:
                 if held_back or not self._has_headroom(req, holders):
                     held_back = True  # first come, first served: a long prompt is not overtaken by shorter ones
@@ -227,8 +247,11 @@ class CanvasScheduler:
                     continue
                 holders += 1
             if req.pending:
-                kind = "prefill" if req.slots is None else "commit"
-                got = self.kv.reserve(req, req.pending)
+                kind = "prefill" if req.prefilling else "commit"
+                # NOTE: image runs are bidirectional: a prompt with images is encoded whole, as sglang does for
+                # multimodal models on its transformers backend
+                limit = budget if kind == "prefill" and not req.image_runs else None
+                got = self.kv.reserve(req, req.pending, limit)
                 if got is None and req.finished:
                     req.pending = []  # no room for its last canvas: release what is encoded rather than wait
                     continue
@@ -238,9 +261,17 @@ class CanvasScheduler:
                 prefix = got.reused if req.slots is None else req.slots
                 req.slots = torch.cat([prefix, got.new])
                 req.pending = req.pending[got.reused.numel() :]
-                if req.pending:
+                encoding = got.new.numel()
+                if encoding:
                     runs = req.images_after(prefix.numel())[0] if kind == "prefill" else ()
-                    segments.append(Segment(kind, len(reqs), len(req.pending), prefix.numel(), prefix, got.new, runs))
+                    segments.append(Segment(kind, len(reqs), encoding, prefix.numel(), prefix, got.new, runs))
+                    if kind == "prefill" and budget is not None:
+                        budget -= encoding
+                if len(req.pending) > encoding:  # more chunks of its prompt to come: no canvas yet
+                    if encoding:
+                        reqs.append(req)
+                    continue
+                req.prefilling = False
             if req.finished:
                 if req.pending:
                     reqs.append(req)  # only its last canvas's commit
@@ -294,8 +325,8 @@ class CanvasScheduler:
                 pieces.append(ids[cursor : cursor + seg.num_tokens])
                 cursor += seg.num_tokens
             else:
-                pieces.append(torch.tensor(req.pending, dtype=torch.long, device=self.device))
-                req.pending = []
+                pieces.append(torch.tensor(req.pending[: seg.num_tokens], dtype=torch.long, device=self.device))
+                req.pending = req.pending[seg.num_tokens :]
                 if seg.image_runs:
                     images.append(req.images_after(seg.start_pos)[1])
         return CanvasBatch(segments, torch.cat(pieces), soft, torch.cat(images) if images else None)
@@ -328,7 +359,7 @@ class CanvasScheduler:
         for req in reqs:
             if req.scoring:
                 constraints.collect_scores(req, model)
-            if req.max_new_tokens <= 0 and not req.finished:
+            if req.max_new_tokens <= 0 and not req.finished and not req.pending:
                 req.finished = True
                 finished.append(req)
         return StepOutput(committed, finished)

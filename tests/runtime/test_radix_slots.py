@@ -45,8 +45,8 @@ def _request(prompt):
     return DiffusionRequest(prompt, None, 96, handle=Req("r", "", array("q", prompt), params))
 
 
-def _encode(slots, dreq, tokens):
-    got = slots.reserve(dreq, tokens)
+def _encode(slots, dreq, tokens, limit=None):
+    got = slots.reserve(dreq, tokens, limit)
     dreq.slots = torch.cat([got.reused if dreq.slots is None else dreq.slots, got.new])
     slots.encoded(dreq)
     return got
@@ -70,4 +70,23 @@ def test_a_retracted_request_re_encodes_from_its_cached_context_without_counting
     assert got.reused.numel() == len(prompt) + len(first) and got.new.numel() == len(second)
     assert dreq.handle.cached_tokens == 0
     slots.release(dreq)
+    assert slots.room() == POOL and slots.rows.available_size() == 8
+
+
+def test_a_prompt_encoded_in_chunks_is_published_chunk_by_chunk(slots):
+    """A chunk of a prompt (chunked prefill) gets slots for its own tokens after the matched prefix only. Each encoded
+    chunk goes into the tree, so the same prompt arriving meanwhile reuses what is encoded so far, and its own first
+    chunk starts there."""
+    prompt = list(range(100, 150))
+    first = _request(prompt)
+    got = _encode(slots, first, prompt, limit=16)
+    assert got.reused.numel() == 0 and got.new.numel() == 16
+    got = _encode(slots, first, prompt[16:], limit=16)
+    assert got.new.numel() == 16 and first.slots.numel() == 32
+    second = _request(prompt)
+    got = _encode(slots, second, prompt, limit=16)
+    assert torch.equal(got.reused, first.slots) and got.new.numel() == 16
+    assert second.handle.cached_tokens == 32
+    for dreq in (first, second):
+        slots.release(dreq)
     assert slots.room() == POOL and slots.rows.available_size() == 8

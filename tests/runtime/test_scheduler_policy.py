@@ -9,6 +9,7 @@ from sgl_diffusion.entrypoints.tiny_checkpoint import tiny_generation_config
 from sgl_diffusion.runtime.offline import FreeListSlots, OfflineEngine
 from sgl_diffusion.runtime.scheduler_policy import DiffusionRequest
 from sgl_diffusion.sampling.params import DiffusionDefaults, DiffusionParams
+from tests.models.test_parity import rel_err
 
 
 def params(model, **kw):
@@ -251,9 +252,9 @@ class CachingSlots:
     def caches_prefixes(self):
         return self.caches
 
-    def reserve(self, req, tokens):
+    def reserve(self, req, tokens, limit=None):
         self.events.append(("reserve", req))
-        return self.slots.reserve(req, tokens)
+        return self.slots.reserve(req, tokens, limit)
 
     def encoded(self, req):
         self.events.append(("encoded", req))
@@ -364,3 +365,105 @@ def test_a_retract_gives_the_kv_back_and_re_encodes_prompt_and_output(model):
         policy.step()
     assert len(a.output_ids) == 96 and a.output_ids[: len(output)] == output
     assert engine.slots.free_slots.numel() == 512
+
+
+# ---- chunked prefill (sglang's --chunked-prefill-size) --------------------------------------------------------------
+
+
+def test_a_long_prompt_is_encoded_in_chunks_while_another_request_denoises(model):
+    """With a prefill budget of 16 tokens a round, a 40-token prompt is encoded in chunks of 16, 16 and 8, each after
+    the ones before it; the request already denoising takes a step in every one of those rounds, and the newcomer's
+    canvas starts in the round of its last chunk, reading the whole prompt."""
+    engine = OfflineEngine(model, prefill_chunk=16)
+    rec = Recorder(engine)
+    a = request(model, 10, 96, seed=1, steps=4)
+    engine.scheduler.add(a)
+    engine.scheduler.step()  # a: prefill + first canvas step
+    b = request(model, 40, 32, seed=2, steps=2)
+    engine.scheduler.add(b)
+    for _ in range(3):
+        engine.scheduler.step()
+    rounds = rec.batches[1:4]
+    for batch in rounds:  # a is the first running request: index 0 in every round
+        assert any(s.kind == "canvas" and s.req_index == 0 for s in batch.segments)
+    chunks = [[s for s in batch.segments if s.req_index == 1] for batch in rounds]
+    assert [[(s.kind, s.start_pos, s.num_tokens) for s in segs] for segs in chunks] == [
+        [("prefill", 0, 16)], [("prefill", 16, 16)], [("prefill", 32, 8), ("canvas", 40, 32)]]
+    (first,), (second,), (third, canvas) = chunks
+    assert torch.equal(second.prefix_slots, first.new_slots)
+    assert torch.equal(third.prefix_slots, torch.cat([first.new_slots, second.new_slots]))
+    assert torch.equal(canvas.prefix_slots, b.slots) and b.slots.numel() == 40
+    assert [batch.input_ids[segs[0].offset : segs[0].offset + segs[0].num_tokens].tolist() for batch, segs in
+            zip(rounds, chunks)] == [b.prompt_ids[:16], b.prompt_ids[16:32], b.prompt_ids[32:]]
+    while engine.scheduler.running:
+        engine.scheduler.step()
+    assert len(a.output_ids) == 96 and len(b.output_ids) == 32 and engine.slots.free_slots.numel() == 4096
+
+
+def test_the_prefill_budget_is_shared_first_come_first_served(model):
+    """Two new prompts of 20 with a budget of 32 a round: the first is encoded whole and the second gets the 12 tokens
+    left, then the rest of it; a third prompt behind them waits for the budget, not for KV."""
+    engine = OfflineEngine(model, prefill_chunk=32)
+    rec = Recorder(engine)
+    reqs = [request(model, 20, 32, seed=s, steps=1) for s in (1, 2, 3)]
+    for req in reqs:
+        engine.scheduler.add(req)
+    first = engine.scheduler.step()
+    assert not first.starved and reqs[2].slots is None and reqs[2].pending == reqs[2].prompt_ids  # untouched
+    engine.generate([])
+    prefills = [[(s.start_pos, s.num_tokens) for s in batch.segments if s.kind == "prefill"] for batch in rec.batches]
+    assert prefills[0] == [(0, 20), (0, 12)]
+    assert prefills[1] == [(12, 8), (0, 20)] and sum(n for rnd in prefills for _, n in rnd) == 60
+    assert [len(r.output_ids) for r in reqs] == [32, 32, 32]
+
+
+@pytest.mark.parametrize("canvas_step", [None, "eager"])  # the mixed forward; the graph-ready step's encode rounds
+def test_chunked_prefill_writes_the_kv_of_a_whole_one(model, canvas_step):
+    """Each chunk's queries attend causally to the chunks before it (in the cache) and to themselves: the prompt's
+    K/V in every layer is the one a single prefill writes, up to rounding."""
+    def prompt_kv(chunk):
+        engine = OfflineEngine(model, prefill_chunk=chunk, canvas_step=canvas_step if chunk else None)
+        req = request(model, 45, 0, seed=1)
+        engine.scheduler.add(req)
+        kv, slots = engine.scheduler.runner.attn.kv, []
+        engine.scheduler.kv.release = lambda r, cache=True: slots.append(r.slots.clone())  # keep the rows written
+        while engine.scheduler.running:
+            engine.scheduler.step()
+        return [torch.stack([k[slots[0]], v[slots[0]]]) for k, v in zip(kv.k, kv.v)]
+
+    whole, chunked = prompt_kv(None), prompt_kv(16)
+    assert [rel_err(b, a) < 1e-5 for a, b in zip(whole, chunked)] == [True] * len(whole)
+
+
+def test_a_prefill_only_request_finishes_after_its_last_chunk(model):
+    """max_new_tokens=0 (the DSL's prefix caching): finished once the whole prompt is encoded, not after its first
+    chunk, with no canvas at all."""
+    engine = OfflineEngine(model, prefill_chunk=16)
+    rec = Recorder(engine)
+    req = request(model, 40, 0, seed=5)
+    engine.scheduler.add(req)
+    finished_at = []
+    while engine.scheduler.running:
+        finished_at.append(bool(engine.scheduler.step().finished))
+    assert finished_at == [False, False, True]
+    assert [[(s.kind, s.num_tokens) for s in b.segments] for b in rec.batches] == [
+        [("prefill", 16)], [("prefill", 16)], [("prefill", 8)]]
+    assert engine.slots.free_slots.numel() == 4096
+
+
+def test_a_request_retracted_between_chunks_encodes_its_prompt_again(model):
+    """A retract (new weights coming) between two chunks gives the partial prompt's KV back; the request encodes its
+    prompt from the start, in chunks again, and finishes with its whole output."""
+    engine = OfflineEngine(model, prefill_chunk=16)
+    rec = Recorder(engine)
+    req = request(model, 40, 32, seed=2, steps=1)
+    engine.scheduler.add(req)
+    engine.scheduler.step()
+    assert req.slots.numel() == 16 and len(req.pending) == 24
+    engine.scheduler.retract()
+    assert req.slots is None and req.pending == req.prompt_ids
+    while engine.scheduler.running:
+        engine.scheduler.step()
+    prefills = [(s.start_pos, s.num_tokens) for b in rec.batches for s in b.segments if s.kind == "prefill"]
+    assert prefills == [(0, 16), (0, 16), (16, 16), (32, 8)]
+    assert len(req.output_ids) == 32 and engine.slots.free_slots.numel() == 4096

@@ -8,8 +8,10 @@ import requests
 pytestmark = pytest.mark.slow
 
 
-def metric(text: str, name: str) -> float:
-    values = [float(v) for v in re.findall(rf"^{re.escape(name)}\{{[^}}]*\}} ([0-9.e+-]+)$", text, re.M)]
+def metric(text: str, name: str, le: str | None = None) -> float:
+    """The sum of a metric's samples over their labels (``le``: a histogram bucket's samples only)."""
+    bucket = "" if le is None else rf'[^}}]*le="{re.escape(le)}"'
+    values = [float(v) for v in re.findall(rf"^{re.escape(name)}\{{{bucket}[^}}]*\}} ([0-9.e+-]+)$", text, re.M)]
     return sum(values)
 
 

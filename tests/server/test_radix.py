@@ -86,7 +86,7 @@ def test_kv_returned_after_requests(server):
 @pytest.fixture(scope="module")
 def small_server(tiny_checkpoint_dir):
     srv = Server(tiny_checkpoint_dir, "--max-total-tokens", "400", "--swa-full-tokens-ratio", "0.9",
-                 "--max-running-requests", "2")
+                 "--max-running-requests", "2", "--chunked-prefill-size", "64")
     yield srv
     srv.stop()
 
@@ -133,4 +133,25 @@ def test_requests_that_fill_the_pool_together_wait_or_are_retracted_not_failed(s
     assert [len(o.json()["output_ids"]) for o in outs] == [128, 128]
     # a retracted request's re-encode may reuse its own context: that is no cached prompt (tests/runtime/test_radix_slots.py)
     assert all(o.json()["meta_info"]["cached_tokens"] <= 150 for o in outs), [o.json()["meta_info"] for o in outs]
+    assert_idle_and_no_kv_in_use(small_server)
+
+
+def test_a_long_prompt_is_encoded_in_chunks_of_the_prefill_budget(small_server, server):
+    """With --chunked-prefill-size 64, a 300-token prompt is encoded over rounds of at most 64 prompt tokens (sglang's
+    chunked prefill; /metrics has every round's count), and the seeded answer is the one the default server gives,
+    which encodes it in one round."""
+    from tests.server.test_metrics import metric
+
+    ids = [2, 5] + [(j * 11) % 390 + 3 for j in range(298)]
+    body = dict(input_ids=ids, sampling_params={"max_new_tokens": 40, "ignore_eos": True,
+                                                "diffusion": {"seed": 7, "max_denoising_steps": 1}})
+    name = "sglang:diffusion_prefill_tokens_per_round"
+    before = requests.get(f"{small_server.url}/metrics", timeout=30).text
+    chunked = generate(small_server, **body)
+    after = requests.get(f"{small_server.url}/metrics", timeout=30).text
+    delta = lambda suffix: metric(after, name + suffix) - metric(before, name + suffix)  # noqa: E731
+    assert delta("_sum") == len(ids) - chunked["meta_info"]["cached_tokens"] == 300
+    assert delta("_count") == 5  # 64 x 4 + 44
+    assert metric(after, name + "_bucket", le="64.0") - metric(before, name + "_bucket", le="64.0") == 5
+    assert chunked["output_ids"] == generate(server, **body)["output_ids"]
     assert_idle_and_no_kv_in_use(small_server)
