@@ -30,7 +30,7 @@ class DiffusionMetrics:
         self.canvases = Counter("sglang:diffusion_canvases_total", "Committed canvases.", names)
         self.prefill_tokens_per_round = Histogram(
             "sglang:diffusion_prefill_tokens_per_round",
-            "Prompt tokens a forward round encoded, over its requests (at most --chunked-prefill-size).", names,
+            "Prompt tokens a forward round encoded, over its requests (--chunked-prefill-size bounds them).", names,
             buckets=(16, 64, 256, 1024, 2048, 4096, 8192, 16384, 65536),
         )
         self.grammars_in_flight = Gauge(

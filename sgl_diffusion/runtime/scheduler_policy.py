@@ -99,7 +99,8 @@ class DiffusionRequest:
 
     def encode_from_scratch(self) -> None:
         """Give up its KV slots (the caller released them): prompt + output are encoded again before its canvas."""
-        self.slots, self.pending, self.prefilling = None, [*self.prompt_ids, *self.output_ids], True
+        self.slots, self.pending = None, [*self.prompt_ids, *self.output_ids]
+        self.prefilling = bool(self.pending)  # an empty prompt has nothing to encode: its first encode is a commit
 
     @property
     def context_len(self) -> int:
@@ -248,9 +249,7 @@ class CanvasScheduler:
                 holders += 1
             if req.pending:
                 kind = "prefill" if req.prefilling else "commit"
-                # NOTE: image runs are bidirectional: a prompt with images is encoded whole, as sglang does for
-                # multimodal models on its transformers backend
-                limit = budget if kind == "prefill" and not req.image_runs else None
+                limit = budget if kind == "prefill" and self._chunkable(req) else None
                 got = self.kv.reserve(req, req.pending, limit)
                 if got is None and req.finished:
                     req.pending = []  # no room for its last canvas: release what is encoded rather than wait
@@ -304,6 +303,14 @@ class CanvasScheduler:
             states.append(req.state)
             reqs.append(req)
         return reqs, segments, states, starved
+
+    @staticmethod
+    def _chunkable(req: DiffusionRequest) -> bool:
+        """Whether its prompt may be encoded over several rounds. Not with images: their runs attend both ways, as
+        sglang keeps multimodal prompts whole on its transformers backend. Not with prompt scores: their one-step
+        canvases, run after the last chunk, read the sliding window at every scored position, and an earlier
+        chunk's insertion into the radix cache gives back the sliding-window KV behind it."""
+        return not req.image_runs and req.score_from is None
 
     def _has_headroom(self, req: DiffusionRequest, holders: int) -> bool:
         """Whether a prompt (or a retracted request's prompt + output) may be encoded beside ``holders`` requests that

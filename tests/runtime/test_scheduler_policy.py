@@ -467,3 +467,26 @@ def test_a_request_retracted_between_chunks_encodes_its_prompt_again(model):
     prefills = [(s.start_pos, s.num_tokens) for b in rec.batches for s in b.segments if s.kind == "prefill"]
     assert prefills == [(0, 16), (0, 16), (16, 16), (32, 8)]
     assert len(req.output_ids) == 32 and engine.slots.free_slots.numel() == 4096
+
+
+def test_prompts_with_scores_are_encoded_whole(model):
+    """Prompt scores (logprob_start_len) run one-step canvases over every scored prefix after the prompt is encoded;
+    they read the sliding window there, which a chunk's insertion into the radix cache gives back behind it, so such a
+    prompt is encoded in one round whatever the budget."""
+    engine = OfflineEngine(model, prefill_chunk=16)
+    rec = Recorder(engine)
+    req = DiffusionRequest(list(range(10, 50)), params(model, seed=0, max_denoising_steps=1), 0, logprobs=2,
+                           score_from=30)
+    engine.generate([req])
+    assert [(s.kind, s.num_tokens) for s in rec.batches[0].segments][0] == ("prefill", 40)
+    assert len(req.prompt_logprobs.token) == 40 - 30 - 1
+
+
+def test_an_empty_prompt_commits_its_canvas_as_a_commit(model):
+    """With nothing to prefill, the first canvas's commit is an ordinary commit beside the next canvas's first step,
+    not a prompt chunked by the budget."""
+    engine = OfflineEngine(model, prefill_chunk=8)
+    rec = Recorder(engine)
+    engine.generate([DiffusionRequest([], params(model, seed=1, max_denoising_steps=1), 64)])
+    assert [[(s.kind, s.num_tokens) for s in b.segments] for b in rec.batches] == [
+        [("canvas", 32)], [("commit", 32), ("canvas", 32)]]

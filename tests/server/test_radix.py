@@ -155,3 +155,19 @@ def test_a_long_prompt_is_encoded_in_chunks_of_the_prefill_budget(small_server, 
     assert metric(after, name + "_bucket", le="64.0") - metric(before, name + "_bucket", le="64.0") == 5
     assert chunked["output_ids"] == generate(server, **body)["output_ids"]
     assert_idle_and_no_kv_in_use(small_server)
+
+
+def test_prompt_scores_on_the_chunked_server_are_the_default_servers(small_server, server):
+    """Prompt scores read the sliding window at every scored position. Scoring from token 41 of a 100-token prompt
+    crosses the 64-token chunk boundary, and the first chunk's insertion into the radix cache gives back the sliding
+    KV behind it; such a prompt is encoded whole, and its scores are the default server's."""
+    ids = [2, 5] + [(j * 13) % 390 + 3 for j in range(98)]
+    body = dict(input_ids=ids, return_logprob=True, logprob_start_len=40, top_logprobs_num=2,
+                sampling_params={"max_new_tokens": 0})
+    chunked, whole = generate(small_server, **body)["meta_info"], generate(server, **body)["meta_info"]
+    got, want = chunked["input_token_logprobs"], whole["input_token_logprobs"]
+    assert len(got) == len(want) == 60 and got[0][0] is None
+    assert [t for _, t, _ in got] == [t for _, t, _ in want]
+    assert [v for v, _, _ in got[1:]] == pytest.approx([v for v, _, _ in want[1:]], abs=1e-4)
+    assert [[t for _, t, _ in top] for top in chunked["input_top_logprobs"][1:]] == [
+        [t for _, t, _ in top] for top in whole["input_top_logprobs"][1:]]
