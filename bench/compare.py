@@ -24,7 +24,7 @@ window, one after the other, repeated (--repeats, interleaved), and each figure 
   With --torch-compile the round is the server's compiled round and the forward the same canvas step compiled
   without the sampler's decision, then the LM head; *_eager_b* are the eager ones;
 - peak_mem_per_canvas_mb: growth of a process's peak RSS per additional canvas in flight (a round at 1 and at
-  --mem-batch canvases, each in a fresh process).
+  --mem-batch canvases, each in a fresh process at --threads torch threads).
 
 Then the keys that bound the targets (bench/RESULTS.md, "Targets"), from the same profiles:
 - kernel_ms_{ours,hf}_n1 / _n{N}: GEMM + attention kernel time of the whole N=1 and N workloads (ours: the offline
@@ -122,7 +122,7 @@ def main() -> None:
     served = {b: overhead_ratio(model_dir, prompts, b, 3 if args.quick else 8, "compile") for b in (1, 8)} \
         if args.torch_compile else overhead
     budget = kernel_budget(model_dir, hf, prompts, seeds, args.max_steps, r["hf_mode"] == "batched")
-    mem = peak_memory_per_canvas(model_dir, args.mem_batch)
+    mem = peak_memory_per_canvas(model_dir, args.mem_batch, args.threads)
     load_after = load_average()
 
     acc_ours = sum(tiny_tasks.score_ids(tok, e, o) for e, o in zip(examples, r["out_ours"])) / n
@@ -545,9 +545,11 @@ def _status_kb(field: str) -> int:
     raise KeyError(field)
 
 
-def peak_memory_per_canvas(model_dir, batch: int) -> float:
-    # NOTE: the two probes run at once (each is mostly imports); each reads its own process's peak
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+def peak_memory_per_canvas(model_dir, batch: int, threads: int) -> float:
+    # NOTE: the two probes run at once (each is mostly imports); each reads its own process's peak. Each gets
+    # --threads torch threads like every other part of this run: two probes at torch's default (all cores) each
+    # spin-wait on the other's cores, and took 43 s against 11 s on the 2-core machine.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS=str(threads))
     probes = [subprocess.Popen([sys.executable, __file__, "--memory-probe", str(model_dir), str(b)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
               for b in (batch, 1)]  # fmt: skip

@@ -1,4 +1,20 @@
+import os
+
 import pytest
+
+
+def pytest_configure(config):
+    """With ``-n N`` (README's test command), N workers and the servers and probes they start share the machine's
+    cores: unless OMP_NUM_THREADS is given, each gets its share. At torch's default (one OpenMP thread per core in
+    every process) their threads spin-wait on each other's cores; two processes at 2 threads each on the 2-core
+    machine ran 4x slower than at 1 thread each. Tests that need a thread count pin it (``torch_threads``)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        share = max(1, len(os.sched_getaffinity(0)) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(share)  # inherited by the servers and scripts the tests start
+        torch.set_num_threads(share)
 
 
 def pytest_collection_modifyitems(config, items):
