@@ -128,11 +128,19 @@ class DiffusionRunner:
             ids, soft = self.canvas_inputs(states)
             return self.canvas_step.rounds(batch.canvas_segments, ids, soft, states, extra_steps, frozen=done)
         canvas_segments = batch.canvas_segments
+        dones, draws = [done], []  # per step: who is done after it, and each generator's state after it
         for _ in range(extra_steps if states else 0):
+            draws.append([s.generator.get_state() for s in states] if self.rng == "exact" else None)
             ids, soft = self.canvas_inputs(states)
             segments = [dataclasses.replace(seg) for seg in canvas_segments]
             done = self._forward_and_step(CanvasBatch(segments, ids, soft), states, done)
-        return done.tolist() if states else []
+            dones.append(done)
+        if not states:
+            return []
+        done_after = torch.stack(dones).tolist()  # the round's one host sync
+        if draws and draws[0] is not None:
+            _rewind_frozen_generators(states, done_after, draws)
+        return done_after[-1]
 
     def _graphs_rounds(self, states: list[CanvasState]) -> bool:
         """Whether canvas-only steps of ``states`` run inside the canvas step, sampler included."""
@@ -248,6 +256,16 @@ def sampler_tile_rows(canvas_length: int, vocab_size: int) -> int:
 def counter_sampler_state(states: list[CanvasState], device) -> gs.GraphSamplerState:
     return gs.graph_state([s.params for s in states], [s.seed for s in states], [s.canvas_index for s in states],
                           [max(s.step_remaining, 1) for s in states], [s.history for s in states], device)
+
+
+def _rewind_frozen_generators(states: list[CanvasState], done_after: list[list[bool]], draws: list[list]) -> None:
+    """A frozen row's sampler still drew from its request's generator in the round's later steps (no host sync in
+    between): set each generator back to its state after the step its canvas finished on, so that the next canvas's
+    noise and steps draw what one step per round draws (transformers' sequence, for a seeded request)."""
+    for i, state in enumerate(states):
+        finished_on = next((step for step, done in enumerate(done_after) if done[i]), None)
+        if finished_on is not None and finished_on < len(draws):
+            state.generator.set_state(draws[finished_on][i])
 
 
 def _unless(frozen: torch.Tensor | None, old, new):

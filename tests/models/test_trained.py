@@ -40,11 +40,11 @@ def hf_generate(hf, gen, prompt, seed):
     return new[: eos[0] + 1] if eos else new  # HF pads after the first EOS; we stop there
 
 
-def offline_generate(ours, gen, prompts, seeds):
+def offline_generate(ours, gen, prompts, seeds, steps_per_round=1):
     """Our engine on every prompt at once (continuous batching), default sampler settings: (tokens, steps of each
     committed canvas)."""
     defaults = DiffusionDefaults.from_generation_config(json.loads(gen.to_json_string()))
-    engine = OfflineEngine(ours, eos_token_ids=gen.eos_token_id)
+    engine = OfflineEngine(ours, eos_token_ids=gen.eos_token_id, steps_per_round=steps_per_round)
     steps, sink = [], engine.scheduler.sink
 
     def recording_sink(req, canvas):
@@ -74,6 +74,20 @@ def test_whole_generations_match_transformers_at_the_default_schedule(trained, t
     ref = [hf_generate(hf, gen, p, s) for p, s in zip(prompts, seeds)]
     assert got == ref
     assert all(len(r) > ours.cfg.canvas_length for r in ref)  # every one spans two canvases
+
+
+@pytest.mark.parametrize("steps_per_round", [2, 3])
+def test_several_steps_per_round_keep_transformers_tokens(trained, steps_per_round):
+    """--num-continuous-decode-steps: canvases stopping after a few steps finish mid-round and are frozen until it
+    ends, and their requests' generators drew for them meanwhile; set back, every request keeps transformers' tokens
+    and each canvas its step count."""
+    hf, ours, gen, tok = trained
+    prompts, seeds = prompts_of(tok, EXAMPLES[:8]), list(range(500, 508))
+    got, steps = offline_generate(ours, gen, prompts, seeds, steps_per_round)
+    _, one_step_rounds = offline_generate(ours, gen, prompts, seeds)
+    assert got == [hf_generate(hf, gen, p, s) for p, s in zip(prompts, seeds)]
+    assert sorted(steps) == sorted(one_step_rounds)  # (commit order may differ)
+    assert any(s % steps_per_round for s in steps)  # some canvases did finish mid-round
 
 
 def test_canvases_stop_early_and_commit_several_tokens_per_forward(trained):
