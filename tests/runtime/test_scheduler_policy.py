@@ -416,6 +416,28 @@ def test_the_prefill_budget_is_shared_first_come_first_served(model):
     assert [len(r.output_ids) for r in reqs] == [32, 32, 32]
 
 
+def test_a_prompt_whose_next_chunk_waits_for_kv_is_not_overtaken(model):
+    """A 300-token prompt's second chunk (128) waits for KV that others hold (here: slots taken out of the pool); a
+    4-token prompt arriving then would fit beside it, headroom included, but waits behind it, first come first
+    served, untouched. Once the KV comes back both are encoded, in order, and finish."""
+    engine = OfflineEngine(model, num_slots=600, prefill_chunk=128)
+    rec = Recorder(engine)
+    long, short = request(model, 300, 32, seed=1, steps=1), request(model, 4, 32, seed=2, steps=1)
+    engine.scheduler.add(long)
+    engine.scheduler.step()  # its first chunk
+    pool = engine.slots
+    held, pool.free_slots = pool.free_slots[:372], pool.free_slots[372:]  # 100 free: 4 + 2 canvases fit, 128 not
+    engine.scheduler.add(short)
+    out = engine.scheduler.step()
+    assert out.starved == [long, short] and short.slots is None and short.pending == short.prompt_ids
+    pool.free_slots = torch.cat([pool.free_slots, held])
+    engine.generate([])
+    prefills = [[(s.req_index, s.start_pos, s.num_tokens) for s in b.segments if s.kind == "prefill"]
+                for b in rec.batches]
+    assert prefills == [[(0, 0, 128)], [(0, 128, 128)], [(0, 256, 44), (1, 0, 4)]]
+    assert len(long.output_ids) == 32 and len(short.output_ids) == 32 and pool.free_slots.numel() == 600
+
+
 @pytest.mark.parametrize("canvas_step", [None, "eager"])  # the mixed forward; the graph-ready step's encode rounds
 def test_chunked_prefill_writes_the_kv_of_a_whole_one(model, canvas_step):
     """Each chunk's queries attend causally to the chunks before it (in the cache) and to themselves: the prompt's
