@@ -417,25 +417,28 @@ def test_the_prefill_budget_is_shared_first_come_first_served(model):
 
 
 def test_a_prompt_whose_next_chunk_waits_for_kv_is_not_overtaken(model):
-    """A 300-token prompt's second chunk (128) waits for KV that others hold (here: slots taken out of the pool); a
-    4-token prompt arriving then would fit beside it, headroom included, but waits behind it, first come first
-    served, untouched. Once the KV comes back both are encoded, in order, and finish."""
+    """A 300-token prompt's second chunk (128) waits for KV that others hold (here: slots taken out of the pool while
+    an older request denoises); a 4-token prompt arriving then would fit beside it, headroom included, but waits
+    behind it, first come first served, untouched. Once the KV comes back both are encoded, in order, and finish."""
     engine = OfflineEngine(model, num_slots=600, prefill_chunk=128)
     rec = Recorder(engine)
+    older = request(model, 4, 32, seed=3, steps=8)
     long, short = request(model, 300, 32, seed=1, steps=1), request(model, 4, 32, seed=2, steps=1)
+    engine.scheduler.add(older)
+    engine.scheduler.step()  # its prefill and first step
     engine.scheduler.add(long)
-    engine.scheduler.step()  # its first chunk
+    engine.scheduler.step()  # the long prompt's first chunk
     pool = engine.slots
-    held, pool.free_slots = pool.free_slots[:372], pool.free_slots[372:]  # 100 free: 4 + 2 canvases fit, 128 not
+    held, pool.free_slots = pool.free_slots[:368], pool.free_slots[368:]  # 100 free: 4 + 3 canvases fit, 128 not
     engine.scheduler.add(short)
-    out = engine.scheduler.step()
-    assert out.starved == [long, short] and short.slots is None and short.pending == short.prompt_ids
+    out = engine.scheduler.step()  # the older request's canvas runs; both prompts wait
+    assert out.starved == [long, short] and not out.exhausted
+    assert short.slots is None and short.pending == short.prompt_ids
     pool.free_slots = torch.cat([pool.free_slots, held])
     engine.generate([])
-    prefills = [[(s.req_index, s.start_pos, s.num_tokens) for s in b.segments if s.kind == "prefill"]
-                for b in rec.batches]
-    assert prefills == [[(0, 0, 128)], [(0, 128, 128)], [(0, 256, 44), (1, 0, 4)]]
-    assert len(long.output_ids) == 32 and len(short.output_ids) == 32 and pool.free_slots.numel() == 600
+    prefills = [[(s.start_pos, s.num_tokens) for s in b.segments if s.kind == "prefill"] for b in rec.batches]
+    assert prefills[:5] == [[(0, 4)], [(0, 128)], [], [(128, 128)], [(256, 44), (0, 4)]]
+    assert [len(r.output_ids) for r in (older, long, short)] == [32, 32, 32] and pool.free_slots.numel() == 600
 
 
 @pytest.mark.parametrize("canvas_step", [None, "eager"])  # the mixed forward; the graph-ready step's encode rounds
