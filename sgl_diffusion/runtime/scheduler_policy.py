@@ -256,7 +256,7 @@ class CanvasScheduler:
                     continue
                 if got is None:
                     starved.append(req)  # out of KV: wait until someone frees
-                    # first come, first served: newer prompts do not take the KV a prompt's next chunk waits for
+                    # first come, first served: newer prompts do not take the KV a prompt (or its next chunk) waits for
                     held_back = held_back or req.prefilling
                     continue
                 prefix = got.reused if req.slots is None else req.slots
