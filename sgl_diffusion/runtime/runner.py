@@ -128,9 +128,10 @@ class DiffusionRunner:
             ids, soft = self.canvas_inputs(states)
             return self.canvas_step.rounds(batch.canvas_segments, ids, soft, states, extra_steps, frozen=done)
         canvas_segments = batch.canvas_segments
-        dones, draws = [done], []  # per step: who is done after it, and each generator's state after it
+        dones, draws = [done], []  # per step: who is done after it, and (exact draws) each generator's state after it
         for _ in range(extra_steps if states else 0):
-            draws.append([s.generator.get_state() for s in states] if self.rng == "exact" else None)
+            if self.rng == "exact":
+                draws.append([s.generator.get_state() for s in states])
             ids, soft = self.canvas_inputs(states)
             segments = [dataclasses.replace(seg) for seg in canvas_segments]
             done = self._forward_and_step(CanvasBatch(segments, ids, soft), states, done)
@@ -138,7 +139,7 @@ class DiffusionRunner:
         if not states:
             return []
         done_after = torch.stack(dones).tolist()  # the round's one host sync
-        if draws and draws[0] is not None:
+        if draws:
             _rewind_frozen_generators(states, done_after, draws)
         return done_after[-1]
 
