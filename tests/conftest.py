@@ -57,6 +57,14 @@ def trained_checkpoint_dir():
     return trained_checkpoint()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def server_logs(tmp_path_factory):
+    """Servers' logs go under pytest's temporary directory, kept for the last three runs (not left in /tmp)."""
+    from tests.server.conftest import Server
+
+    Server.log_root = str(tmp_path_factory.mktemp("server-logs"))
+
+
 @pytest.fixture(scope="session")
 def server(tiny_checkpoint_dir):
     """A real ``python -m sglang.launch_server`` on the tiny checkpoint (tests/server/conftest.py's flags), started

@@ -27,6 +27,9 @@ VIDEO = mp4_bytes(2.5, fps=2, width=64, height=48)
 
 class Server:
     READY_PATH = "/health"  # polled until it answers 200
+    # under pytest's temporary directory (tests/conftest.py sets it), which keeps the last three runs' and removes
+    # older ones; None: the system's
+    log_root: str | None = None
     # explicit CPU settings (some are also what a DiffusionGemma server picks by itself on a CPU-only machine)
     FLAGS = (
         "--device", "cpu", "--dtype", "float32", "--max-total-tokens", "8192", "--skip-server-warmup",
@@ -38,7 +41,8 @@ class Server:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         # not inside model_dir: tests compare the checkpoint directory's files
-        self.log_path = f"{tempfile.mkdtemp(prefix='sgl-diffusion-server-')}/server-{self.port}.log"
+        log_dir = tempfile.mkdtemp(prefix="sgl-diffusion-server-", dir=self.log_root)
+        self.log_path = f"{log_dir}/server-{self.port}.log"
         args = [
             sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_dir), "--host", "127.0.0.1",
             "--port", str(self.port), *self.FLAGS, *extra_args,
