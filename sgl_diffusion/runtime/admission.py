@@ -17,9 +17,10 @@ from __future__ import annotations
 import dataclasses
 
 from sgl_diffusion.runtime.constraints import MAX_SCORED_PROMPT_TOKENS
-from sgl_diffusion.sampling.params import DiffusionDefaults, DiffusionParams, InvalidDiffusionParams
+from sgl_diffusion.sampling.params import MAX_TEMPERATURE, DiffusionDefaults, DiffusionParams, InvalidDiffusionParams
 
-GREEDY_TEMPERATURE = 1e-6  # softmax at this temperature is one-hot on any non-tied logit
+# softmax at this temperature is one-hot on any non-tied logit; a smaller one is greedy, as in sglang (_SAMPLING_EPS)
+GREEDY_TEMPERATURE = 1e-6
 GRAMMAR_KEYS = ("regex", "json_schema", "ebnf", "structural_tag")
 _REFUSED_IF_SET = {
     "logit_bias": "logit_bias",
@@ -103,10 +104,11 @@ def _greedy_top_k(key, value, sampling) -> bool:
 def _apply_temperature(params: DiffusionParams, temperature, raw_diffusion) -> DiffusionParams:
     if temperature is None or temperature == 1.0:
         return params
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise InvalidDiffusionParams(f"temperature must be >= 0 (got {temperature!r})")
+    if not isinstance(temperature, (int, float)) or not 0 <= temperature <= MAX_TEMPERATURE:
+        raise InvalidDiffusionParams(f"temperature must be in [0, {MAX_TEMPERATURE:g}] (got {temperature!r})")
     if isinstance(raw_diffusion, dict) and ({"t_min", "t_max"} & raw_diffusion.keys()):
         raise InvalidDiffusionParams("set either temperature or diffusion.t_min/t_max, not both")
-    scale = temperature if temperature > 0 else GREEDY_TEMPERATURE
-    seed = params.seed if params.seed is not None or temperature > 0 else 0
+    greedy = temperature < GREEDY_TEMPERATURE
+    scale = GREEDY_TEMPERATURE if greedy else temperature
+    seed = 0 if params.seed is None and greedy else params.seed
     return dataclasses.replace(params, t_min=params.t_min * scale, t_max=params.t_max * scale, seed=seed)

@@ -11,6 +11,10 @@ import math
 from dataclasses import dataclass
 
 MAX_DENOISING_STEPS = 1024
+# temperatures the sampler divides float32 logits by: below this they underflow float32 (1e-46 is 0) or overflow the
+# logits to inf (1e-38 already does on a logit of 40), and softmax is one-hot long before (``temperature`` 0 is greedy)
+MIN_TEMPERATURE = 1e-6
+MAX_TEMPERATURE = 1e6  # past float32's range (3.4e38) a temperature is inf; long before, every canvas is noise
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 # transformers' DiffusionGemmaGenerationConfig._get_default_generation_params(), used for keys a checkpoint leaves unset.
@@ -162,10 +166,10 @@ def _check_numeric(values: dict, prefix: str) -> dict:
         fail("{p}.max_denoising_steps must be in [1, %d] (got {max_denoising_steps})" % MAX_DENOISING_STEPS)
     if out["entropy_bound"] < 0:
         fail("{p}.entropy_bound must be >= 0 (got {entropy_bound})")
-    if out["t_min"] <= 0:
-        fail("{p}.t_min must be > 0 (got {t_min})")
-    if out["t_max"] <= 0:
-        fail("{p}.t_max must be > 0 (got {t_max})")
+    for k in ("t_min", "t_max"):
+        if not MIN_TEMPERATURE <= out[k] <= MAX_TEMPERATURE:
+            fail("{p}.%s must be in [%g, %g] (got {%s}; temperature 0 asks for greedy)"
+                 % (k, MIN_TEMPERATURE, MAX_TEMPERATURE, k))
     if out["t_min"] > out["t_max"]:
         fail("{p}.t_min must be <= {p}.t_max (got {t_min} > {t_max})")
     if out["confidence_threshold"] < 0:

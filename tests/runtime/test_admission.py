@@ -86,6 +86,21 @@ def test_temperature_scales_the_schedule_and_zero_is_greedy():
         check({"temperature": 0.5}, {"t_min": 0.1})
 
 
+@pytest.mark.parametrize("temperature", [1e-7, 1e-38, 5e-324])
+def test_a_temperature_below_sglangs_epsilon_is_greedy(temperature):
+    """As sglang reads temperature < 1e-6: greedy, not a float32 temperature that rounds to 0 or sends the logits
+    to inf (a NaN in one canvas's probabilities failed the whole forward round, every request in it)."""
+    p = check({"temperature": temperature})
+    assert (p.t_min, p.t_max) == pytest.approx((0.4 * GREEDY_TEMPERATURE, 0.8 * GREEDY_TEMPERATURE))
+    assert p.seed == 0
+
+
+@pytest.mark.parametrize("temperature", [1e39, 1e7, -0.1, float("inf"), float("nan"), "0.5"])
+def test_a_temperature_outside_its_range_is_refused(temperature):
+    with pytest.raises(ValueError, match=r"temperature must be in \[0, 1e\+06\]"):
+        check({"temperature": temperature})
+
+
 def test_sampling_seed_seeds_the_canvas_sampler():
     """sglang's sampling_seed (OpenAI seed) becomes the diffusion seed unless one is given."""
     assert check({"sampling_seed": 7}).seed == 7

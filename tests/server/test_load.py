@@ -502,8 +502,9 @@ BAD_DIFFUSION_VALUES = {  # every value here is invalid for its key
     "max_denoising_steps": GARBAGE + [0, -1, 1025, 1.5, 2**63, 10**30, 1e308],
     "stability_threshold": GARBAGE + [-1, 2.5, 10**30, 49],
     "entropy_bound": GARBAGE + [-1e-9, -1e308],
-    "t_min": GARBAGE + [0, -0.5, 5.0],  # 5.0 > the default t_max 0.8
-    "t_max": GARBAGE + [0, -1e-300, 0.01],  # 0.01 < the default t_min 0.4
+    # 1e-46 is 0 in float32, 1e-38 sends logits to inf, 1e39 is inf: NaN probabilities failed the whole round
+    "t_min": GARBAGE + [0, -0.5, 5.0, 1e-46, 1e-38],  # 5.0 > the default t_max 0.8
+    "t_max": GARBAGE + [0, -1e-300, 0.01, 1e39],  # 0.01 < the default t_min 0.4
     "confidence_threshold": GARBAGE + [-1e-12],
     "seed": [x for x in GARBAGE if x is not None] + [1.5, 2**64, -(2**63) - 1, 10**100],
     "init_canvas": [x for x in GARBAGE if x is not None] + [
@@ -685,6 +686,7 @@ def _fixed_cases():
         Case("comp:suffix and infill", COMP, _with(COMP, suffix="x", diffusion={"infill": {"template": "{{hole}}"}})),
         Case("comp:n 0", COMP, _with(COMP, n=0)),
         Case("comp:temperature -1", COMP, _with(COMP, temperature=-1)),
+        Case("comp:temperature 1e39", COMP, _with(COMP, temperature=1e39)),  # was a 200 of noise
         Case("comp:invalid json", COMP, raw=b'{"model": "tiny", "prompt": '),
         # OpenAI chat
         Case("chat:no messages", CHAT, _without(CHAT, "messages")),
@@ -734,6 +736,7 @@ ODD_CASES = [
     Case("chat:response_format json", CHAT, _with(CHAT, response_format={"type": "json_object"})),
     Case("chat:top_logprobs", CHAT, _with(CHAT, logprobs=True, top_logprobs=3)),
     Case("comp:suffix", COMP, _with(COMP, suffix=" end")),
+    Case("chat:temperature 1e-38", CHAT, _with(CHAT, temperature=1e-38)),  # greedy, as sglang reads it; was a 500
 ]
 
 # Inputs that give a 5xx today, each a strict xfail (remove it once the input gets a 4xx). Fixed since this file
@@ -774,16 +777,22 @@ def test_fuzz_bad_request_is_a_json_4xx(server, case):
     check_rejected(server, case)
 
 
-def test_bad_request_does_not_abort_a_running_one(server):
+@pytest.mark.parametrize("bad_body", [
+    {"input_ids": [2, VOCAB], "sampling_params": BASE[GEN]["sampling_params"]},
+    {"text": "Hi", "sampling_params": {"max_new_tokens": 8, "diffusion": {"t_min": 1e-46, "t_max": 1e-46}}},
+], ids=["prompt id out of vocabulary", "temperature 0 in float32"])
+def test_bad_request_does_not_abort_a_running_one(server, bad_body):
     """A request that should be refused must not cost the requests it would have shared a forward with.
 
     (Before commit 2276c84 an out-of-vocabulary prompt id reached the forward, which failed, and the engine
-    aborted every request of that round: the bystander ended with 'internal error: index out of range in self'.)
+    aborted every request of that round: the bystander ended with 'internal error: index out of range in self'.
+    Until this stop's fix, a temperature that is 0 in float32 did the same: 'probability tensor contains either inf,
+    nan or element < 0'.)
     """
     rid = f"bystander-{uuid.uuid4().hex}"
     resp, lines = _start_stream(server, rid)
     try:
-        bad = server.post("/generate", {"input_ids": [2, VOCAB], "sampling_params": BASE[GEN]["sampling_params"]})
+        bad = server.post("/generate", bad_body)
         more = []
         for line in lines:  # the bystander keeps streaming canvases
             if line.startswith(b"data: {"):
