@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from sglang.srt.mem_cache.common import checkpoint_kv_cache, evict_from_tree_cache, release_kv_cache
+from sglang.srt.runtime_context import get_serving
 
 from sgl_diffusion.runtime.scheduler_policy import DiffusionRequest, KVSlots, Reservation
 
@@ -56,6 +57,10 @@ class RadixKVSlots(KVSlots):
         """
         req = dreq.handle
         if req.finished():
+            return
+        if req.reasoning_tokens and get_serving().strip_thinking_cache:
+            # --strip-thinking-cache: a reasoning answer stays the request's own, and sglang's release frees it past
+            # the prompt (Req.owned_kv_len); in the tree, release would free those slots under the tree's feet
             return
         req.refresh_fill_ids()
         req.extend_end = req.kv.kv_committed_len

@@ -371,6 +371,8 @@ class DiffusionEngine:
         # NOTE: the canvas past the stop is no output: a session's next turn appends output_ids to its history
         # (sglang's SessionController reads no finished_len), and got the rest of the canvas (pads, a cut stop string)
         del req.output_ids[end:]
+        if end > before:  # usage.reasoning_tokens, counted as sglang's loop counts an accepted run of tokens
+            self.scheduler.batch_result_processor._maybe_update_reasoning_tokens(req, list(req.output_ids[before:end]))
         steps = int(state.steps_taken)
         # meta_info["diffusion_steps"], one value per output token: the denoise steps of the token's canvas
         # on the canvas's first token, 0 on the others (so the sum is the forwards spent, the nonzeros the canvases)

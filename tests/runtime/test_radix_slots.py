@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from sglang.srt.managers.schedule_batch import FINISH_LENGTH
 
 from sgl_diffusion.runtime.radix_slots import RadixKVSlots
 from sgl_diffusion.runtime.scheduler_policy import DiffusionRequest
@@ -14,7 +15,14 @@ POOL = 1024
 
 
 @pytest.fixture
-def slots(monkeypatch):
+def serving():
+    """The server's --strip-thinking-cache, as sglang's runtime context holds it (tests may turn it on)."""
+    return SimpleNamespace(strip_thinking_cache=False)
+
+
+@pytest.fixture
+def slots(monkeypatch, serving):
+    import sgl_diffusion.runtime.radix_slots as radix_slots
     import sglang.srt.managers.schedule_batch as schedule_batch
     import sglang.srt.mem_cache.common as mem_cache_common
     from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
@@ -23,8 +31,8 @@ def slots(monkeypatch):
     from sglang.srt.mem_cache.radix_cache import RadixCache
 
     # NOTE: what a server publishes into sglang's runtime context at start-up, as far as Req and the tree read it
-    for module in (schedule_batch, mem_cache_common):
-        monkeypatch.setattr(module, "get_serving", lambda: SimpleNamespace(strip_thinking_cache=False), raising=False)
+    for module in (schedule_batch, mem_cache_common, radix_slots):
+        monkeypatch.setattr(module, "get_serving", lambda: serving, raising=False)
         monkeypatch.setattr(module, "get_spec", lambda: SimpleNamespace(speculative_algorithm=None), raising=False)
     rows = ReqToTokenPool(size=8, max_context_len=512, device="cpu", enable_memory_saver=False)
     kv = MHATokenToKVPool(POOL, 1, torch.float32, 1, 8, 1, "cpu", False, enable_alt_stream=False)
@@ -90,3 +98,22 @@ def test_a_prompt_encoded_in_chunks_is_published_chunk_by_chunk(slots):
     for dreq in (first, second):
         slots.release(dreq)
     assert slots.room() == POOL and slots.rows.available_size() == 8
+
+
+def test_strip_thinking_cache_keeps_a_reasoning_answer_out_of_the_tree(slots, serving):
+    """--strip-thinking-cache: once a request has reasoning tokens its canvases are not published (sglang's release
+    frees everything past the prompt, Req.owned_kv_len); the prompt stays cached and every slot comes back. Published,
+    they were freed under the tree: the pool counted more free slots than it has."""
+    serving.strip_thinking_cache = True
+    prompt, canvas = list(range(100, 120)), list(range(200, 232))
+    dreq = _request(prompt)
+    _encode(slots, dreq, prompt)
+    dreq.handle.output_ids.extend(canvas)
+    dreq.handle.reasoning_tokens = 7  # as DiffusionEngine._accept_canvas counts them
+    _encode(slots, dreq, canvas)
+    dreq.handle.finished_reason = FINISH_LENGTH(length=len(canvas))
+    slots.release(dreq)
+    assert slots.room() == POOL and slots.allocator.available_size() + slots.tree.evictable_size() == POOL
+    again = _request(prompt + canvas)
+    assert _encode(slots, again, prompt + canvas).reused.numel() == len(prompt)  # the prompt, not the answer
+    slots.release(again)

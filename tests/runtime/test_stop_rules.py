@@ -7,11 +7,12 @@ on a real sglang ``Req`` (sglang's own EOS and length checks); both must keep th
 canvas.
 """
 
-from types import SimpleNamespace
+from types import MethodType, SimpleNamespace
 
 import pytest
 import torch
 from sglang.srt.managers.schedule_batch import FINISH_LENGTH, FINISH_MATCHED_TOKEN, Req
+from sglang.srt.managers.scheduler_components.batch_result_processor import SchedulerBatchResultProcessor
 from sglang.srt.sampling.sampling_params import SamplingParams
 
 from sgl_diffusion.runtime.offline import OfflineEngine
@@ -21,6 +22,15 @@ from sgl_diffusion.sampling.params import DiffusionParams
 
 EOS = (1, 106)
 PROMPT = list(range(10, 22))
+THINK_END = [7, 8]  # the reasoning parser's end-of-thinking sequence, as sglang's model_config holds it
+
+
+def result_processor():
+    """sglang's own reasoning-token counter (SchedulerBatchResultProcessor), on a model config with THINK_END."""
+    processor = SimpleNamespace(model_config=SimpleNamespace(think_end_ids=THINK_END, self_opened_think_start_ids=None))
+    processor._maybe_update_reasoning_tokens = MethodType(
+        SchedulerBatchResultProcessor._maybe_update_reasoning_tokens, processor)
+    return processor
 
 
 def canvases(model, eos_at: dict[int, list[tuple[int, int]]] | None = None, count: int = 4) -> list[list[int]]:
@@ -61,15 +71,18 @@ def run_offline(model, monkeypatch, script, max_new):
     return out, head.calls
 
 
-def run_server(model, monkeypatch, script, max_new):
+def run_server(model, monkeypatch, script, max_new, require_reasoning=False):
     """The same request through the server's stop rule: a sglang Req and DiffusionEngine._accept_canvas."""
     head = ScriptedHead(model, script)
     monkeypatch.setattr(model, "logits", head)
     sampling = SamplingParams(max_new_tokens=max_new)
     sampling.normalize(None)
-    handle = Req("rid", "", list(PROMPT), sampling, eos_token_ids=set(EOS), vocab_size=model.cfg.vocab_size)
+    handle = Req("rid", "", list(PROMPT), sampling, eos_token_ids=set(EOS), vocab_size=model.cfg.vocab_size,
+                 require_reasoning=require_reasoning)
+    run_server.handle = handle
     server = SimpleNamespace(cfg=model.cfg, metrics=None,
-                             scheduler=SimpleNamespace(model_config=SimpleNamespace(context_len=1 << 20)))
+                             scheduler=SimpleNamespace(model_config=SimpleNamespace(context_len=1 << 20),
+                                                       batch_result_processor=result_processor()))
     engine = OfflineEngine(model, eos_token_ids=EOS)
     engine.scheduler.sink = lambda dreq, canvas: DiffusionEngine._accept_canvas(server, dreq, canvas)
     req = DiffusionRequest(list(PROMPT), params(), max_new, handle=handle)
@@ -139,6 +152,7 @@ def test_the_server_streams_each_committed_canvas_whole(model, monkeypatch):
     engine.cfg, engine.metrics, engine.drafts = model.cfg, None, None
     profiled = []
     engine.scheduler = SimpleNamespace(model_config=SimpleNamespace(context_len=1 << 20),
+                                       batch_result_processor=result_processor(),
                                        output_streamer=SimpleNamespace(stream_output=stream_output),
                                        forward_ct=0, forward_sleep_time=None,
                                        profiler_manager=SimpleNamespace(_profile_batch_predicate=profiled.append))
@@ -150,6 +164,28 @@ def test_the_server_streams_each_committed_canvas_whole(model, monkeypatch):
             engine.step()
     assert streamed == [(c, False), (2 * c, False), (2 * c + 6, True)]
     assert engine.scheduler.forward_ct == len(profiled) == 3  # each round counted and shown to the profiler
+
+
+@pytest.mark.parametrize("end_at, eos_at, want", [
+    ((1, 4), None, 32 + 6),  # thinking ends inside canvas 1, its end sequence counted
+    ((0, 30), None, 32),  # ... across the boundary of canvases 0 and 1: the sequence's last token ends it
+    (None, (1, 9), 32 + 10),  # never ends: every kept token counts, none of the canvas past the EOS
+])
+def test_reasoning_tokens_count_the_committed_thinking(model, monkeypatch, end_at, eos_at, want):
+    """usage.reasoning_tokens: sglang counts a reasoning request's tokens up to the end of its thinking as they are
+    accepted; here a canvas at a time, only what the request keeps (0 for every request until this stop)."""
+    marks = {}
+    if end_at is not None:
+        k, i = end_at
+        marks.setdefault(k, []).append((i, THINK_END[0]))
+        marks.setdefault(k + (i + 1) // 32, []).append(((i + 1) % 32, THINK_END[1]))
+    if eos_at is not None:
+        marks.setdefault(eos_at[0], []).append((eos_at[1], EOS[0]))
+    script = canvases(model, marks)
+    run_server(model, monkeypatch, script, max_new=3 * 32, require_reasoning=True)
+    assert run_server.handle.reasoning_tokens == want
+    run_server(model, monkeypatch, script, max_new=3 * 32)  # a request without reasoning counts none
+    assert run_server.handle.reasoning_tokens == 0
 
 
 def _req_with_stops(tokenizer, stops, text):

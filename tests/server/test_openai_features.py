@@ -388,6 +388,7 @@ def test_thinking_without_channel_end_is_all_reasoning(parser_server, parser_cli
     msg = resp.choices[0].message
     assert msg.reasoning_content and not msg.content
     assert resp.usage.prompt_tokens == len(ids)  # the system turn with <|think|> was rendered
+    assert resp.usage.completion_tokens_details.reasoning_tokens == resp.usage.completion_tokens == CANVAS
 
 
 def test_channel_end_splits_reasoning_and_content_with_special_tokens_kept(parser_client, channel_end_seed):
@@ -408,6 +409,8 @@ def test_channel_end_splits_reasoning_and_content_by_default(parser_client, chan
     resp = parser_client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=CANVAS,
                                                  extra_body=diffusion(seed) | THINKING)
     assert resp.choices[0].message.reasoning_content == raw.split("<channel|>")[0]
+    # the thought and its <channel|>, counted as sglang counts them token by token (0 until this stop)
+    assert 0 < resp.usage.completion_tokens_details.reasoning_tokens < resp.usage.completion_tokens
 
 
 def test_reasoning_stream_equals_non_stream(parser_client, channel_end_seed):
