@@ -20,22 +20,33 @@ BACKENDS = {
 }
 
 
-def choose_attention_backend(requested: str | None, device: str, triton_interpreter: bool = False) -> str:
-    """The backend for ``--attention-backend requested`` (None: not given) on ``device``.
+# FlashInfer 0.7.2 compiles its prefill and merge kernels for these query/output dtypes only (no float32)
+FLASHINFER_DTYPES = ("float16", "bfloat16")
 
-    Defaults: FlashInfer on CUDA (Triton when flashinfer is not installed), the SDPA reference elsewhere.
-    An impossible choice is a ValueError that says what to pass instead.
+
+def choose_attention_backend(requested: str | None, device: str, triton_interpreter: bool = False,
+                             dtype: torch.dtype | None = None) -> str:
+    """The backend for ``--attention-backend requested`` (None: not given) on ``device``, for a model in ``dtype``
+    (None: not known yet).
+
+    Defaults: FlashInfer on CUDA (Triton when flashinfer is not installed or the model is float32), the SDPA
+    reference elsewhere. An impossible choice is a ValueError that says what to pass instead.
     """
+    flashinfer_dtype = dtype is None or str(dtype).removeprefix("torch.") in FLASHINFER_DTYPES
     if requested is None:
         if device != "cuda":
             return "torch_native"
-        return "flashinfer" if importlib.util.find_spec("flashinfer") is not None else "triton"
+        installed = importlib.util.find_spec("flashinfer") is not None
+        return "flashinfer" if installed and flashinfer_dtype else "triton"
     if requested not in BACKENDS:
         raise ValueError(f"sgl-diffusion serves DiffusionGemma with --attention-backend "
                          f"{', '.join(BACKENDS)}; got {requested!r}")  # fmt: skip
     if requested == "flashinfer" and device != "cuda":
         raise ValueError(f"--attention-backend flashinfer needs CUDA (device is {device}); "
                          f"use torch_native on the CPU")  # fmt: skip
+    if requested == "flashinfer" and not flashinfer_dtype:
+        raise ValueError(f"--attention-backend flashinfer has no kernels for a {dtype} model (FlashInfer 0.7.2 runs "
+                         f"float16 and bfloat16); use --attention-backend triton, or --dtype bfloat16")  # fmt: skip
     if requested == "triton" and device != "cuda" and not triton_interpreter:
         raise ValueError(f"--attention-backend triton on {device} runs only under the Triton interpreter "
                          f"(TRITON_INTERPRET=1: slow, for checking kernels); use torch_native")  # fmt: skip

@@ -86,9 +86,10 @@ def requested_attention_backend(server_args) -> str | None:
     return server_args.attention_backend
 
 
-def attention_backend_name(server_args, device: str) -> str:
+def attention_backend_name(server_args, device: str, dtype: torch.dtype | None = None) -> str:
     return choose_attention_backend(requested_attention_backend(server_args), device,
-                                    triton_interpreter=os.environ.get("TRITON_INTERPRET") == "1")  # fmt: skip
+                                    triton_interpreter=os.environ.get("TRITON_INTERPRET") == "1",
+                                    dtype=dtype)  # fmt: skip
 
 
 def check_attention_backend(server_args: Any, previous: Callable[[Any], None]) -> None:
@@ -97,8 +98,9 @@ def check_attention_backend(server_args: Any, previous: Callable[[Any], None]) -
     before any process starts."""
     from sglang.srt.arg_groups.overrides import model_config_of, resolving_view
 
-    if serves_diffusion_model(model_config_of(server_args).hf_config):
-        attention_backend_name(server_args, resolving_view(server_args).device)
+    model_config = model_config_of(server_args)
+    if serves_diffusion_model(model_config.hf_config):
+        attention_backend_name(server_args, resolving_view(server_args).device, model_config.dtype)
     previous(server_args)
 
 
@@ -146,7 +148,8 @@ class DiffusionEngine:
         runner = scheduler.tp_worker.model_runner
         model = runner.model
         self.device = torch.device(scheduler.device)
-        self.attention_backend = attention_backend_name(scheduler.server_args, self.device.type)
+        self.attention_backend = attention_backend_name(scheduler.server_args, self.device.type,
+                                                        model.embed_tokens.weight.dtype)
         attn = create_attention_backend(self.attention_backend, SglangKVStore(runner.token_to_kv_pool),
                                         [layer.self_attn.info for layer in model.layers],
                                         model.embed_tokens.weight.dtype, self.device)  # fmt: skip

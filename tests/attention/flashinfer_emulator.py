@@ -14,7 +14,7 @@ FlashInfer's documented semantics (read from flashinfer/prefill.py and cascade.p
   -inf for a query that sees no key, whose output is 0; ``merge_state_in_place`` merges in base 2.
 
 Every call is bound against the pinned 0.7.2 signatures (``flashinfer_api.py``) and its arguments checked
-the way FlashInfer checks them (int32 indices, dtypes as planned, shapes), and an ``auto`` wrapper is fixed
+the way FlashInfer checks them (int32 indices, dtypes it has kernels for and as planned, shapes), and an ``auto`` wrapper is fixed
 to FA3 or FA2 at its first plan as on an SM90 GPU (FA3: head_dim 64/128/256, no custom mask), so a later
 plan FA3 cannot serve fails here as it would there. ``calls`` records every call for the tests.
 """
@@ -30,7 +30,11 @@ import torch
 from tests.attention.flashinfer_api import signature
 
 FA3_HEAD_DIMS = (64, 128, 256)
+# what 0.7.2's JIT tables compile (flashinfer/jit/utils.py): no float32 queries, outputs or merged states
+Q_DTYPES = (torch.float16, torch.bfloat16)
+KV_DTYPES = (*Q_DTYPES, torch.float8_e4m3fn, torch.float8_e5m2)
 INSIDE = 0  # > 0 while an emulated call runs (its own host work is not the backend's)
+FLOAT32 = False  # api(float32=True): run float32 plans too, to check a plan's semantics at float32 precision
 
 
 def _emulated(fn):
@@ -91,6 +95,9 @@ class _Wrapper:
         assert self.backend in ("fa2", "fa3"), self.backend
         if self.backend == "fa3":
             assert d_qk in FA3_HEAD_DIMS and not use_mask, f"FA3 cannot serve head_dim {d_qk} / custom masks"
+        if not FLOAT32:  # a real plan() raises KeyError on any other dtype
+            assert a["q_data_type"] in Q_DTYPES, f"FlashInfer has no {a['q_data_type']} kernels"
+            assert (a["kv_data_type"] or a["q_data_type"]) in KV_DTYPES, a["kv_data_type"]
         for key in ("pos_encoding_mode", "logits_soft_cap", "prefix_len_ptr", "rope_scale", "rope_theta"):
             assert a[key] in ("NONE", None, 0.0), (key, a[key])
         self.plan_args = a
@@ -203,6 +210,9 @@ def merge_state_in_place(*args, **kwargs) -> None:
     v, s, vo, so = a["v"], a["s"], a["v_other"], a["s_other"]
     assert v.shape == vo.shape and s.shape == so.shape == v.shape[:2]
     assert s.dtype == so.dtype == torch.float32 and v.dtype == vo.dtype
+    if not FLOAT32:  # the merge kernel's dtype dispatch and CHECK_INPUT (cascade.cu)
+        assert v.dtype in Q_DTYPES, f"merge_state_in_place has no {v.dtype} kernel"
+        assert all(t.is_contiguous() for t in (v, s, vo, so)), "merge_state_in_place takes contiguous tensors"
     m = torch.maximum(s, so)
     m = torch.where(torch.isinf(m), 0.0, m)  # both -inf: weights 0, output 0
     w, wo = torch.exp2(s - m), torch.exp2(so - m)
@@ -217,8 +227,11 @@ def merge_state_in_place(*args, **kwargs) -> None:
 CALLS: list[tuple[str, dict]] = []
 
 
-def api() -> SimpleNamespace:
-    """A fresh emulated ``flashinfer`` module (its call log emptied)."""
+def api(float32: bool = False) -> SimpleNamespace:
+    """A fresh emulated ``flashinfer`` module (its call log emptied); ``float32``: also run float32 plans, which
+    FlashInfer itself refuses, so that a plan's semantics can be checked at float32 precision."""
+    global FLOAT32
+    FLOAT32 = float32
     CALLS.clear()
     return SimpleNamespace(
         BatchPrefillWithPagedKVCacheWrapper=BatchPrefillWithPagedKVCacheWrapper,

@@ -25,15 +25,26 @@ def test_choice(requested, device, interpreter, expected):
     assert choose_attention_backend(requested, device, interpreter) == expected
 
 
-@pytest.mark.parametrize("installed, expected", [(True, "flashinfer"), (False, "triton")])
-def test_cuda_default_is_flashinfer_else_triton(monkeypatch, installed, expected):
-    """On CUDA the default is FlashInfer, and Triton where flashinfer is not installed."""
+@pytest.mark.parametrize("installed, dtype, expected", [
+    (True, None, "flashinfer"), (True, torch.bfloat16, "flashinfer"), (True, torch.float16, "flashinfer"),
+    (True, torch.float32, "triton"), (False, torch.bfloat16, "triton"),
+])  # fmt: skip
+def test_cuda_default_is_flashinfer_else_triton(monkeypatch, installed, dtype, expected):
+    """On CUDA the default is FlashInfer, and Triton where flashinfer is not installed or the model is float32
+    (FlashInfer 0.7.2 has no float32 kernels: its plan() raised KeyError torch.float32 on the first forward)."""
     import importlib.util
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (object() if installed else None)
                         if name == "flashinfer" else real(name, *a))  # fmt: skip
-    assert choose_attention_backend(None, "cuda") == expected
+    assert choose_attention_backend(None, "cuda", dtype=dtype) == expected
+
+
+def test_flashinfer_for_a_float32_model_says_what_to_pass():
+    with pytest.raises(ValueError, match="no kernels for a torch.float32 model.*--attention-backend triton"):
+        choose_attention_backend("flashinfer", "cuda", dtype=torch.float32)
+    assert choose_attention_backend("flashinfer", "cuda", dtype=torch.bfloat16) == "flashinfer"
+
 
 
 @pytest.mark.parametrize("requested, device, message", [
