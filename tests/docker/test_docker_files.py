@@ -247,12 +247,13 @@ def test_compile_only_builds_each_module_with_flashinfer_s_arguments(monkeypatch
 
 def test_warmup_batch_runs_through_the_backend_against_the_flashinfer_emulator():
     """The warm-up batch at the real geometry, planned and run by our backend on the emulated FlashInfer 0.7.2 (every
-    call bound to its pinned signatures): all wrappers and the merge are called, outputs match SDPA (float32)."""
+    call bound to its pinned signatures, in bfloat16 as on a GPU): all wrappers and the merge are called, outputs
+    match SDPA's within bfloat16 rounding."""
     from sgl_diffusion.attention.sdpa import SdpaBackend
 
     api = flashinfer_emulator.api()
-    backend, batch, kv = warmup.make_backend(warmup.REAL_LAYERS, 64, api, "cpu", torch.float32, torch.float32,
-                                             workspace_bytes=0)  # fmt: skip
+    bf16 = torch.bfloat16
+    backend, batch, kv = warmup.make_backend(warmup.REAL_LAYERS, 64, api, "cpu", bf16, bf16, workspace_bytes=0)
     ref_kv = copy.deepcopy(kv)
     backend.plan(batch)
     ref = SdpaBackend(ref_kv, 1024)
@@ -260,11 +261,11 @@ def test_warmup_batch_runs_through_the_backend_against_the_flashinfer_emulator()
     gen = torch.Generator().manual_seed(0)
     n = batch.input_ids.numel()
     for layer in warmup.REAL_LAYERS:
-        q = torch.randn(n, layer.num_heads, layer.head_dim, generator=gen) * layer.head_dim**-0.25
-        k = torch.randn(n, layer.num_kv_heads, layer.head_dim, generator=gen) * layer.head_dim**-0.25
-        v = k if layer.sliding_window is None else torch.randn(k.shape, generator=gen)
-        err = (backend.forward(q, k, v, layer, batch) - ref.forward(q, k, v, layer, ref_batch)).abs().max().item()
-        assert err <= 1e-5, (layer, err)
+        q = (torch.randn(n, layer.num_heads, layer.head_dim, generator=gen) * layer.head_dim**-0.25).to(bf16)
+        k = (torch.randn(n, layer.num_kv_heads, layer.head_dim, generator=gen) * layer.head_dim**-0.25).to(bf16)
+        v = k if layer.sliding_window is None else torch.randn(k.shape, generator=gen).to(bf16)
+        out, want = backend.forward(q, k, v, layer, batch), ref.forward(q, k, v, layer, ref_batch)
+        assert (out.float() - want.float()).abs().max().item() <= 3e-2, layer
     names = [name.split(".")[-1] for name, _ in api.calls]
     assert names.count("plan") == 8 and names.count("merge_state_in_place") == 2
 
