@@ -6,7 +6,7 @@ Every other argument is a sglang server argument (``python -m sglang.launch_serv
 defaults to ``error`` here, as for ``sglang.Engine``.
 
 Local media: image and video paths (and ``file://`` URLs) in the bodies are read only inside the input file's own
-directory, unless ``SGL_DIFFUSION_ALLOWED_LOCAL_MEDIA_PATHS`` is set (then it alone decides; set it empty to allow
+directory (relative paths are relative to it), unless ``SGL_DIFFUSION_ALLOWED_LOCAL_MEDIA_PATHS`` is set (then it alone decides; set it empty to allow
 none). The rest of the server's media policy applies unchanged (README "Security").
 
 Input: one request per line, ``{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {...}}``
@@ -147,9 +147,11 @@ def response_row(custom_id: str, status_code: int, body: dict) -> dict:
 
 
 class BatchRunner:
-    """Answers BatchRequests with the server's OpenAI handlers, on the Engine's tokenizer manager."""
+    """Answers BatchRequests with the server's OpenAI handlers, on the Engine's tokenizer manager; relative media
+    paths in the bodies name files in ``media_dir`` (the input file's directory)."""
 
-    def __init__(self, engine: sglang.Engine):
+    def __init__(self, engine: sglang.Engine, media_dir: pathlib.Path):
+        self.media_dir = media_dir
         from sglang.srt.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
         from sglang.srt.entrypoints.openai.serving_completions import OpenAIServingCompletion
 
@@ -165,6 +167,10 @@ class BatchRunner:
         from sglang.srt.utils.json_response import model_json_response
 
         model, serving = self._routes[request.url]
+        if not isinstance(request.body, dict):  # sglang's chat validators call body.get: a 500, not a 400
+            return response_row(request.custom_id, 400, _bad_request(
+                f"body must be a JSON object with the {request.url} request (got {type(request.body).__name__})"))
+        anchor_relative_media(request.body, self.media_dir)
         try:
             parsed = model.model_validate(request.body)
         except ValidationError as e:  # the server's RequestValidationError handler answers 400 too
@@ -174,6 +180,21 @@ class BatchRunner:
         # raw_request=None: sglang reads it only for HTTP headers and client-disconnect checks
         http = model_json_response(await serving.handle_request(parsed, None))
         return response_row(request.custom_id, http.status_code, orjson.loads(http.body))
+
+
+def anchor_relative_media(body: dict, base: pathlib.Path) -> None:
+    """Relative image and video paths in a chat body name files beside the input file, wherever the job runs."""
+    from sgl_diffusion.multimodal.media_policy import is_relative_path
+
+    for message in body.get("messages") if isinstance(body.get("messages"), list) else ():
+        content = message.get("content") if isinstance(message, dict) else None
+        for part in content if isinstance(content, list) else ():
+            for key in ("image_url", "video_url") if isinstance(part, dict) else ():
+                media = part.get(key)
+                if isinstance(media, dict) and is_relative_path(media.get("url")):
+                    media["url"] = str(base / media["url"])
+                elif is_relative_path(media):
+                    part[key] = str(base / media)
 
 
 @dataclasses.dataclass
@@ -210,7 +231,7 @@ async def run_batch(
     """Append a row to ``output_path`` for every input line that has none yet; see the module docstring."""
     from tqdm import tqdm
 
-    runner, summary = BatchRunner(engine), Summary()
+    runner, summary = BatchRunner(engine, input_path.resolve().parent), Summary()
     done = Done.read(output_path)
     summary.skipped = len(done.custom_ids) + len(done.lines)
     todo = sum(1 for _ in plan(input_path, done))  # two passes: only the bodies in flight stay in memory
@@ -308,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--output {args.output} is the input file: write the rows to another file")
     if not args.output.parent.is_dir():
         parser.error(f"--output {args.output}: no such directory {args.output.parent}")
+    if args.output.is_dir():
+        parser.error(f"--output {args.output} is a directory: name the file to write the rows to")
 
     allow_input_directory(args.input)  # NOTE: before the Engine, whose tokenizer manager (here) reads it
     # tqdm's default lock is a multiprocessing semaphore, owned by the resource tracker that Engine.shutdown

@@ -109,7 +109,7 @@ class MediaPolicy:
             return self._read_local(unquote(parts.path), kind)
         if scheme is not None:
             raise MediaRefused(f"{scheme}: URLs are not read; send an http(s) URL, a data URL or base64")
-        if _BASE64.fullmatch(source) and len(source) % 4 == 0:
+        if _is_base64(source):
             return self._capped(_b64decode(source, kind, self.limits.max_media_bytes), kind)
         return self._read_local(source, kind)
 
@@ -177,6 +177,16 @@ class MediaPolicy:
     def _too_large(self, kind: MediaKind) -> MediaRefused:
         return MediaRefused(f"the {kind} is more than {self.limits.max_media_bytes} bytes, the most allowed "
                             "(SGL_DIFFUSION_MAX_MEDIA_BYTES)")  # fmt: skip
+
+
+def is_relative_path(source) -> bool:
+    """Whether ``read`` takes ``source`` (an image or video item's string) for a relative file path."""
+    return (isinstance(source, str) and bool(source.strip()) and _SCHEME.match(source) is None
+            and not _is_base64(source) and not os.path.isabs(source))  # fmt: skip
+
+
+def _is_base64(source: str) -> bool:
+    return _BASE64.fullmatch(source) is not None and len(source) % 4 == 0
 
 
 def _b64decode(payload: str, kind: MediaKind, max_bytes: int) -> bytes:

@@ -121,12 +121,14 @@ def test_missing_input_is_a_usage_error(tmp_path):
 
 def test_output_that_is_the_input_or_in_no_directory_is_a_usage_error(tmp_path):
     """--output the input file (also through a link) would append rows that are read back as lines to answer, each
-    adding another, without end; an output in a missing directory failed only after the engine had started."""
+    adding another, without end; an output in a missing directory, or a directory, failed only after the engine had
+    started."""
     lines = tmp_path / "in.jsonl"
     lines.write_text('{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {}}\n')
     (tmp_path / "link.jsonl").symlink_to(lines)
     for output, message in ((lines, "is the input file"), (tmp_path / "link.jsonl", "is the input file"),
-                            (tmp_path / "nodir" / "out.jsonl", "no such directory")):  # fmt: skip
+                            (tmp_path / "nodir" / "out.jsonl", "no such directory"),
+                            (tmp_path, "is a directory")):  # fmt: skip
         proc = run_cli(tmp_path, lines, output)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert lines.read_text().count("\n") == 1 and not (tmp_path / "nodir").exists()
@@ -191,7 +193,11 @@ def first_run(tiny_checkpoint_dir, tmp_path_factory):
         (tmp / folder).mkdir()
         (tmp / folder / "img.png").write_bytes(png_bytes())
     media_lines = [image_line("beside", tmp / "job" / "img.png"), image_line("passwd", "/etc/passwd"),
-                   image_line("elsewhere", tmp / "elsewhere" / "img.png")]  # fmt: skip
+                   image_line("elsewhere", tmp / "elsewhere" / "img.png"),
+                   # relative paths name files beside the input, not in the job's working directory (the repository)
+                   image_line("relative", "img.png"), image_line("relative-out", "../elsewhere/img.png"),
+                   json.dumps({"custom_id": "no-body", "method": "POST", "url": CHAT}),
+                   line("list-body", CHAT, [1])]  # fmt: skip
     input_path = write_lines(tmp / "job" / "in.jsonl", INPUT_LINES + ROUTE_LINES + media_lines)
     proc = run_cli(tiny_checkpoint_dir, input_path, tmp / "out.jsonl", "--max-in-flight", "4")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -200,7 +206,8 @@ def first_run(tiny_checkpoint_dir, tmp_path_factory):
     return input_path, proc, by_key(rows)
 
 
-FIRST_RUN_EXTRA_KEYS = {"infill", "suffix", "json", "logprobs", "beside", "passwd", "elsewhere"}
+FIRST_RUN_EXTRA_KEYS = {"infill", "suffix", "json", "logprobs", "beside", "passwd", "elsewhere", "relative",
+                        "relative-out", "no-body", "list-body"}
 
 
 def _status(row):
@@ -317,10 +324,23 @@ def test_bodies_read_local_media_only_beside_the_input(first_run):
     from sgl_diffusion.multimodal.media_policy import LOCAL_REFUSED
 
     _, _, rows = first_run
-    assert {key: _status(rows[key]) for key in ("beside", "passwd", "elsewhere")} == {
-        "beside": 200, "passwd": 400, "elsewhere": 400}  # fmt: skip
-    assert rows["passwd"]["response"]["body"]["message"] == rows["elsewhere"]["response"]["body"]["message"]
-    assert LOCAL_REFUSED in rows["passwd"]["response"]["body"]["message"]
+    assert {key: _status(rows[key]) for key in ("beside", "passwd", "elsewhere", "relative", "relative-out")} == {
+        "beside": 200, "passwd": 400, "elsewhere": 400, "relative": 200, "relative-out": 400}  # fmt: skip
+    refusals = {rows[key]["response"]["body"]["message"] for key in ("passwd", "elsewhere", "relative-out")}
+    assert len(refusals) == 1 and LOCAL_REFUSED in refusals.pop()
+    assert rows["relative"]["response"]["body"]["choices"] == rows["beside"]["response"]["body"]["choices"]
+
+
+@pytest.mark.slow
+def test_a_body_that_is_not_an_object_is_a_400(first_run):
+    """A chat line without a body, or with a list, is the route's 400 (sglang's chat validator raised AttributeError:
+    a 500 with a traceback)."""
+    _, proc, rows = first_run
+    for key, kind in (("no-body", "NoneType"), ("list-body", "list")):
+        assert _status(rows[key]) == 400
+        assert rows[key]["response"]["body"]["message"] == (
+            f"body must be a JSON object with the {CHAT} request (got {kind})")
+    assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow
