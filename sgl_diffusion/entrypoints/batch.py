@@ -6,8 +6,9 @@ Every other argument is a sglang server argument (``python -m sglang.launch_serv
 defaults to ``error`` here, as for ``sglang.Engine``.
 
 Local media: image and video paths (and ``file://`` URLs) in the bodies are read only inside the input file's own
-directory (relative paths are relative to it), unless ``SGL_DIFFUSION_ALLOWED_LOCAL_MEDIA_PATHS`` is set (then it alone decides; set it empty to allow
-none). The rest of the server's media policy applies unchanged (README "Security").
+directory (relative paths are relative to it), unless ``SGL_DIFFUSION_ALLOWED_LOCAL_MEDIA_PATHS`` is set (then it
+alone decides; set it empty to allow none). The rest of the server's media policy applies unchanged (README
+"Security").
 
 Input: one request per line, ``{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {...}}``
 with ``url`` ``/v1/chat/completions`` or ``/v1/completions``. ``body`` is what the server takes on that route,
@@ -151,10 +152,10 @@ class BatchRunner:
     paths in the bodies name files in ``media_dir`` (the input file's directory)."""
 
     def __init__(self, engine: sglang.Engine, media_dir: pathlib.Path):
-        self.media_dir = media_dir
         from sglang.srt.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
         from sglang.srt.entrypoints.openai.serving_completions import OpenAIServingCompletion
 
+        self.media_dir = media_dir
         manager, templates = engine.tokenizer_manager, engine.template_manager
         # Built as sglang's http_server builds them, so our serving_chat patch applies the same way.
         self._routes = {
