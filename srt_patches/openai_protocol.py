@@ -24,6 +24,14 @@ Why: the pydantic request models drop unknown fields, neither builder forwards t
      no place for model-specific figures; sglang reads ``suffix`` only through FIM completion templates.
 Remove when: sglang lets models declare extra request fields.
 
+Target: sglang.srt.entrypoints.openai.protocol.ChatCompletionRequest (its ``mode="before"`` model validators)
+Checked against: sglang 0.5.23
+Why: its before-validators (``set_json_schema``, ``set_tool_choice_default``, ...) call ``values.get`` on the body
+     as sent, so a chat body that is JSON but not an object (``null``, ``[1]``, ``"x"``) was an HTTP 500 with an
+     AttributeError traceback; /v1/completions and /generate answer it with a 400. A before-validator that runs
+     first refuses a body that is not an object with a validation error, which sglang answers with a 400.
+Remove when: sglang's chat request validators accept any JSON value.
+
 Target: sglang.srt.entrypoints.openai.serving_tokenize.OpenAIServingDetokenize._validate_request (sglang's
         OpenAIServingBase._validate_request, which checks nothing, wrapped on the detokenize handler only)
 Checked against: sglang 0.5.23
@@ -64,6 +72,7 @@ def _add_diffusion_field() -> None:
             cls.model_fields[name] = FieldInfo(annotation=annotation, default=None)
             cls.model_rebuild(force=True)
     _serialize_responses_diffusion(protocol.ResponsesResponse)
+    _refuse_a_body_that_is_not_an_object(protocol.ChatCompletionRequest)
     # NOTE: models that nest UsageInfo captured its old schema; rebuild them so usage.diffusion serializes
     for cls in (protocol.ChatCompletionResponse, protocol.CompletionResponse, protocol.ChatCompletionStreamResponse,
                 protocol.CompletionStreamResponse, anthropic.AnthropicMessagesResponse, anthropic.MessageDeltaEvent,
@@ -92,6 +101,30 @@ def _serialize_responses_diffusion(cls) -> None:
     serialize_usage._sgl_diffusion = True
     serializers["_serialize_usage"] = dataclasses.replace(entry, func=serialize_usage)
     cls.model_rebuild(force=True)
+
+
+BODY_CHECK = "_sgl_diffusion_body_is_an_object"  # our before-validator's name among ChatCompletionRequest's
+
+
+def _refuse_a_body_that_is_not_an_object(cls) -> None:
+    """Add a before-validator that runs ahead of sglang's (pydantic runs the last one added first) and refuses a
+    body that is not a JSON object. NOTE: as in _serialize_responses_diffusion, the entry goes into
+    ``__pydantic_decorators__`` (a copy of one of sglang's before-validators, with our function) and the model is
+    rebuilt."""
+    import dataclasses
+
+    validators = cls.__pydantic_decorators__.model_validators
+    if BODY_CHECK in validators:
+        return
+    [entry, *_] = [v for v in validators.values() if v.info.mode == "before"]
+    validators[BODY_CHECK] = dataclasses.replace(entry, cls_var_name=BODY_CHECK, func=body_is_an_object)
+    cls.model_rebuild(force=True)
+
+
+def body_is_an_object(values):
+    if not isinstance(values, dict):
+        raise ValueError(f"the request body must be a JSON object, not {type(values).__name__}")
+    return values
 
 
 def _carry_diffusion(params: dict, request) -> dict:

@@ -709,6 +709,10 @@ def _fixed_cases():
         Case("chat:max_tokens -1", CHAT, _with(CHAT, max_tokens=-1)),
         Case("chat:wrong content-type", CHAT, raw=b"messages=Hi", content_type="text/plain"),
         Case("chat:GET", CHAT, raw=b"", method="GET"),
+        # sglang's chat validators read any body as a dict: an AttributeError, a 500 (srt_patches/openai_protocol.py)
+        Case("chat:json null body", CHAT, raw=b"null"),
+        Case("chat:json array body", CHAT, raw=b"[1]"),
+        Case("chat:json string body", CHAT, raw=b'"Hi"'),
     ]
 
 

@@ -139,6 +139,39 @@ def test_diffusion_must_be_an_object(protocol, name):
         getattr(protocol, name)(model="m", diffusion=[1, 2], **extra)
 
 
+def test_upstream_chat_validators_read_any_body_as_a_dict(protocol):
+    """sglang's before-validators of a chat request call ``.get`` on the body as sent (why a non-object body was
+    a 500: an AttributeError is no validation error)."""
+    validators = protocol.ChatCompletionRequest.__pydantic_decorators__.model_validators
+    broken = []
+    for name, entry in validators.items():
+        if entry.info.mode == "before" and name != openai_protocol.BODY_CHECK:
+            try:
+                entry.func(None)
+            except AttributeError:
+                broken.append(name)
+    assert "set_json_schema" in broken
+
+
+@pytest.mark.parametrize("body", [None, [1], "x", 1])
+def test_a_chat_body_that_is_not_an_object_is_a_validation_error(protocol, body):
+    """A chat body that is JSON but not an object is a request validation error (sglang's HTTP 400)."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="the request body must be a JSON object"):
+        protocol.ChatCompletionRequest.model_validate(body)
+
+
+def test_the_body_check_runs_first_once(protocol):
+    """The check is the last before-validator added (pydantic runs it first), also after a second registration,
+    and a chat body that is an object still validates."""
+    openai_protocol._add_diffusion_field()
+    validators = list(protocol.ChatCompletionRequest.__pydantic_decorators__.model_validators)
+    assert validators.count(openai_protocol.BODY_CHECK) == 1 and validators[-1] == openai_protocol.BODY_CHECK
+    request = protocol.ChatCompletionRequest.model_validate({"model": "m", "messages": MESSAGES})
+    assert request.tool_choice == "none"  # sglang's validators ran too
+
+
 def test_register_twice_keeps_the_field(protocol):
     """Re-running the field registration leaves the models (and their `diffusion` field) working."""
     openai_protocol._add_diffusion_field()
