@@ -29,6 +29,16 @@ class DraftOutputStreamer(SchedulerOutputStreamer):
     def replacing(cls, streamer: SchedulerOutputStreamer) -> DraftOutputStreamer:
         return cls(**{f.name: getattr(streamer, f.name) for f in dataclasses.fields(streamer)})
 
+    def stream_output(self, reqs, return_logprob, *args, **kwargs):
+        # NOTE: no zero-argument super() in a slots dataclass (the class is rebuilt, its __class__ cell is not)
+        out = SchedulerOutputStreamer.stream_output(self, reqs, return_logprob, *args, **kwargs)
+        for req in reqs:
+            # NOTE: sglang sends output logprobs up to max(len(output_ids), 1), a token-by-token rule (the first token
+            # comes with the prefill): a draft of a request with no output yet moved its offset past the first token
+            if req.return_logprob and not req.output_ids:
+                req.send_output_token_logprobs_offset = 0
+        return out
+
     def should_build_additional_customized_info(self) -> bool:
         return bool(self.drafts)
 

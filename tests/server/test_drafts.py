@@ -52,6 +52,24 @@ def test_native_stream_carries_drafts_beside_unchanged_committed_output(server):
     assert all("diffusion_draft" not in e["meta_info"] for e in plain)
 
 
+def test_drafts_keep_every_output_logprob(server):
+    """Streamed with logprobs, a request gets one logprob per output token with drafts as without, the first
+    canvas's first token included (a draft sent before any commit made sglang's streamer skip it: its offset moves to
+    1 for a request with no output)."""
+    def final(stream_drafts):
+        body = _body(stream_drafts) | {"return_logprob": True, "top_logprobs_num": 1}
+        events = _events(server, body)
+        assert stream_drafts == any("diffusion_draft" in e["meta_info"] for e in events)
+        return events[-1]["output_ids"], events[-1]["meta_info"]
+
+    plain_ids, plain = final(False)
+    ids, meta = final(True)
+    assert ids == plain_ids and len(ids) == MAX_TOKENS
+    for key in ("output_token_logprobs", "output_top_logprobs"):
+        assert len(meta[key]) == len(plain[key]) == MAX_TOKENS, key
+    assert [token for _, token, _ in meta["output_token_logprobs"]] == ids
+
+
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
