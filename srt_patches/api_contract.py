@@ -15,6 +15,10 @@ Why: a list of sampling_params is read as one dict per prompt without checking i
      dropped; they are refused too. An empty ``input_embeds`` (the prompt when neither text nor ids are given) failed
      on ``[0][0]``, a 500 too.
 Remove when: sglang checks the length of sampling_params as it does for ``watermark``, and empty input_embeds.
+Also (same target): a single prompt asking for ``n`` > 1 becomes a batch of one, its text or ids wrapped in a list
+(``_handle_parallel_sampling``) but not its media: a list of two images was a 400 ("The length of image_data should
+be equal to the batch size", an OpenAI chat with two images and ``n: 2``), and a list of videos was dealt out one per
+choice. The prompt's own media list is wrapped with it here. Remove when sglang wraps them too.
 """
 
 from __future__ import annotations
@@ -41,6 +45,16 @@ def generate_contract_error(original, body, *args, **kwargs):
     return original(body, *args, **kwargs)
 
 
+MEDIA_FIELDS = ("image_data", "video_data", "audio_data")
+
+
+def _is_single_prompt(request) -> bool:
+    if request.text is not None:
+        return isinstance(request.text, str)
+    ids = request.input_ids
+    return isinstance(ids, list) and bool(ids) and isinstance(ids[0], int)
+
+
 def normalize_batch_and_arguments(original, request):
     embeds = request.input_embeds
     if request.text is None and request.input_ids is None and isinstance(embeds, list) and not (embeds and embeds[0]):
@@ -48,6 +62,11 @@ def normalize_batch_and_arguments(original, request):
     given = request.sampling_params
     if isinstance(given, list) and not (given and all(isinstance(params, dict) for params in given)):
         raise ValueError("sampling_params must be an object, or a non-empty list of objects, one per prompt")
+    if isinstance(given, dict) and given.get("n", 1) != 1 and _is_single_prompt(request):
+        for field in MEDIA_FIELDS:
+            media = getattr(request, field)
+            if isinstance(media, list) and media and not isinstance(media[0], list):  # this one prompt's media
+                setattr(request, field, [media])
     original(request)
     if isinstance(given, list):
         if request.is_single:

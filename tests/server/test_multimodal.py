@@ -85,6 +85,16 @@ def test_several_images_in_either_order(client, processor):
     assert swapped.usage.prompt_tokens == expected and swapped.choices[0].message.content != first.choices[0].message.content
 
 
+def test_several_images_with_n_samples(client):
+    """Two images and n = 2: every sample sees both (sglang refused it with a 400, "The length of image_data should be
+    equal to the batch size"); sample 0 is the n = 1 answer (sample i uses seed + i)."""
+    a, b = png_bytes(48, 32, shade=1), png_bytes(96, 64, shade=2)
+    content = [image_part(data_url(a, "image/png")), image_part(data_url(b, "image/png")), QUESTION]
+    one, two = chat(client, content), chat(client, content, n=2)
+    assert len(two.choices) == 2 and two.usage.prompt_tokens == one.usage.prompt_tokens
+    assert two.choices[0].message.content == one.choices[0].message.content
+
+
 # ---- video ---------------------------------------------------------------------------------------------------------
 
 

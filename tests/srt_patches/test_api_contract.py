@@ -127,3 +127,26 @@ def test_sampling_params_that_fit_are_normalized_as_sglang_does(applied):
     assert len(_normalized(text=["Hi", "Yo"], sampling_params={}).sampling_params) == 2
     parallel = _normalized(text="Hi", sampling_params=[{"n": 2}])  # n > 1 makes one prompt a batch of one
     assert parallel.batch_size == 1 and len(parallel.sampling_params) == 2
+
+
+@pytest.mark.parametrize("prompt", [{"text": "<|image|><|image|> Hi"}, {"input_ids": [2, 18, 18, 5]}])
+def test_one_prompts_media_list_goes_with_each_of_its_n_samples(applied, prompt):
+    """A single prompt with n > 1 is a batch of one: its list of images (videos) is that prompt's, and every sample
+    gets all of them, as n = 1 reads the list; upstream refused two images and dealt two videos out one per sample."""
+    images, videos = ["img-a", "img-b"], ["vid-a", "vid-b"]
+    request = _normalized(**prompt, image_data=images, video_data=videos, sampling_params={"n": 3})
+    assert request.image_data == [images] * 3 and request.video_data == [videos] * 3
+    assert request.modalities == ["multi-images"] * 3
+    one = _normalized(**prompt, image_data=list(images), sampling_params={"n": 1})
+    assert one.image_data == images  # n = 1: left as sglang reads it
+    single = _normalized(**prompt, image_data="img-a", sampling_params={"n": 2})
+    assert single.image_data == [["img-a"]] * 2  # one image, not in a list: sglang's own path
+
+
+def test_upstream_refuses_one_prompts_two_images_with_n_above_one(upstream):
+    """Why the media are wrapped: upstream reads one prompt's image list as one image per prompt of the batch."""
+    from sglang.srt.managers.io_struct import GenerateReqInput
+
+    request = GenerateReqInput(text="<|image|><|image|> Hi", image_data=["a", "b"], sampling_params={"n": 2})
+    with pytest.raises(ValueError, match="length of image_data should be equal to the batch size"):
+        upstream(api_contract.TARGETS[1])(request)
