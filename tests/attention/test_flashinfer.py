@@ -136,3 +136,12 @@ def test_flashinfer_has_kernels_for_the_emulators_dtypes_only():
     assert "torch.float32" not in compiled
     assert {f"torch.{name}" for name in FLASHINFER_DTYPES} == {str(d) for d in flashinfer_emulator.Q_DTYPES}
     assert {str(d) for d in flashinfer_emulator.KV_DTYPES} <= compiled
+
+
+def test_the_emulator_refuses_a_plan_flashinfer_has_no_kernel_for():
+    """A float32 model's plan fails in the emulator as in FlashInfer (plan() raised KeyError torch.float32), so an
+    emulated run cannot vouch for what no kernel runs; api(float32=True) lifts it for precision checks only."""
+    case = cases.make_case("mixed", GEOMETRIES["unit"])
+    with pytest.raises(AssertionError, match="no torch.float32 kernels"):
+        emulated(flashinfer_emulator.api(), torch.float32)(case.kv, case.layers).plan(case.batch)
+    emulated(flashinfer_emulator.api(float32=True), torch.float32)(case.kv, case.layers).plan(case.batch)
