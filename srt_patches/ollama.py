@@ -11,6 +11,13 @@ Why: sglang's Ollama streamers send a finished chunk as ``done`` with empty cont
      ``top_k``) was a 500, or a stream cut off with no body. The stream's first chunk is awaited before the response
      starts, and a refusal (ValueError) is answered 400 with Ollama's ``{"error": ...}`` body.
 Remove when: sglang's Ollama streamers send the final chunk's delta and its handlers answer ValueErrors with a 400.
+
+Target: sglang.srt.entrypoints.ollama.serving.OllamaServing._convert_options_to_sampling_params
+Checked against: sglang 0.5.23
+Why: it maps the ``seed`` option to a ``seed`` sampling parameter, which sglang's SamplingParams does not have: any
+     request with ``options.seed`` was a 500 (TypeError). It is ``sampling_seed``, which seeds the canvas sampler as
+     the OpenAI ``seed`` does (runtime/admission.py); for a diffusion model the seed decides the whole canvas.
+Remove when: sglang maps ``seed`` to ``sampling_seed``.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from sglang.srt.plugins.hook_registry import HookType, plugin_hook
 
 _SERVING = "sglang.srt.entrypoints.ollama.serving.OllamaServing"
 TARGETS = (f"{_SERVING}._stream_chat_response", f"{_SERVING}._stream_generate_response",
-           f"{_SERVING}.handle_chat", f"{_SERVING}.handle_generate")  # fmt: skip
+           f"{_SERVING}.handle_chat", f"{_SERVING}.handle_generate", f"{_SERVING}._convert_options_to_sampling_params")
 
 
 def _serves_diffusion(serving) -> bool:
@@ -75,8 +82,15 @@ class _StartedStream:
                 return
 
 
+def options_to_sampling_params(result: dict, serving, *args, **kwargs) -> dict:
+    if "seed" in result and _serves_diffusion(serving):
+        result["sampling_seed"] = result.pop("seed")
+    return result
+
+
 def register() -> None:
     for target in TARGETS[:2]:
         plugin_hook(target, HookType.AROUND)(stream_response)
-    for target in TARGETS[2:]:
+    for target in TARGETS[2:4]:
         plugin_hook(target, HookType.AROUND)(handle)
+    plugin_hook(TARGETS[4], HookType.AFTER)(options_to_sampling_params)

@@ -22,6 +22,8 @@ Target: sglang.srt.entrypoints.openai.protocol.{ChatCompletionRequest.to_samplin
 Checked against: sglang 0.5.23
 Why: the pydantic request models drop unknown fields, neither builder forwards them, and usage has
      no place for model-specific figures; sglang reads ``suffix`` only through FIM completion templates.
+     ``diffusion.stream_drafts`` is refused with a 400 where the stream has no place for drafts (Responses and
+     Anthropic streams are built from sglang's own events: drafts would be dropped without a word).
 Remove when: sglang lets models declare extra request fields.
 
 Target: sglang.srt.entrypoints.openai.protocol.ChatCompletionRequest (its ``mode="before"`` model validators)
@@ -36,7 +38,8 @@ Target: sglang.srt.entrypoints.openai.serving_tokenize.OpenAIServingDetokenize._
         OpenAIServingBase._validate_request, which checks nothing, wrapped on the detokenize handler only)
 Checked against: sglang 0.5.23
 Why: /v1/detokenize hands any integer to the tokenizer: a negative id is an HTTP 500 ("out of range integral type
-     conversion"), and an id past the vocabulary decodes to nothing, silently. Both are a 400 naming the range.
+     conversion"), and an id past the vocabulary decodes to nothing, silently. Both are a 400 naming the range; so
+     is any request to a server without a tokenizer (--skip-tokenizer-init), which failed on it.
 Remove when: sglang range-checks the ids it detokenizes.
 """
 
@@ -154,6 +157,11 @@ def responses_to_sampling_params(original, request, *args, **kwargs):
 
 
 def anthropic_to_chat_request(original, serving, anthropic_request, *args, **kwargs):
+    diffusion = anthropic_request.diffusion
+    if anthropic_request.stream and isinstance(diffusion, dict) and diffusion.get("stream_drafts"):
+        # sglang's Anthropic stream is built from the chat chunks with choices only: the drafts were dropped
+        raise ValueError("diffusion.stream_drafts: Anthropic message streams have no draft events; stream drafts "
+                         "from /v1/chat/completions, /v1/completions or /generate")
     chat_request = original(serving, anthropic_request, *args, **kwargs)
     chat_request.diffusion = anthropic_request.diffusion  # read by chat_to_sampling_params
     return chat_request
@@ -211,6 +219,8 @@ def validate_detokenize(original, serving, request):
         return error
     if not serves_diffusion_model(serving.tokenizer_manager.model_config.hf_config):
         return None
+    if serving.tokenizer_manager.tokenizer is None:  # sglang's handler would fail on it: a 500
+        return "detokenize needs the server's tokenizer: this server runs with --skip-tokenizer-init"
     tokens = request.tokens if isinstance(request.tokens, list) else []
     ids = [t for row in tokens for t in (row if isinstance(row, list) else [row]) if isinstance(t, int)]
     vocab = len(serving.tokenizer_manager.tokenizer)

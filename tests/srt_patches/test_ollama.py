@@ -25,7 +25,16 @@ def test_upstream_signature_and_why(target, upstream_parameters):
     assert 'content=""' in source or 'response=""' in source
 
 
-@pytest.mark.parametrize("target", ollama.TARGETS[2:])
+def test_options_conversion_signature_and_why(upstream_parameters):
+    """The option conversion takes (options) and still maps ``seed`` to a name SamplingParams lacks (the patch's reason)."""
+    empty = inspect.Parameter.empty
+    assert upstream_parameters(ollama.TARGETS[4]) == [("self", empty), ("options", None)]
+    from sglang.srt.entrypoints.ollama.serving import OllamaServing
+
+    assert '"seed": "seed"' in inspect.getsource(OllamaServing._convert_options_to_sampling_params.__wrapped__)
+
+
+@pytest.mark.parametrize("target", ollama.TARGETS[2:4])
 def test_handlers_signature_and_why(target, upstream_parameters):
     """The handlers take (request, raw request) and still let a ValueError out (a 500) instead of answering it."""
     empty = inspect.Parameter.empty
@@ -105,3 +114,18 @@ def test_a_refused_request_is_a_400_streamed_or_not():
         assert response.status_code == 400 and orjson.loads(response.body) == {"error": refusal}
     with pytest.raises(ValueError, match="top_k=40"):
         asyncio.run(answer(OTHER_HF, False))
+
+
+def test_the_seed_option_seeds_the_canvas_sampler():
+    """options.seed becomes sglang's sampling_seed (the OpenAI seed's parameter), which the canvas sampler takes; upstream
+    named it ``seed``, which SamplingParams does not have: every seeded request was a 500. Other models: as sglang."""
+    from sglang.srt.entrypoints.ollama.serving import OllamaServing
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    options = {"seed": 7, "num_predict": 5, "temperature": 0.5}
+    ours = OllamaServing(Manager(DIFFUSION_HF, []))._convert_options_to_sampling_params(options)
+    assert ours == {"sampling_seed": 7, "max_new_tokens": 5, "temperature": 0.5}
+    SamplingParams(**ours)  # sglang takes it
+    assert OllamaServing(Manager(OTHER_HF, []))._convert_options_to_sampling_params(options)["seed"] == 7
+    with pytest.raises(TypeError, match="seed"):
+        SamplingParams(seed=7)  # why: upstream's mapping names no SamplingParams field

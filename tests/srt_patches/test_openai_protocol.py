@@ -273,6 +273,14 @@ def test_detokenize_ids_in_range_and_other_models_pass(serving_detokenize):
     assert serving_detokenize._validate_request(DetokenizeRequest(tokens=[-1])) is None
 
 
+def test_detokenize_without_a_tokenizer_is_refused(serving_detokenize):
+    """--skip-tokenizer-init: no tokenizer to detokenize with (our range check failed on len(None): a 500)."""
+    from sglang.srt.entrypoints.openai.protocol import DetokenizeRequest
+
+    serving_detokenize.tokenizer_manager.tokenizer = None
+    assert "--skip-tokenizer-init" in serving_detokenize._validate_request(DetokenizeRequest(tokens=[5, 6]))
+
+
 def test_a_responses_request_carries_diffusion(protocol):
     request = protocol.ResponsesRequest(model="m", input="hi", diffusion={"max_denoising_steps": 3})
     assert request.to_sampling_params(None, {})["diffusion"] == {"max_denoising_steps": 3}
@@ -317,3 +325,21 @@ def test_an_anthropic_request_carries_diffusion_into_its_chat_request(applied):
     assert chat.diffusion == {"max_denoising_steps": 3}
     assert chat.to_sampling_params([], {})["diffusion"] == {"max_denoising_steps": 3}
     assert serving._convert_to_chat_completion_request(AnthropicMessagesRequest(**body)).diffusion is None
+
+
+def test_a_streamed_anthropic_request_cannot_ask_for_drafts(applied):
+    """sglang's Anthropic stream reads the chat chunks' choices only: drafts (choiceless chunks) were dropped without a
+    word. Streamed, stream_drafts is refused (sglang's handler answers the conversion's error with a 400); not
+    streamed, the chat request carries it to the admission check that asks for a stream."""
+    from types import SimpleNamespace
+
+    from sglang.srt.entrypoints.anthropic.protocol import AnthropicMessagesRequest
+    from sglang.srt.entrypoints.anthropic.serving import AnthropicServing
+
+    serving = AnthropicServing(SimpleNamespace(supports_inline_system=True))
+    body = {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}],
+            "diffusion": {"stream_drafts": True}}
+    with pytest.raises(ValueError, match="Anthropic message streams have no draft events"):
+        serving._convert_to_chat_completion_request(AnthropicMessagesRequest(**body, stream=True))
+    assert serving._convert_to_chat_completion_request(AnthropicMessagesRequest(**body)).diffusion == {
+        "stream_drafts": True}
