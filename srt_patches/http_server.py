@@ -1,5 +1,5 @@
 """sglang's HTTP server: freeze the GC once it answers, also when the warm-up is skipped; bad input to its utility
-routes is a 400.
+routes is a 400; /server_info shows no credentials.
 
 Target: sglang.srt.entrypoints.http_server._freeze_gc_after_server_warmup
 Checked against: sglang 0.5.23
@@ -17,6 +17,15 @@ Why: four routes let the error of a bad argument escape as an HTTP 500 with a tr
      GenerateReqInput). Before the server starts, an exception handler is added to sglang's app that answers those
      errors of those routes with a 400 and the message; any other error still is a 500.
 Remove when: these routes check their arguments.
+
+Targets: sglang.srt.entrypoints.http_server.build_server_info,
+         sglang.srt.managers.tokenizer_control_mixin.TokenizerControlMixin.get_internal_state (what /server_info and
+         /get_server_info answer: the server's arguments, and each scheduler's as its ``internal_states``)
+Checked against: sglang 0.5.23
+Why: they return every server argument and the launch command, redacting only watermark secrets: any holder of the
+     ordinary --api-key read the --admin-api-key there (and the SSL key password), then called the admin routes.
+     Those values are redacted, in the fields and in the launch command, for every model the server runs.
+Remove when: sglang redacts its credentials from /server_info.
 """
 
 from __future__ import annotations
@@ -28,7 +37,11 @@ from sglang.srt.plugins.hook_registry import HookType, plugin_hook
 TARGETS = (
     "sglang.srt.entrypoints.http_server._freeze_gc_after_server_warmup",
     "sglang.srt.entrypoints.http_server.launch_server",
+    "sglang.srt.entrypoints.http_server.build_server_info",
+    "sglang.srt.managers.tokenizer_control_mixin.TokenizerControlMixin.get_internal_state",
 )
+SECRET_FIELDS = ("api_key", "admin_api_key", "ssl_keyfile_password")  # server arguments /server_info must not show
+REDACTED = "<redacted>"
 # route -> (the error its bad arguments raise, text that error's message holds then)
 BAD_ARGUMENT_ERRORS = {
     "/parse_function_call": (ValueError, "Unsupported tool_call_parser"),
@@ -87,6 +100,34 @@ async def bad_argument_is_a_400(request, exc):
     return ORJSONResponse({"error": {"message": str(exc)}}, status_code=400)
 
 
+def server_info_without_secrets(info: dict, *args, **kwargs) -> dict:
+    for field in SECRET_FIELDS:
+        if info.get(field) is not None:
+            info[field] = REDACTED
+    if isinstance(info.get("launch_command"), str):
+        info["launch_command"] = redact_command_line(info["launch_command"])
+    return info
+
+
+async def internal_states_without_secrets(original, manager, *args, **kwargs) -> list:
+    return [server_info_without_secrets(state) for state in await original(manager, *args, **kwargs)]
+
+
+def redact_command_line(command: str) -> str:
+    """``command`` with the values of the secret flags (``--api-key X`` and ``--api-key=X`` forms) redacted."""
+    flags = {"--" + field.replace("_", "-") for field in SECRET_FIELDS}
+    words = command.split(" ")
+    for i, word in enumerate(words):
+        flag, eq, _ = word.partition("=")
+        if eq and flag in flags:
+            words[i] = f"{flag}={REDACTED}"
+        elif i and words[i - 1] in flags:
+            words[i] = REDACTED
+    return " ".join(words)
+
+
 def register() -> None:
     plugin_hook(TARGETS[0], HookType.AROUND)(freeze_gc_after_server_warmup)
     plugin_hook(TARGETS[1], HookType.AROUND)(launch_server)
+    plugin_hook(TARGETS[2], HookType.AFTER)(server_info_without_secrets)
+    plugin_hook(TARGETS[3], HookType.AROUND)(internal_states_without_secrets)

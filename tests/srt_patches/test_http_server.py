@@ -120,3 +120,62 @@ def test_the_handlers_are_added_before_a_diffusion_server_starts(monkeypatch, ou
     http_server.launch_server(lambda server_args: started.append(dict(app.exception_handlers)), object())
     added = {error for error in (ValueError, TypeError) if started[0].get(error) is http_server.bad_argument_is_a_400}
     assert added == ({ValueError, TypeError} if ours else set())
+
+
+def test_server_info_signature_and_why(upstream_parameters):
+    """/server_info builds its answer with build_server_info(server_args, scheduler_info), which still puts every
+    server argument and the launch command in it (the patch's reason)."""
+    from sglang.srt.entrypoints import http_server as upstream
+
+    assert upstream_parameters(http_server.TARGETS[2]) == [("server_args", inspect.Parameter.empty),
+                                                            ("scheduler_info", inspect.Parameter.empty)]
+    assert upstream_parameters(http_server.TARGETS[3]) == [("self", inspect.Parameter.empty)]
+    assert "internal_states" in inspect.getsource(upstream.server_info)
+    source = inspect.getsource(upstream.build_server_info.__wrapped__)
+    assert "resolved_dict()" in source and "launch_command" in source
+    assert "build_server_info(" in inspect.getsource(upstream.server_info)
+
+
+
+def test_server_info_shows_no_credentials(applied):
+    """The ordinary API key's holder read the admin key in /server_info; keys and the SSL key password are redacted
+    in the fields and in the launch command, whatever the flags' form; unset ones stay None, the rest is untouched."""
+    import argparse
+
+    from sglang.srt.server_args import ServerArgs
+
+    assert applied.is_installed(http_server.TARGETS[2])
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    flags = [word for field in http_server.SECRET_FIELDS for word in ("--" + field.replace("_", "-"), "x")]
+    parsed = vars(parser.parse_args(["--model-path", "m", *flags]))
+    assert all(parsed[field] == "x" for field in http_server.SECRET_FIELDS)  # sglang's names for its secrets
+    command = ("python -m sglang.launch_server --api-key secret --admin-api-key=adminsecret --port 30000 "
+               "--ssl-keyfile-password pw --served-model-name api-key")
+    info = http_server.server_info_without_secrets({
+        "api_key": "secret", "admin_api_key": "adminsecret", "ssl_keyfile_password": "pw", "port": 30000,
+        "served_model_name": "api-key", "launch_command": command})  # fmt: skip
+    assert info == {
+        "api_key": "<redacted>", "admin_api_key": "<redacted>", "ssl_keyfile_password": "<redacted>", "port": 30000,
+        "served_model_name": "api-key",
+        "launch_command": "python -m sglang.launch_server --api-key <redacted> --admin-api-key=<redacted> "
+                          "--port 30000 --ssl-keyfile-password <redacted> --served-model-name api-key",
+    }  # fmt: skip
+    unset = {"api_key": None, "admin_api_key": None, "launch_command": None}
+    assert http_server.server_info_without_secrets(dict(unset)) == unset
+
+
+def test_each_schedulers_state_shows_no_credentials(applied):
+    """/server_info's internal_states hold each scheduler's server arguments: redacted there too."""
+    import asyncio
+
+    from sglang.srt.managers.tokenizer_control_mixin import TokenizerControlMixin
+
+    assert applied.is_installed(http_server.TARGETS[3])
+
+    async def states(manager):
+        return [{"api_key": "secret", "admin_api_key": "adminsecret", "dp_rank": rank} for rank in (0, 1)]
+
+    got = asyncio.run(http_server.internal_states_without_secrets(states, None))
+    assert got == [{"api_key": "<redacted>", "admin_api_key": "<redacted>", "dp_rank": rank} for rank in (0, 1)]
+    assert TokenizerControlMixin.get_internal_state.__wrapped__.__qualname__.endswith("get_internal_state")
