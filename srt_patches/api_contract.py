@@ -45,7 +45,7 @@ def generate_contract_error(original, body, *args, **kwargs):
     return original(body, *args, **kwargs)
 
 
-MEDIA_FIELDS = ("image_data", "video_data", "audio_data")
+MEDIA_FIELDS = ("image_data", "video_data", "audio_data", "mm_hashes", "mm_content_hashes")  # one entry per media
 
 
 def _is_single_prompt(request) -> bool:
@@ -62,12 +62,19 @@ def normalize_batch_and_arguments(original, request):
     given = request.sampling_params
     if isinstance(given, list) and not (given and all(isinstance(params, dict) for params in given)):
         raise ValueError("sampling_params must be an object, or a non-empty list of objects, one per prompt")
-    if isinstance(given, dict) and given.get("n", 1) != 1 and _is_single_prompt(request):
+    wrapped = {}
+    if _is_single_prompt(request):  # n > 1 may make it a batch of one (sglang decides: beam search does not)
         for field in MEDIA_FIELDS:
-            media = getattr(request, field)
+            media = getattr(request, field, None)
             if isinstance(media, list) and media and not isinstance(media[0], list):  # this one prompt's media
+                wrapped[field] = media
                 setattr(request, field, [media])
-    original(request)
+    try:
+        original(request)
+    finally:
+        if request.is_single:  # still one prompt: its media stay as they were
+            for field, media in wrapped.items():
+                setattr(request, field, media)
     if isinstance(given, list):
         if request.is_single:
             raise ValueError(f"sampling_params is a list of {len(given)} but the prompt is one: send an object, "

@@ -16,7 +16,8 @@ Why: a streamed ``tool_choice="required"``/named answer (a JSON list of calls) i
      call, as a canvas brings it, the parser's buffer never parses again: the stream lost every later call
      that the non-streamed answer returned. Token by token, the whitespace happens to be sent on its own (as
      stray ``content``). Between calls the wrapper drops the whitespace before the ``,`` or the closing ``]``
-     (the non-streamed answer's content is empty too), whatever the chunking.
+     (the non-streamed answer's content is empty too), whatever the chunking. It is on the class, so it serves
+     every model's forced-call streams: for a token model it only removes that stray whitespace content.
 Remove when: sglang's JsonArrayParser skips whitespace between calls.
 """
 

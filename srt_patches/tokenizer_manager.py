@@ -86,6 +86,8 @@ UNSUPPORTED_FIELDS = {
     # a canvas token is drawn from the whole vocabulary at the schedule's temperature, not from a top-k support set;
     # sglang's own check asked for a top_k that our admission refuses, and with top_k=1 the mask came back empty
     "return_sampling_mask": "return_sampling_mask (canvas tokens have no top-k support set)",
+    # with --enable-return-hidden-states sglang let it through, and the answer held an empty list
+    "return_hidden_states": "return_hidden_states (the canvas engine returns no hidden states)",
 }
 
 

@@ -168,7 +168,7 @@ def test_the_server_streams_each_committed_canvas_whole(model, monkeypatch):
 
 @pytest.mark.parametrize("end_at, eos_at, want", [
     ((1, 4), None, 32 + 6),  # thinking ends inside canvas 1, its end sequence counted
-    ((0, 30), None, 32),  # ... across the boundary of canvases 0 and 1: the sequence's last token ends it
+    ((0, 31), None, 33),  # ... across the boundary of canvases 0 and 1: the sequence's last token ends it
     (None, (1, 9), 32 + 10),  # never ends: every kept token counts, none of the canvas past the EOS
 ])
 def test_reasoning_tokens_count_the_committed_thinking(model, monkeypatch, end_at, eos_at, want):

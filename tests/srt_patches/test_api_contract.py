@@ -141,6 +141,19 @@ def test_one_prompts_media_list_goes_with_each_of_its_n_samples(applied, prompt)
     assert one.image_data == images  # n = 1: left as sglang reads it
     single = _normalized(**prompt, image_data="img-a", sampling_params={"n": 2})
     assert single.image_data == [["img-a"]] * 2  # one image, not in a list: sglang's own path
+    listed = _normalized(**prompt, image_data=list(images), sampling_params=[{"n": 2}])  # the list form of n
+    assert listed.image_data == [images] * 2
+    hashed = _normalized(**prompt, image_data=list(images), mm_hashes=["h-a", "h-b"], sampling_params={"n": 2})
+    assert hashed.image_data == [images] * 2 and hashed.mm_hashes == [["h-a", "h-b"]] * 2
+
+
+@pytest.mark.parametrize("sampling", [{"n": 1}, {"n": 0}, {"n": 2, "beam_width": 2}, {}])
+def test_media_of_a_prompt_that_stays_single_are_left_alone(applied, sampling):
+    """n = 1 (or n <= 0, or beam search, where n counts the beams returned) keeps one prompt single: its media list
+    is what sglang reads, untouched."""
+    request = _normalized(text="<|image|><|image|> Hi", image_data=["img-a", "img-b"], video_data=["vid-a"],
+                          sampling_params=sampling)
+    assert request.is_single and request.image_data == ["img-a", "img-b"] and request.video_data == ["vid-a"]
 
 
 def test_upstream_refuses_one_prompts_two_images_with_n_above_one(upstream):
