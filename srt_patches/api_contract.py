@@ -72,7 +72,8 @@ def normalize_batch_and_arguments(original, request):
     try:
         original(request)
     finally:
-        if request.is_single:  # still one prompt: its media stay as they were
+        # NOTE: is_single is set only once sglang has read the prompt (a request without one raises before)
+        if wrapped and getattr(request, "is_single", True):  # still one prompt: its media stay as they were
             for field, media in wrapped.items():
                 setattr(request, field, media)
     if isinstance(given, list):

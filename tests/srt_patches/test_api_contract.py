@@ -113,6 +113,9 @@ def _normalized(**fields):
     ({"text": ["Hi", "Yo"], "sampling_params": [{}, 3]}, "a non-empty list of objects"),
     ({"input_embeds": []}, "input_embeds is empty"),
     ({"input_embeds": [[]]}, "input_embeds is empty"),
+    # sglang's own refusals, raised before it has read a prompt (is_single is not set yet)
+    ({"sampling_params": {"n": 2}}, "should be provided"),
+    ({"input_ids": [], "sampling_params": {"n": 2}}, "should be provided|empty"),
 ])  # fmt: skip
 def test_a_sampling_params_list_that_does_not_fit_the_prompts_is_a_value_error(applied, fields, message):
     """sglang read these unchecked: an AttributeError or IndexError later, an HTTP 500 (or extra dicts dropped)."""
