@@ -18,7 +18,8 @@ Remove when: sglang checks the length of sampling_params as it does for ``waterm
 Also (same target): a single prompt asking for ``n`` > 1 becomes a batch of one, its text or ids wrapped in a list
 (``_handle_parallel_sampling``) but not its media: a list of two images was a 400 ("The length of image_data should
 be equal to the batch size", an OpenAI chat with two images and ``n: 2``), and a list of videos was dealt out one per
-choice. The prompt's own media list is wrapped with it here. Remove when sglang wraps them too.
+choice. The prompt's own media list (and its hashes) is wrapped with it here, and given back as it was when sglang
+keeps the prompt single (n <= 1, beam search). Remove when sglang wraps them too.
 """
 
 from __future__ import annotations
