@@ -10,6 +10,7 @@ EMPTY = Parameter.empty
 EXPECTED_PARAMETERS = {
     "sglang.srt.entrypoints.api_contract.generate_contract_error": [("body", EMPTY)],
     "sglang.srt.managers.io_struct.GenerateReqInput.normalize_batch_and_arguments": [("self", EMPTY)],
+    "sglang.srt.managers.io_struct.GenerateReqInput._handle_parallel_sampling": [("self", EMPTY)],
 }
 DIFFUSION = {"seed": 3, "max_denoising_steps": 8}
 
@@ -159,10 +160,11 @@ def test_media_of_a_prompt_that_stays_single_are_left_alone(applied, sampling):
     assert request.is_single and request.image_data == ["img-a", "img-b"] and request.video_data == ["vid-a"]
 
 
-def test_upstream_refuses_one_prompts_two_images_with_n_above_one(upstream):
+def test_upstream_refuses_one_prompts_two_images_with_n_above_one(upstream, monkeypatch):
     """Why the media are wrapped: upstream reads one prompt's image list as one image per prompt of the batch."""
     from sglang.srt.managers.io_struct import GenerateReqInput
 
+    monkeypatch.setattr(GenerateReqInput, "_handle_parallel_sampling", upstream(api_contract.TARGETS[2]))
     request = GenerateReqInput(text="<|image|><|image|> Hi", image_data=["a", "b"], sampling_params={"n": 2})
     with pytest.raises(ValueError, match="length of image_data should be equal to the batch size"):
-        upstream(api_contract.TARGETS[1])(request)
+        request.normalize_batch_and_arguments()
