@@ -1,3 +1,4 @@
+import json
 import os
 
 import pytest
@@ -69,8 +70,12 @@ def server_logs(tmp_path_factory):
 def server(tiny_checkpoint_dir):
     """A real ``python -m sglang.launch_server`` on the tiny checkpoint (tests/server/conftest.py's flags), started
     once per test session and shared by every module that only needs a default server."""
-    from tests.server.conftest import Server
+    from tests.server.conftest import Server, _free_port
 
-    srv = Server(tiny_checkpoint_dir)
+    # KV events on, as a cache-aware router's deployment has them (test_metrics.py subscribes)
+    kv_events = f"tcp://127.0.0.1:{_free_port()}"
+    config = json.dumps({"publisher": "zmq", "endpoint": kv_events.replace("127.0.0.1", "*")})
+    srv = Server(tiny_checkpoint_dir, "--kv-events-config", config)
+    srv.kv_events = kv_events
     yield srv
     srv.stop()

@@ -5,6 +5,8 @@ Created in the scheduler process; sglang's multiprocess collector merges them wi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 
 class DiffusionMetrics:
     def __init__(self, labels: dict[str, str]):
@@ -50,3 +52,38 @@ class DiffusionMetrics:
     def in_flight(self, canvases: int, grammars: int) -> None:
         self.canvases_in_flight.labels(**self.labels).set(canvases)
         self.grammars_in_flight.labels(**self.labels).set(grammars)
+
+
+@dataclass
+class _RoundBatch:
+    """What sglang's decode report reads of a running batch (ScheduleBatch's fields): the canvas loop has none."""
+
+    reqs: list
+    forward_iter: int | None = None
+    dp_cooperation_info: object = None
+    seq_lens_cpu: object = None  # None: the report sums each Req's seqlen
+
+
+def report_round(scheduler, out, running: list, graphed: bool) -> None:
+    """Report a forward round to sglang's scheduler metrics, as its prefill and decode result processors report a
+    batch: its "Prefill batch" and "Decode batch" log lines, its gauges on /metrics (running and queued requests,
+    token usage, generation throughput, cache hit rate), its realtime token counters, and its KV events
+    (--kv-events-config, which pile up in the radix tree until reported). A round counts as one decode step, whose
+    generated tokens are the ones its committed canvases kept. ``out``: the round's StepOutput; ``running``: the
+    running Reqs; ``graphed``: whether rounds run as graphs (--enable-torch-compile)."""
+    from sglang.srt.managers.scheduler_components.metrics_reporter import PrefillStats
+    from sglang.srt.observability.metrics_collector import QueueCount
+
+    reporter = scheduler.metrics_reporter
+    if out.new_prompts or out.prefill_tokens:
+        stats = PrefillStats(
+            log_input_tokens=out.prefill_tokens, log_hit_tokens=out.cached_tokens,
+            log_device_hit_tokens=out.cached_tokens, new_token_ratio=scheduler.new_token_ratio_tracker.current,
+            num_running_reqs=QueueCount.from_reqs(running, scheduler.enable_priority_scheduling),
+            num_new_seqs=out.new_prompts,
+        )  # fmt: skip
+        reporter.report_prefill_stats(None, stats, graphed)
+    generated = sum(len(kept) for _, kept in out.committed)
+    reporter.num_generated_tokens += generated
+    reporter.forward_ct_decode = (reporter.forward_ct_decode + 1) % (1 << 30)  # as sglang wraps it
+    reporter.report_decode_stats(graphed, running_batch=_RoundBatch(running), num_generated_tokens=generated)

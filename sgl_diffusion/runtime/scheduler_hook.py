@@ -36,7 +36,7 @@ from sgl_diffusion.env import SamplerEnv
 from sgl_diffusion.models import fused_moe
 from sgl_diffusion.runtime.canvas_step import CanvasStep
 from sgl_diffusion.runtime.runner import DiffusionRunner
-from sgl_diffusion.runtime.metrics import DiffusionMetrics
+from sgl_diffusion.runtime.metrics import DiffusionMetrics, report_round
 from sgl_diffusion.runtime.radix_slots import RadixKVSlots
 from sgl_diffusion.runtime.scheduler_policy import CanvasScheduler, DiffusionRequest
 from sgl_diffusion.sampling.params import DiffusionDefaults, DiffusionParams
@@ -178,6 +178,10 @@ class DiffusionEngine:
         )
         collector = getattr(scheduler.metrics_reporter, "metrics_collector", None)
         self.metrics = DiffusionMetrics(collector.labels) if collector is not None else None
+        if scheduler.metrics_reporter.enable_mfu_metrics:
+            # its estimates count one token per sequence per decode step, and read a ScheduleBatch the loop never builds
+            logger.warning("sgl-diffusion: --enable-mfu-metrics is ignored: sglang's estimates are token-by-token")
+            scheduler.metrics_reporter.enable_mfu_metrics = False
         self.drafts = None  # a DraftOutputStreamer once a request asks for drafts
         # /v1/loads counts running requests from sglang's running_batch, which the canvas loop never fills
         scheduler.load_inquirer = dataclasses.replace(
@@ -270,6 +274,8 @@ class DiffusionEngine:
                 dreq.handle.finished_reason = FINISH_LENGTH(length=len(dreq.handle.output_ids))
             if dreq.handle not in reqs:
                 reqs.append(dreq.handle)
+        # before the stream: a client that has its answer finds the round in the metrics and KV events
+        report_round(self.scheduler, out, self.reqs, graphed=self.policy.runner.canvas_step is not None)
         if reqs:
             self.scheduler.output_streamer.stream_output(reqs, any(r.return_logprob for r in reqs))
 

@@ -138,6 +138,8 @@ class StepOutput:
     # holding all the KV it could get, and short of more: the pool cannot hold it even alone; the caller ends it
     exhausted: list[DiffusionRequest] = field(default_factory=list)
     prefill_tokens: int = 0  # prompt tokens the forward encoded (bounded by the prefill budget)
+    new_prompts: int = 0  # requests whose prompt began encoding in this forward
+    cached_tokens: int = 0  # of their prompts, tokens the prefix cache already held
 
 
 class CanvasScheduler:
@@ -158,6 +160,7 @@ class CanvasScheduler:
         cfg = runner.model.cfg
         self.canvas_length, self.vocab_size = cfg.canvas_length, cfg.vocab_size
         self.running: list[DiffusionRequest] = []
+        self._admitted: list[int] = []  # this round's first reservations: the cached prefix length of each
 
     def add(self, req: DiffusionRequest) -> None:
         req.encode_from_scratch()
@@ -165,6 +168,7 @@ class CanvasScheduler:
 
     def step(self) -> StepOutput:
         """plan -> forward + sample -> commit -> free."""
+        self._admitted = []
         reqs, segments, states, starved = self._plan()
         out = StepOutput([], [], starved)
         if segments:
@@ -176,6 +180,7 @@ class CanvasScheduler:
             out = self._apply(reqs, segments, states, done)
             out.starved = starved
             out.prefill_tokens = sum(seg.num_tokens for seg in segments if seg.kind == "prefill")
+            out.new_prompts, out.cached_tokens = len(self._admitted), sum(self._admitted)
         elif starved and len(starved) == len(self.running):
             out.exhausted = self._make_room()
         for req in list(self.running):
@@ -259,6 +264,8 @@ class CanvasScheduler:
                     # first come, first served: newer prompts do not take the KV a prompt (or its next chunk) waits for
                     held_back = held_back or req.prefilling
                     continue
+                if req.slots is None:
+                    self._admitted.append(got.reused.numel())
                 prefix = got.reused if req.slots is None else req.slots
                 req.slots = torch.cat([prefix, got.new])
                 req.pending = req.pending[got.reused.numel() :]

@@ -150,11 +150,17 @@ def test_the_server_streams_each_committed_canvas_whole(model, monkeypatch):
 
     engine = DiffusionEngine.__new__(DiffusionEngine)  # the round and its streaming, without a Scheduler process
     engine.cfg, engine.metrics, engine.drafts = model.cfg, None, None
-    profiled = []
+    profiled, prefills, decodes = [], [], []
+    reporter = SimpleNamespace(num_generated_tokens=0, forward_ct_decode=0,
+                               report_prefill_stats=lambda batch, stats, graphed: prefills.append(stats),
+                               report_decode_stats=lambda graphed, running_batch, num_generated_tokens: decodes.append(
+                                   (num_generated_tokens, len(running_batch.reqs))))  # fmt: skip
     engine.scheduler = SimpleNamespace(model_config=SimpleNamespace(context_len=1 << 20),
                                        batch_result_processor=result_processor(),
                                        output_streamer=SimpleNamespace(stream_output=stream_output),
-                                       forward_ct=0, forward_sleep_time=None,
+                                       forward_ct=0, forward_sleep_time=None, metrics_reporter=reporter,
+                                       new_token_ratio_tracker=SimpleNamespace(current=0.5),
+                                       enable_priority_scheduling=False,
                                        profiler_manager=SimpleNamespace(_profile_batch_predicate=profiled.append))
     engine.policy = OfflineEngine(model, eos_token_ids=EOS).scheduler
     engine.policy.sink = engine._accept_canvas
@@ -164,6 +170,11 @@ def test_the_server_streams_each_committed_canvas_whole(model, monkeypatch):
             engine.step()
     assert streamed == [(c, False), (2 * c, False), (2 * c + 6, True)]
     assert engine.scheduler.forward_ct == len(profiled) == 3  # each round counted and shown to the profiler
+    # each round reported to sglang's metrics as a decode step with the tokens it committed (the request runs until
+    # its last one), the first also as the prefill of one new prompt
+    assert decodes == [(c, 1), (c, 1), (6, 0)] and reporter.num_generated_tokens == 2 * c + 6
+    assert reporter.forward_ct_decode == 3
+    assert [(p.num_new_seqs, p.log_input_tokens, p.log_hit_tokens) for p in prefills] == [(1, len(PROMPT), 0)]
 
 
 @pytest.mark.parametrize("end_at, eos_at, want", [

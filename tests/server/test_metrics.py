@@ -53,3 +53,83 @@ def test_diffusion_figures_in_meta_info_and_usage(server):
     chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=40,
                                           extra_body={"ignore_eos": True, "diffusion": {"max_denoising_steps": 2}})
     assert chat.usage.model_extra["diffusion"] == {"canvases": 2, "denoise_steps": 4, "tokens_per_forward": 10.0}
+
+
+def test_sglang_scheduler_metrics_count_the_rounds(server):
+    """sglang's own scheduler figures follow the canvas rounds: /metrics' realtime token counters (prompt tokens
+    computed and cached, generated tokens) and gauges, the "Prefill batch" line of each new prompt, and a "Decode
+    batch" line every 40 rounds (--decode-log-interval) with the tokens committed since the last one."""
+    with open(server.log_path) as log:
+        log.seek(0, 2)
+        before, offset = requests.get(f"{server.url}/metrics", timeout=30).text, log.tell()
+    prompt = [7, 19, 23, 5, 11, 42, 17, 3, 29, 31, 8]
+    # three 20-step canvases: 60-odd rounds, so one "Decode batch" line counts a committed canvas whatever the count
+    out = server.post("/generate", {"input_ids": prompt, "sampling_params": {
+        "max_new_tokens": 96, "ignore_eos": True, "diffusion": {"max_denoising_steps": 20, "seed": 3}}}).json()
+    after = requests.get(f"{server.url}/metrics", timeout=30).text
+    cached, generated = out["meta_info"]["cached_tokens"], len(out["output_ids"])
+    assert generated == 96
+
+    def delta(mode):
+        name = "sglang:realtime_tokens_total"
+        pick = lambda text: sum(float(v) for v in re.findall(  # noqa: E731
+            rf'^{name}\{{[^}}]*mode="{mode}"[^}}]*\}} ([0-9.e+-]+)$', text, re.M))
+        return pick(after) - pick(before)
+
+    assert delta("decode") == generated
+    assert delta("prefill_compute") == len(prompt) - cached
+    assert delta("prefill_cache") == cached
+    for gauge in ("num_running_reqs", "num_queue_reqs", "gen_throughput", "token_usage", "cache_hit_rate"):
+        assert re.search(rf"^sglang:{gauge}\{{", after, re.M), gauge
+    with open(server.log_path) as log:
+        log.seek(offset)
+        lines = log.read().splitlines()
+    assert any(f"Prefill batch, #new-seq: 1, #new-token: {len(prompt) - cached}, #cached-token: {cached}," in line
+               for line in lines)
+    decode = [line for line in lines if "Decode batch, #running-req: 1," in line]
+    assert decode and any(float(re.search(r"gen throughput \(token/s\): ([0-9.]+)", line)[1]) > 0 for line in decode)
+
+
+def test_kv_events_announce_prompts_while_the_server_is_busy(server):
+    """With --kv-events-config (what a cache-aware router subscribes to), the blocks a prompt leaves in the radix
+    cache are published as the round that cached them ends, also while other canvases keep the server from ever
+    idling (sglang publishes from its batch reports, and when idle). A long request runs beside the prompts and is
+    aborted once one of them is announced: had the announcement waited for an idle server, it would have ended by
+    length first. A SUB socket only gets what is published after it has joined, so new prompts are sent until one
+    is announced."""
+    import concurrent.futures
+
+    import msgspec
+    import zmq
+    from sglang.srt.disaggregation.kv_events import BlockStored, KVEventBatch
+
+    decoder = msgspec.msgpack.Decoder(KVEventBatch)
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.connect(server.kv_events)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    long_body = {"rid": "busy-while-announcing", "input_ids": [5, 6, 7], "sampling_params": {
+        "max_new_tokens": 3000, "ignore_eos": True, "diffusion": {"max_denoising_steps": 48}}}  # ~4,600 rounds
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        long = pool.submit(server.post, "/generate", long_body, 600)
+        try:
+            announced = False
+            for attempt in range(10):
+                prompt = [61, 62, 63, attempt + 70, 64, 65]
+                assert server.post("/generate", {"input_ids": prompt, "sampling_params": {"max_new_tokens": 0}}).ok
+                stored = []
+                while not announced and sub.poll(5000):
+                    batch = decoder.decode(sub.recv_multipart()[-1])
+                    stored += [t for e in batch.events if isinstance(e, BlockStored) for t in e.token_ids]
+                    announced = _contains(stored, prompt[:-1])  # its last token's KV is written by the next forward
+                if announced:
+                    break
+        finally:
+            requests.post(f"{server.url}/abort_request", json={"rid": long_body["rid"]}, timeout=30)
+            sub.close(linger=0)
+        finish = long.result().json()["meta_info"]["finish_reason"]
+    assert announced, "no KV event announced a prompt"
+    assert finish["type"] == "abort", finish
+
+
+def _contains(tokens: list[int], run: list[int]) -> bool:
+    return any(tokens[i : i + len(run)] == run for i in range(len(tokens) - len(run) + 1))
