@@ -14,11 +14,14 @@ Why: the scheduler sends each draft as per-chunk ``customized_info`` (sgl_diffus
      that read only ``choices`` skip).
 Remove when: sglang streams model-specific per-chunk fields.
 
-Target: sglang.srt.entrypoints.openai.usage_processor.UsageProcessor.calculate_streaming_usage
+Targets: sglang.srt.entrypoints.openai.usage_processor.UsageProcessor.{calculate_streaming_usage,
+         calculate_token_usage}
 Checked against: sglang 0.5.23
-Why: a streamed request's usage chunk (``stream_options.include_usage``) is built from token counts alone, so it
-     lacked the ``usage.diffusion`` block the non-streamed answer has. While an OpenAI stream runs, the chunks'
-     per-token step counts are kept per choice (generate_request above), and its usage chunk gets the block.
+Why: a streamed request's usage chunk (``stream_options.include_usage``), and the usage of every chunk with
+     ``continuous_usage_stats``, are built from token counts alone, so they lacked the ``usage.diffusion`` block the
+     non-streamed answer has. While an OpenAI stream runs, the chunks' per-token step counts are kept per choice
+     (generate_request above): its usage chunk gets the block of all choices, and each chunk's usage the block of
+     its own choice (the one whose output the stream took last, as the stream builds a chunk's usage right after).
 Remove when: sglang passes the requests' meta_info to the streaming usage.
 
 Targets: sglang.srt.entrypoints.openai.serving_responses.OpenAIServingResponses.{create_responses, _build_response}
@@ -45,6 +48,7 @@ TARGETS = (
     "sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat._generate_chat_stream",
     "sglang.srt.entrypoints.openai.serving_completions.OpenAIServingCompletion._generate_completion_stream",
     "sglang.srt.entrypoints.openai.usage_processor.UsageProcessor.calculate_streaming_usage",
+    "sglang.srt.entrypoints.openai.usage_processor.UsageProcessor.calculate_token_usage",
     "sglang.srt.entrypoints.openai.serving_responses.OpenAIServingResponses.create_responses",
     "sglang.srt.entrypoints.openai.serving_responses.OpenAIServingResponses._build_response",
 )
@@ -53,6 +57,8 @@ _draft_sink: ContextVar[asyncio.Queue | None] = ContextVar("sgl_diffusion_draft_
 _END = object()
 # The step counts of the OpenAI stream or Responses request this task serves, per choice index (None outside one).
 _stream_steps: ContextVar[dict[int, list[int]] | None] = ContextVar("sgl_diffusion_stream_steps", default=None)
+# The choice whose output that stream took last (the one its next chunk, and that chunk's usage, are about).
+_last_choice: ContextVar[int] = ContextVar("sgl_diffusion_last_choice", default=0)
 
 
 def _draft_key() -> str:
@@ -84,8 +90,10 @@ async def _keep_steps(outputs, steps: dict[int, list[int]]):
 
     async for out in outputs:
         meta = out.get("meta_info", {}) if isinstance(out, dict) else {}
+        index = out.get("index", 0) if isinstance(out, dict) else 0
+        _last_choice.set(index)  # the generator runs in its consumer's context: the stream building the chunk
         if new := meta.get(STEPS_KEY):
-            kept = steps.setdefault(out.get("index", 0), [])
+            kept = steps.setdefault(index, [])
             if len(new) == meta.get("completion_tokens"):  # the whole answer's, as sglang accumulates them
                 kept[:] = new
             else:  # --incremental-streaming-output: this chunk's only
@@ -128,6 +136,18 @@ async def _counting_steps(original, *args, **kwargs):
 
 def streaming_usage(original, *args, **kwargs):
     return _with_kept_steps(original(*args, **kwargs))
+
+
+def token_usage(original, *args, **kwargs):
+    """A chunk's usage (``continuous_usage_stats``): the diffusion block of the choice the stream took last. The
+    usage chunk and the Responses usage replace it with the block of all choices (streaming_usage, build_response)."""
+    from srt_patches.openai_protocol import diffusion_usage
+
+    usage = original(*args, **kwargs)
+    steps = _stream_steps.get()
+    if steps and (kept := steps.get(_last_choice.get())):
+        usage.diffusion = diffusion_usage(kept)
+    return usage
 
 
 async def create_responses(original, serving, *args, **kwargs):
@@ -197,5 +217,6 @@ def register() -> None:
     plugin_hook(TARGETS[2], HookType.AROUND)(chat_stream)
     plugin_hook(TARGETS[3], HookType.AROUND)(completion_stream)
     plugin_hook(TARGETS[4], HookType.AROUND)(streaming_usage)
-    plugin_hook(TARGETS[5], HookType.AROUND)(create_responses)
-    plugin_hook(TARGETS[6], HookType.AROUND)(build_response)
+    plugin_hook(TARGETS[5], HookType.AROUND)(token_usage)
+    plugin_hook(TARGETS[6], HookType.AROUND)(create_responses)
+    plugin_hook(TARGETS[7], HookType.AROUND)(build_response)

@@ -117,6 +117,22 @@ def test_chat_stream_equals_non_stream(server, client, tokenizer):
     assert chunks[-1].usage.diffusion == full.usage.diffusion and full.usage.diffusion["canvases"] == 3
 
 
+def test_continuous_usage_stats_carry_each_choice_diffusion_block(client):
+    """stream_options.continuous_usage_stats: every chunk's usage (its choice's so far) has that choice's diffusion
+    block, and the usage chunk the block of both choices."""
+    chunks = list(client.chat.completions.create(
+        model="tiny", messages=MESSAGES, n=2, max_tokens=40, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True},
+        extra_body={"ignore_eos": True, "diffusion": {"max_denoising_steps": 2}}))
+    counted = [c for c in chunks if c.choices and c.usage is not None and c.usage.completion_tokens]
+    assert {c.choices[0].index for c in counted} == {0, 1}
+    for chunk in counted:
+        tokens, canvases = chunk.usage.completion_tokens, -(-chunk.usage.completion_tokens // 32)
+        assert chunk.usage.diffusion == {"canvases": canvases, "denoise_steps": 2 * canvases,
+                                         "tokens_per_forward": round(tokens / (2 * canvases), 4)}, chunk
+    assert chunks[-1].usage.diffusion == {"canvases": 4, "denoise_steps": 8, "tokens_per_forward": 10.0}
+
+
 # ---- n, seed, max_tokens, ignore_eos, usage --------------------------------------------------------------------
 
 

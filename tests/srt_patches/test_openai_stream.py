@@ -24,6 +24,10 @@ EXPECTED_PARAMETERS = {
         ("prompt_tokens", EMPTY), ("reasoning_tokens", EMPTY), ("completion_tokens", EMPTY), ("cached_tokens", EMPTY),
         ("n_choices", EMPTY),
     ],
+    # the wrapper reads the built usage only
+    "sglang.srt.entrypoints.openai.usage_processor.UsageProcessor.calculate_token_usage": [
+        ("prompt_tokens", EMPTY), ("completion_tokens", EMPTY),
+    ],
     "sglang.srt.entrypoints.openai.serving_responses.OpenAIServingResponses.create_responses": [
         ("self", EMPTY), ("request", EMPTY), ("raw_request", None),
     ],
@@ -184,6 +188,31 @@ def test_a_streamed_usage_chunk_carries_the_diffusion_block(drafts):
     usage = json.loads(events[-1][6:])["usage"]
     assert usage["diffusion"] == {"canvases": 4, "denoise_steps": 14, "tokens_per_forward": round(8 / 14, 4)}
     assert usage["completion_tokens"] == 1  # sglang's figures are left as they are
+
+
+@pytest.mark.parametrize("drafts", [False, True])
+def test_continuous_usage_carries_the_block_of_its_own_choice(drafts):
+    """With continuous_usage_stats each chunk's usage is its choice's so far, built right after the stream takes the
+    choice's output: its diffusion block counts that choice's canvases only."""
+    chunks = [_steps_chunk([3, 0]), _steps_chunk([2, 0, 0], index=1), _steps_chunk([3, 0, 4, 0]),
+              _steps_chunk([2, 0, 0, 5], index=1, finish={"type": "length"})]  # fmt: skip
+
+    async def manager_stream():
+        for c in chunks:
+            yield c
+
+    async def original_sse(serving, adapted_request, request, raw_request):
+        async for content in openai_stream.generate_request(lambda *a: manager_stream(), None, adapted_request):
+            usage = openai_stream.token_usage(lambda *a, **k: SimpleNamespace(diffusion=None), 0, 0)
+            yield f"data: {json.dumps({'index': content['index'], 'diffusion': usage.diffusion})}\n\n"
+
+    events = asyncio.run(_collect(openai_stream.chat_stream(original_sse, None, _adapted(drafts),
+                                                            SimpleNamespace(model="m"), None)))  # fmt: skip
+    blocks = [json.loads(e[6:]) for e in events if '"index"' in e]
+    assert [(b["index"], b["diffusion"]["canvases"], b["diffusion"]["denoise_steps"]) for b in blocks] == [
+        (0, 1, 3), (1, 1, 2), (0, 2, 7), (1, 2, 7)]
+    outside = openai_stream.token_usage(lambda *a, **k: SimpleNamespace(diffusion=None), 0, 0)
+    assert outside.diffusion is None  # not an OpenAI stream of this task: untouched
 
 
 def test_incremental_step_counts_add_up_and_other_models_get_none():
