@@ -69,18 +69,24 @@ def report_round(scheduler, out, running: list, graphed: bool) -> None:
     batch: its "Prefill batch" and "Decode batch" log lines, its gauges on /metrics (running and queued requests,
     token usage, generation throughput, cache hit rate), its realtime token counters, and its KV events
     (--kv-events-config, which pile up in the radix tree until reported). A round counts as one decode step, whose
-    generated tokens are the ones its committed canvases kept. ``out``: the round's StepOutput; ``running``: the
+    generated tokens are the ones its committed canvases kept; a retracted request's re-encode, as sglang's
+    reprocessed prefill (left out of its effective prefill counters). ``out``: the round's StepOutput; ``running``: the
     running Reqs; ``graphed``: whether rounds run as graphs (--enable-torch-compile)."""
     from sglang.srt.managers.scheduler_components.metrics_reporter import PrefillStats
     from sglang.srt.observability.metrics_collector import QueueCount
 
     reporter = scheduler.metrics_reporter
-    if out.new_prompts or out.prefill_tokens:
+    reporter.num_retracted_reqs += out.retracted
+    if out.started or out.prefill_tokens:
+        joining = {id(dreq.handle) for dreq in out.started}
+        before = [req for req in running if id(req) not in joining]  # sglang counts the batch the new ones join
         stats = PrefillStats(
             log_input_tokens=out.prefill_tokens, log_hit_tokens=out.cached_tokens,
-            log_device_hit_tokens=out.cached_tokens, new_token_ratio=scheduler.new_token_ratio_tracker.current,
-            num_running_reqs=QueueCount.from_reqs(running, scheduler.enable_priority_scheduling),
-            num_new_seqs=out.new_prompts,
+            reprocessed_log_input_tokens=out.reencoded_tokens, reprocessed_log_hit_tokens=out.reencoded_cached_tokens,
+            log_device_hit_tokens=out.cached_tokens - out.reencoded_cached_tokens,
+            new_token_ratio=scheduler.new_token_ratio_tracker.current,
+            num_running_reqs=QueueCount.from_reqs(before, scheduler.enable_priority_scheduling),
+            num_new_seqs=len(out.started),
         )  # fmt: skip
         reporter.report_prefill_stats(None, stats, graphed)
     generated = sum(len(kept) for _, kept in out.committed)

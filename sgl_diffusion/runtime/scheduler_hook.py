@@ -250,6 +250,7 @@ class DiffusionEngine:
             self._report_in_flight()
             return
         self._before_forward()
+        round_start = time.perf_counter()
         try:
             out = self.policy.step()
         except Exception as e:  # a bug must cost the requests of this round, not the whole server
@@ -259,6 +260,7 @@ class DiffusionEngine:
                 self._abort(dreq, reason, cache=False)  # its KV may be half written: keep it out of the tree
             return
         self._report_in_flight()
+        self._stamp_stages(out, round_start)
         if self.metrics is not None and out.prefill_tokens:
             self.metrics.prefill_round(out.prefill_tokens)
         for dreq in out.exhausted:  # it holds all the KV it could get and needs more: it would wait forever
@@ -266,6 +268,9 @@ class DiffusionEngine:
                 "KV cache exhausted: the request needs more KV than the server's pool holds (--max-total-tokens; the "
                 "sliding-window layers' pool is --swa-full-tokens-ratio of it)", HTTPStatus.SERVICE_UNAVAILABLE))
         reqs = [r.handle for r, _ in out.committed]
+        if self.drafts is not None:  # a draft of the canvas just committed, still unsent (sglang held its chunk back)
+            for req in reqs:
+                self.drafts.drafts.pop(req.rid, None)
         reqs += [r for r in self._collect_drafts() if r not in reqs]
         hand_over_logprobs([r for r, _ in out.committed] + out.finished)
         for dreq in out.finished:
@@ -291,6 +296,19 @@ class DiffusionEngine:
         if scheduler.forward_sleep_time is not None:
             logger.info("sgl-diffusion: sleeping %ss before the round (/slow_down)", scheduler.forward_sleep_time)
             time.sleep(scheduler.forward_sleep_time)
+
+    def _stamp_stages(self, out, round_start: float) -> None:
+        """Stamp what sglang's batch loop stamps on a request's time_stats (its queue-time and per-stage histograms on
+        /metrics, and its traces): the wait ends with the round that begins encoding the prompt, the prefill with the
+        round that encodes its end, the request with its answer."""
+        for dreq in out.started:
+            dreq.handle.time_stats.set_forward_entry_time(round_start)
+        for dreq in (*self.policy.running, *out.finished):
+            stats = dreq.handle.time_stats
+            if not dreq.prefilling and stats.forward_entry_time and not stats.prefill_finished_time:
+                stats.set_prefill_finished_time()
+        for dreq in out.finished:
+            dreq.handle.time_stats.set_completion_time()
 
     def _report_in_flight(self) -> None:
         if self.metrics is not None:

@@ -89,6 +89,7 @@ class DiffusionRequest:
     state: CanvasState | None = field(default=None, init=False)
     output_ids: list[int] = field(default_factory=list, init=False)
     finished: bool = field(default=False, init=False)  # output complete; may still encode its last canvas
+    retracted: bool = field(default=False, init=False)  # it gave its KV back once: its later prefills re-encode
     output_logprobs: TokenLogprobs | None = field(default=None, init=False)  # one entry per output token
     prompt_logprobs: TokenLogprobs | None = field(default=None, init=False)  # prompt tokens after score_from + 1
     canvas_logprobs: TokenLogprobs | None = field(default=None, init=False)  # the canvas being committed
@@ -138,8 +139,13 @@ class StepOutput:
     # holding all the KV it could get, and short of more: the pool cannot hold it even alone; the caller ends it
     exhausted: list[DiffusionRequest] = field(default_factory=list)
     prefill_tokens: int = 0  # prompt tokens the forward encoded (bounded by the prefill budget)
-    new_prompts: int = 0  # requests whose prompt began encoding in this forward
-    cached_tokens: int = 0  # of their prompts, tokens the prefix cache already held
+    # requests that began encoding their prompt (a retracted one: prompt + output again), and the tokens the prefix
+    # cache held of them; of those, the figures of retracted requests' re-encodes
+    started: list[DiffusionRequest] = field(default_factory=list)
+    cached_tokens: int = 0
+    reencoded_tokens: int = 0  # of prefill_tokens
+    reencoded_cached_tokens: int = 0  # of cached_tokens
+    retracted: int = 0  # requests that gave their KV back to make room
 
 
 class CanvasScheduler:
@@ -160,7 +166,8 @@ class CanvasScheduler:
         cfg = runner.model.cfg
         self.canvas_length, self.vocab_size = cfg.canvas_length, cfg.vocab_size
         self.running: list[DiffusionRequest] = []
-        self._admitted: list[int] = []  # this round's first reservations: the cached prefix length of each
+        # this round's first reservations: each request, with the length of the cached prefix it reuses
+        self._admitted: list[tuple[DiffusionRequest, int]] = []
 
     def add(self, req: DiffusionRequest) -> None:
         req.encode_from_scratch()
@@ -180,9 +187,14 @@ class CanvasScheduler:
             out = self._apply(reqs, segments, states, done)
             out.starved = starved
             out.prefill_tokens = sum(seg.num_tokens for seg in segments if seg.kind == "prefill")
-            out.new_prompts, out.cached_tokens = len(self._admitted), sum(self._admitted)
+            out.started = [req for req, _ in self._admitted]
+            out.cached_tokens = sum(cached for _, cached in self._admitted)
+            out.reencoded_cached_tokens = sum(cached for req, cached in self._admitted if req.retracted)
+            out.reencoded_tokens = sum(seg.num_tokens for seg in segments
+                                       if seg.kind == "prefill" and reqs[seg.req_index].retracted)  # fmt: skip
         elif starved and len(starved) == len(self.running):
             out.exhausted = self._make_room()
+            out.retracted = int(not out.exhausted)
         for req in list(self.running):
             if req.finished and not req.pending:  # its last canvas is encoded (or never will be)
                 self._free(req)
@@ -202,6 +214,7 @@ class CanvasScheduler:
             elif req.slots is not None:
                 self.kv.forget(req)
                 req.encode_from_scratch()
+                req.retracted = True
 
     def _make_room(self) -> list[DiffusionRequest]:
         """Every request waits for KV that only running requests could free (a burst of prompts filled the pool, and
@@ -216,6 +229,7 @@ class CanvasScheduler:
         victim = holders[-1]
         self.kv.forget(victim, cache=True)
         victim.encode_from_scratch()
+        victim.retracted = True
         self.running.remove(victim)
         self.running.append(victim)
         return []
@@ -265,7 +279,7 @@ class CanvasScheduler:
                     held_back = held_back or req.prefilling
                     continue
                 if req.slots is None:
-                    self._admitted.append(got.reused.numel())
+                    self._admitted.append((req, got.reused.numel()))
                 prefix = got.reused if req.slots is None else req.slots
                 req.slots = torch.cat([prefix, got.new])
                 req.pending = req.pending[got.reused.numel() :]

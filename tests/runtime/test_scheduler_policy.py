@@ -201,12 +201,21 @@ def test_a_retracted_request_keeps_its_output_and_re_encodes_it(model):
     a, b, c = (request(model, 4, 96, seed=s, steps=1) for s in (1, 2, 3))
     for req in (a, b, c):
         policy.add(req)
+    outs = []
     while not forgotten:
-        policy.step()
+        outs.append(policy.step())
     assert forgotten == [b] and policy.running == [a, c, b]
     # its second canvas was done but not yet committed (no room): it stays in the output, to be encoded with the rest
     assert b.slots is None and len(b.output_ids) == 64 and a.slots is not None and c.slots is None
     assert b.pending == b.prompt_ids + b.output_ids and b.state is not None
+    # what the server reports to sglang's metrics: two prompts started, then one retraction; b's second start is a
+    # re-encode of its prompt and output (sglang's reprocessed prefill), not a new prompt's
+    assert [(o.started, o.prefill_tokens, o.reencoded_tokens, o.retracted) for o in outs] == [
+        ([a, b], 8, 0, 0), *[([], 0, 0, 0)] * (len(outs) - 2), ([], 0, 0, 1)]
+    outs = [policy.step() for _ in range(20) if policy.running]
+    out = next(o for o in outs if b in o.started)
+    assert out.started == [b] and out.reencoded_tokens == out.prefill_tokens == 4 + 64
+    assert out.reencoded_cached_tokens == out.cached_tokens == 0  # the offline engine caches no prefixes
 
 
 def test_a_request_the_pool_cannot_hold_alone_is_reported_not_waited_for(model):

@@ -151,7 +151,7 @@ def test_the_server_streams_each_committed_canvas_whole(model, monkeypatch):
     engine = DiffusionEngine.__new__(DiffusionEngine)  # the round and its streaming, without a Scheduler process
     engine.cfg, engine.metrics, engine.drafts = model.cfg, None, None
     profiled, prefills, decodes = [], [], []
-    reporter = SimpleNamespace(num_generated_tokens=0, forward_ct_decode=0,
+    reporter = SimpleNamespace(num_generated_tokens=0, forward_ct_decode=0, num_retracted_reqs=0,
                                report_prefill_stats=lambda batch, stats, graphed: prefills.append(stats),
                                report_decode_stats=lambda graphed, running_batch, num_generated_tokens: decodes.append(
                                    (num_generated_tokens, len(running_batch.reqs))))  # fmt: skip

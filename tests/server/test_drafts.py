@@ -52,6 +52,20 @@ def test_native_stream_carries_drafts_beside_unchanged_committed_output(server):
     assert all("diffusion_draft" not in e["meta_info"] for e in plain)
 
 
+def test_a_held_back_draft_never_outlives_its_canvas(server):
+    """With a stream_interval longer than the answer, sglang holds every chunk back until the last: the draft of a
+    canvas it held back is dropped when that canvas is committed, so the final chunk carries none (it carried the
+    committed canvas's last draft)."""
+    body = _body(True)
+    body["sampling_params"]["stream_interval"] = 1000
+    events = _events(server, body)
+    assert events[-1]["meta_info"]["finish_reason"]["type"] == "length" and len(events[-1]["output_ids"]) == 70
+    for event in events:
+        if draft := event["meta_info"].get("diffusion_draft"):
+            assert event["meta_info"]["finish_reason"] is None and draft["canvas"] == len(event["output_ids"]) // 32
+    assert "diffusion_draft" not in events[-1]["meta_info"]
+
+
 def test_drafts_keep_every_output_logprob(server):
     """Streamed with logprobs, a request gets one logprob per output token with drafts as without, the first
     canvas's first token included (a draft sent before any commit made sglang's streamer skip it: its offset moves to

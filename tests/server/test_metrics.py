@@ -90,6 +90,32 @@ def test_sglang_scheduler_metrics_count_the_rounds(server):
     assert decode and any(float(re.search(r"gen throughput \(token/s\): ([0-9.]+)", line)[1]) > 0 for line in decode)
 
 
+def test_each_request_feeds_sglang_stage_histograms(server):
+    """The stages sglang's batch loop stamps on a request's time_stats are stamped by the canvas rounds too: one queue
+    time (sglang:queue_time_seconds) and one prefill forward in sglang:per_stage_req_latency_seconds per request."""
+    before = requests.get(f"{server.url}/metrics", timeout=30).text
+    for prompt in ([9, 8, 7, 6, 5], list(range(40, 300))):
+        out = server.post("/generate", {"input_ids": prompt, "sampling_params": {
+            "max_new_tokens": 8, "diffusion": {"max_denoising_steps": 2}}})
+        assert out.status_code == 200
+    after = requests.get(f"{server.url}/metrics", timeout=30).text
+
+    def stage(text, name):
+        return metric_where(text, "sglang:per_stage_req_latency_seconds_count", stage=name)
+
+    assert metric(after, "sglang:queue_time_seconds_count") - metric(before, "sglang:queue_time_seconds_count") == 2
+    assert stage(after, "prefill_forward") - stage(before, "prefill_forward") == 2
+
+
+def metric_where(text: str, name: str, **labels) -> float:
+    """The sum of a metric's samples whose labels include ``labels``."""
+    values = []
+    for found, value in re.findall(rf"^{re.escape(name)}\{{([^}}]*)\}} ([0-9.e+-]+)$", text, re.M):
+        if all(f'{k}="{v}"' in found for k, v in labels.items()):
+            values.append(float(value))
+    return sum(values)
+
+
 def test_kv_events_announce_prompts_while_the_server_is_busy(server):
     """With --kv-events-config (what a cache-aware router subscribes to), the blocks a prompt leaves in the radix
     cache are published as the round that cached them ends, also while other canvases keep the server from ever
