@@ -67,8 +67,8 @@ class _RoundBatch:
 def report_round(scheduler, out, running: list, graphed: bool) -> None:
     """Report a forward round to sglang's scheduler metrics, as its prefill and decode result processors report a
     batch: its "Prefill batch" and "Decode batch" log lines, its gauges on /metrics (running and queued requests,
-    token usage, generation throughput, cache hit rate), its realtime token counters, and its KV events
-    (--kv-events-config, which pile up in the radix tree until reported). A round counts as one decode step, whose
+    token usage, generation throughput, cache hit rate), its realtime token, graph-pass and retraction counters, and
+    its KV events (--kv-events-config; every round, as a cache-aware router needs them). A round counts as one decode step, whose
     generated tokens are the ones its committed canvases kept; a retracted request's re-encode, as sglang's
     reprocessed prefill (left out of its effective prefill counters). ``out``: the round's StepOutput; ``running``: the
     running Reqs; ``graphed``: whether rounds run as graphs (--enable-torch-compile)."""
@@ -76,7 +76,13 @@ def report_round(scheduler, out, running: list, graphed: bool) -> None:
     from sglang.srt.observability.metrics_collector import QueueCount
 
     reporter = scheduler.metrics_reporter
-    reporter.num_retracted_reqs += out.retracted
+    if out.retracted:  # as sglang's decode retraction reports them
+        reporter.num_retracted_reqs += len(out.retracted)
+        if reporter.enable_metrics:
+            reporter.metrics_collector.increment_retracted_reqs(
+                num_retracted_reqs=len(out.retracted),
+                num_retracted_input_tokens=sum(len(req.prompt_ids) for req in out.retracted),
+                num_retracted_output_tokens=sum(len(req.output_ids) for req in out.retracted))
     if out.started or out.prefill_tokens:
         joining = {id(dreq.handle) for dreq in out.started}
         before = [req for req in running if id(req) not in joining]  # sglang counts the batch the new ones join
@@ -92,4 +98,9 @@ def report_round(scheduler, out, running: list, graphed: bool) -> None:
     generated = sum(len(kept) for _, kept in out.committed)
     reporter.num_generated_tokens += generated
     reporter.forward_ct_decode = (reporter.forward_ct_decode + 1) % (1 << 30)  # as sglang wraps it
+    if reporter.enable_metrics:
+        reporter.metrics_collector.increment_decode_cuda_graph_pass(value=graphed)
     reporter.report_decode_stats(graphed, running_batch=_RoundBatch(running), num_generated_tokens=generated)
+    # the decode report publishes every --decode-log-interval rounds only; a router wants each round's blocks (a
+    # conversation's next turn follows the answer's last commit)
+    scheduler.kv_events_publisher.publish_kv_events()

@@ -145,7 +145,7 @@ class StepOutput:
     cached_tokens: int = 0
     reencoded_tokens: int = 0  # of prefill_tokens
     reencoded_cached_tokens: int = 0  # of cached_tokens
-    retracted: int = 0  # requests that gave their KV back to make room
+    retracted: list[DiffusionRequest] = field(default_factory=list)  # gave their KV back to make room
 
 
 class CanvasScheduler:
@@ -194,7 +194,7 @@ class CanvasScheduler:
                                        if seg.kind == "prefill" and reqs[seg.req_index].retracted)  # fmt: skip
         elif starved and len(starved) == len(self.running):
             out.exhausted = self._make_room()
-            out.retracted = int(not out.exhausted)
+            out.retracted = [] if out.exhausted else [self.running[-1]]  # the victim waits last
         for req in list(self.running):
             if req.finished and not req.pending:  # its last canvas is encoded (or never will be)
                 self._free(req)
@@ -278,7 +278,7 @@ class CanvasScheduler:
                     # first come, first served: newer prompts do not take the KV a prompt (or its next chunk) waits for
                     held_back = held_back or req.prefilling
                     continue
-                if req.slots is None:
+                if req.slots is None and kind == "prefill":
                     self._admitted.append((req, got.reused.numel()))
                 prefix = got.reused if req.slots is None else req.slots
                 req.slots = torch.cat([prefix, got.new])

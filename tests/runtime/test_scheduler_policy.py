@@ -211,7 +211,7 @@ def test_a_retracted_request_keeps_its_output_and_re_encodes_it(model):
     # what the server reports to sglang's metrics: two prompts started, then one retraction; b's second start is a
     # re-encode of its prompt and output (sglang's reprocessed prefill), not a new prompt's
     assert [(o.started, o.prefill_tokens, o.reencoded_tokens, o.retracted) for o in outs] == [
-        ([a, b], 8, 0, 0), *[([], 0, 0, 0)] * (len(outs) - 2), ([], 0, 0, 1)]
+        ([a, b], 8, 0, []), *[([], 0, 0, [])] * (len(outs) - 2), ([], 0, 0, [b])]
     outs = [policy.step() for _ in range(20) if policy.running]
     out = next(o for o in outs if b in o.started)
     assert out.started == [b] and out.reencoded_tokens == out.prefill_tokens == 4 + 64

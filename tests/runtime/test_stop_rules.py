@@ -151,7 +151,7 @@ def test_the_server_streams_each_committed_canvas_whole(model, monkeypatch):
     engine = DiffusionEngine.__new__(DiffusionEngine)  # the round and its streaming, without a Scheduler process
     engine.cfg, engine.metrics, engine.drafts = model.cfg, None, None
     profiled, prefills, decodes = [], [], []
-    reporter = SimpleNamespace(num_generated_tokens=0, forward_ct_decode=0, num_retracted_reqs=0,
+    reporter = SimpleNamespace(num_generated_tokens=0, forward_ct_decode=0, num_retracted_reqs=0, enable_metrics=False,
                                report_prefill_stats=lambda batch, stats, graphed: prefills.append(stats),
                                report_decode_stats=lambda graphed, running_batch, num_generated_tokens: decodes.append(
                                    (num_generated_tokens, len(running_batch.reqs))))  # fmt: skip
@@ -161,6 +161,7 @@ def test_the_server_streams_each_committed_canvas_whole(model, monkeypatch):
                                        forward_ct=0, forward_sleep_time=None, metrics_reporter=reporter,
                                        new_token_ratio_tracker=SimpleNamespace(current=0.5),
                                        enable_priority_scheduling=False,
+                                       kv_events_publisher=SimpleNamespace(publish_kv_events=lambda: None),
                                        profiler_manager=SimpleNamespace(_profile_batch_predicate=profiled.append))
     engine.policy = OfflineEngine(model, eos_token_ids=EOS).scheduler
     engine.policy.sink = engine._accept_canvas

@@ -1,0 +1,57 @@
+"""runtime/metrics.py's report_round: what it hands sglang's metrics reporter, and the reporter's signatures it uses."""
+
+import inspect
+from types import SimpleNamespace
+
+from sglang.srt.managers.scheduler_components.metrics_reporter import SchedulerMetricsReporter
+from sglang.srt.observability.metrics_collector import SchedulerMetricsCollector
+
+from sgl_diffusion.runtime.metrics import report_round
+from sgl_diffusion.runtime.scheduler_policy import DiffusionRequest, StepOutput
+
+
+def parameters(fn) -> list[str]:
+    return list(inspect.signature(fn).parameters)
+
+
+def test_sglang_reporter_signatures_as_report_round_calls_them():
+    """report_round calls these positionally or by these names (sglang 0.5.23)."""
+    assert parameters(SchedulerMetricsReporter.report_prefill_stats)[:4] == [
+        "self", "batch", "prefill_stats", "can_run_cuda_graph"]
+    assert parameters(SchedulerMetricsReporter.report_decode_stats)[:4] == [
+        "self", "can_run_cuda_graph", "running_batch", "num_generated_tokens"]
+    assert parameters(SchedulerMetricsCollector.increment_retracted_reqs) == [
+        "self", "num_retracted_reqs", "num_retracted_input_tokens", "num_retracted_output_tokens"]
+    assert parameters(SchedulerMetricsCollector.increment_decode_cuda_graph_pass) == ["self", "value"]
+
+
+class Recorder:
+    """Records every call made on it (and on the attributes it hands out)."""
+
+    def __init__(self, name="", calls=None):
+        self.name, self.calls = name, [] if calls is None else calls
+
+    def __getattr__(self, attr):
+        return Recorder(f"{self.name}.{attr}".lstrip("."), self.calls)
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append((self.name, args, kwargs))
+
+
+def test_a_round_with_a_retraction_is_reported_as_sglang_reports_one():
+    """A retracted request counts in sglang's retraction gauge and counters (prompt and output tokens); every round is
+    a decode pass, and the round's KV events are published whatever the decode log interval."""
+    calls = []
+    collector = Recorder("collector", calls)
+    reporter = SimpleNamespace(num_retracted_reqs=0, num_generated_tokens=0, forward_ct_decode=0, enable_metrics=True,
+                               metrics_collector=collector, report_decode_stats=Recorder("decode", calls))
+    scheduler = SimpleNamespace(metrics_reporter=reporter, kv_events_publisher=Recorder("kv", calls))
+    victim = DiffusionRequest([1, 2, 3, 4], None, 64)
+    victim.output_ids = [5] * 32
+    report_round(scheduler, StepOutput([], [], retracted=[victim]), running=[], graphed=False)
+    assert reporter.num_retracted_reqs == 1 and reporter.forward_ct_decode == 1
+    assert [name for name, _, _ in calls] == [
+        "collector.increment_retracted_reqs", "collector.increment_decode_cuda_graph_pass", "decode",
+        "kv.publish_kv_events"]
+    assert calls[0][2] == {"num_retracted_reqs": 1, "num_retracted_input_tokens": 4, "num_retracted_output_tokens": 32}
+    assert calls[1][2] == {"value": False}
