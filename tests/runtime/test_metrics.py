@@ -55,3 +55,25 @@ def test_a_round_with_a_retraction_is_reported_as_sglang_reports_one():
         "kv.publish_kv_events"]
     assert calls[0][2] == {"num_retracted_reqs": 1, "num_retracted_input_tokens": 4, "num_retracted_output_tokens": 32}
     assert calls[1][2] == {"value": False}
+
+
+def test_a_retracted_request_queues_again_until_its_re_encode():
+    """sglang re-queues a retracted request: meta_info.queue_time (time_stats.queue_duration_s) counts its first wait
+    and its wait for the re-encode, each until the round that begins encoding it."""
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    from sgl_diffusion.runtime.scheduler_hook import DiffusionEngine
+
+    sampling = SamplingParams(max_new_tokens=8)
+    sampling.normalize(None)
+    dreq = DiffusionRequest([1, 2, 3], None, 8, handle=Req("rid", "", [1, 2, 3], sampling, vocab_size=100))
+    stats = dreq.handle.time_stats
+    engine = DiffusionEngine.__new__(DiffusionEngine)  # only its stamping, without a Scheduler process
+    engine.policy = SimpleNamespace(running=[dreq])
+    stats.set_wait_queue_entry_time(10.0)  # sglang's intake
+    engine._stamp_stages(StepOutput([], [], started=[dreq]), round_start=12.0)
+    assert stats.queue_duration_s == 2.0 and stats.prefill_finished_time > 0
+    engine._stamp_stages(StepOutput([], [], retracted=[dreq]), round_start=0.0)
+    engine._stamp_stages(StepOutput([], [], started=[dreq]), round_start=stats.wait_queue_entry_time + 5.0)
+    assert stats.queue_duration_s == 7.0
