@@ -68,10 +68,10 @@ def report_round(scheduler, out, running: list, graphed: bool) -> None:
     """Report a forward round to sglang's scheduler metrics, as its prefill and decode result processors report a
     batch: its "Prefill batch" and "Decode batch" log lines, its gauges on /metrics (running and queued requests,
     token usage, generation throughput, cache hit rate), its realtime token, graph-pass and retraction counters, and
-    its KV events (--kv-events-config; every round, as a cache-aware router needs them). A round counts as one decode step, whose
-    generated tokens are the ones its committed canvases kept; a retracted request's re-encode, as sglang's
-    reprocessed prefill (left out of its effective prefill counters). ``out``: the round's StepOutput; ``running``: the
-    running Reqs; ``graphed``: whether rounds run as graphs (--enable-torch-compile)."""
+    its KV events (--kv-events-config; every round, as a cache-aware router needs them). A round counts as one decode
+    step, whose generated tokens are the ones its committed canvases kept; a retracted request's re-encode, as
+    sglang's reprocessed prefill (left out of its effective prefill counters). ``out``: the round's StepOutput;
+    ``running``: the running Reqs; ``graphed``: whether rounds run as graphs (--enable-torch-compile)."""
     from sglang.srt.managers.scheduler_components.metrics_reporter import PrefillStats
     from sglang.srt.observability.metrics_collector import QueueCount
 
