@@ -35,7 +35,16 @@ Then the keys that bound the targets (bench/RESULTS.md, "Targets"), from the sam
   kernel time plus that many calls at that cost per round (the floor while the forward issues those calls);
 - all_ops_ratio_b8 (self time of every aten op of the eager round / its kernels: the ratio if Python cost nothing);
 - batch8_over_batch1_zero_overhead (8 x 1-canvas kernels / 8-canvas kernels) and batch8_over_batch1_max_at_1_5
-  (the most batch8_over_batch1 can be while round_overhead_ratio_b8 <= 1.5, given those kernels; see round_bounds).
+  (the most batch8_over_batch1 can be while round_overhead_ratio_b8 <= 1.5, given those kernels; see round_bounds);
+- request_path_ms_ar / _ours: what a request pays outside any canvas round, the fastest of several requests for
+  prompt 0 (cached): sglang's own server answering one token, and ours with max_new_tokens=0;
+  speedup_vs_hf_n1_path_bound: transformers' wall for request 0 over the smaller of the two plus rounds_n1 rounds of
+  the served 1-canvas round's GEMM and attention kernels (the speedup if our rounds cost their kernels alone);
+  speedup_vs_hf_n1_round_bound: the same with rounds_n1 rounds of that round's wall (the cheapest round a request
+  runs: canvases alone, one canvas);
+  round_non_kernel_ms_b1: the served 1-canvas round's wall minus those kernels (inductor's fused norms, rope,
+  GELUs and softmaxes, the graph's wrapper, the draws, planning), against round_non_kernel_ms_for_3x, what each of
+  request 0's rounds may spend outside them for speedup_vs_hf_n1 = 3.
 
 The server runs with OMP_NUM_THREADS=--threads and transformers in this process with as many torch threads.
 Tokens of our server and of transformers are compared (same seeds, same tokens expected on a confident model),
@@ -114,6 +123,7 @@ def main() -> None:
             hf.many_sequential(2), hf.many_batched(2), srv.many(2)
             r = run_rounds(args, hf, srv)
             ar = ar_per_token(servers[1][1], prompts[0], r["tokens_n1"], args.repeats)
+            paths = request_paths(servers[0][1], servers[1][1], prompts[0], args.repeats)
         finally:
             for proc, _ in servers:
                 stop_server(proc)
@@ -149,7 +159,7 @@ def main() -> None:
     if served is not overhead:
         lines |= {f"{kind}_eager_b{b}": overhead[b][key] for kind, key in
                   (("overhead_ratio", "forward_ratio"), ("round_overhead_ratio", "ratio")) for b in (1, 8)}
-    lines |= bounds(r, overhead, budget, n)
+    lines |= bounds(r, overhead, served, budget, paths, n)
     table = report(args, r, overhead, served, ar, mem, same, lines, load_before, load_after)
     print(table)
     for key, value in lines.items():
@@ -305,6 +315,25 @@ def ar_per_token(url: str, prompt: list[int], tokens: int, repeats: int) -> floa
         assert len(resp.json()["output_ids"]) == tokens
         times.append(dt / tokens * 1e3)
     return median_spread(times)[0]
+
+
+def request_paths(ours_url: str, ar_url: str, prompt: list[int], repeats: int) -> dict:
+    """The fastest of several requests for ``prompt`` (in the radix cache after the first) that generate nothing
+    worth timing, ms: ``ar``, sglang's own server answering one token (its request path plus one token's forward);
+    ``ours``, ours with max_new_tokens=0 (its request path, no canvas). What any request pays outside its rounds."""
+    def fastest(url, params):
+        body = {"input_ids": prompt, "sampling_params": params}
+        session = requests.Session()
+        session.post(f"{url}/generate", json=body, timeout=600).raise_for_status()
+        times = []
+        for _ in range(max(repeats, 10)):
+            dt, resp = timed(lambda: session.post(f"{url}/generate", json=body, timeout=600))
+            resp.raise_for_status()
+            times.append(dt * 1e3)
+        return min(times)
+
+    return {"ar": fastest(ar_url, {"max_new_tokens": 1, "temperature": 0}),
+            "ours": fastest(ours_url, {"max_new_tokens": 0})}
 
 
 # ---- in-process probes -----------------------------------------------------------------------------------------
@@ -476,13 +505,22 @@ def kernel_budget(model_dir, hf: HfSide, prompts, seeds, max_steps, hf_batched: 
     return {"ours_n1": k1, "ours_n": kn, "hf_n1": hk1, "hf_n": hkn, "rounds_n1": rounds1, "dispatch_us": min(calls)}
 
 
-def bounds(r, overhead, budget, n) -> dict:
+def bounds(r, overhead, served, budget, paths, n) -> dict:
     """The keys that bound each target (see the module docstring and bench/RESULTS.md, "Targets")."""
     t = {k: median_spread(v)[0] * 1e3 for k, v in r["times"].items()}
     hf_best = min(t["hf_seq"], t["hf_batch"])
     k1, k8 = overhead[1]["kernels"], overhead[8]["kernels"]
     floor_n1 = budget["ours_n1"] + budget["rounds_n1"] * overhead[1]["ops"] * budget["dispatch_us"] / 1e3
+    # request 0 alone: a request path no engine behind sglang's server avoids, then rounds that each run at least one
+    # canvas's GEMMs and attention (the served round's kernels)
+    path, rounds = min(paths.values()), budget["rounds_n1"]
     return {
+        "request_path_ms_ar": paths["ar"],
+        "request_path_ms_ours": paths["ours"],
+        "speedup_vs_hf_n1_path_bound": t["hf1"] / (path + rounds * served[1]["kernels"]),
+        "speedup_vs_hf_n1_round_bound": t["hf1"] / (path + rounds * served[1]["wall"]),
+        "round_non_kernel_ms_b1": served[1]["wall"] - served[1]["kernels"],
+        "round_non_kernel_ms_for_3x": (t["hf1"] / 3 - path - rounds * served[1]["kernels"]) / rounds,
         "kernel_ms_ours_n1": budget["ours_n1"],
         "kernel_ms_hf_n1": budget["hf_n1"],
         f"kernel_ms_ours_n{n}": budget["ours_n"],

@@ -5,6 +5,7 @@ Created in the scheduler process; sglang's multiprocess collector merges them wi
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 
@@ -64,14 +65,16 @@ class _RoundBatch:
     seq_lens_cpu: object = None  # None: the report sums each Req's seqlen
 
 
-def report_round(scheduler, out, running: list, graphed: bool) -> None:
+def report_round(scheduler, out, running: list, graphed: bool, held: list = ()) -> None:
     """Report a forward round to sglang's scheduler metrics, as its prefill and decode result processors report a
     batch: its "Prefill batch" and "Decode batch" log lines, its gauges on /metrics (running and queued requests,
     token usage, generation throughput, cache hit rate), its realtime token, graph-pass and retraction counters, and
     its KV events (--kv-events-config; every round, as a cache-aware router needs them). A round counts as one decode
     step, whose generated tokens are the ones its committed canvases kept; a retracted request's re-encode, as
     sglang's reprocessed prefill (left out of its effective prefill counters). ``out``: the round's StepOutput;
-    ``running``: the running Reqs; ``graphed``: whether rounds run as graphs (--enable-torch-compile)."""
+    ``running``: the Reqs holding KV; ``held``: the Reqs the canvas policy holds until KV or the round's prefill
+    budget lets them start, queued as sglang's waiting queue would hold them; ``graphed``: whether rounds run as
+    graphs (--enable-torch-compile)."""
     from sglang.srt.managers.scheduler_components.metrics_reporter import PrefillStats
     from sglang.srt.observability.metrics_collector import QueueCount
 
@@ -94,13 +97,30 @@ def report_round(scheduler, out, running: list, graphed: bool) -> None:
             num_running_reqs=QueueCount.from_reqs(before, scheduler.enable_priority_scheduling),
             num_new_seqs=len(out.started),
         )  # fmt: skip
-        reporter.report_prefill_stats(None, stats, graphed)
+        with _queued_with(scheduler, held):
+            reporter.report_prefill_stats(None, stats, graphed)
     generated = sum(len(kept) for _, kept in out.committed)
     reporter.num_generated_tokens += generated
     reporter.forward_ct_decode = (reporter.forward_ct_decode + 1) % (1 << 30)  # as sglang wraps it
     if reporter.enable_metrics:
         reporter.metrics_collector.increment_decode_cuda_graph_pass(value=graphed)
-    reporter.report_decode_stats(graphed, running_batch=_RoundBatch(running), num_generated_tokens=generated)
+    with _queued_with(scheduler, held):
+        reporter.report_decode_stats(graphed, running_batch=_RoundBatch(running), num_generated_tokens=generated)
     # the decode report publishes every --decode-log-interval rounds only; a router wants each round's blocks (a
     # conversation's next turn follows the answer's last commit)
     scheduler.kv_events_publisher.publish_kv_events()
+
+
+@contextmanager
+def _queued_with(scheduler, held):
+    """sglang's waiting queue plus ``held`` while a report reads it: its queue gauge, "#queue-req" and queued-request
+    figures count the waiting queue alone."""
+    if not held:
+        yield
+        return
+    waiting = scheduler.waiting_queue
+    scheduler.waiting_queue = [*waiting, *held]
+    try:
+        yield
+    finally:
+        scheduler.waiting_queue = waiting

@@ -183,9 +183,11 @@ class DiffusionEngine:
             logger.warning("sgl-diffusion: --enable-mfu-metrics is ignored: sglang's estimates are token-by-token")
             scheduler.metrics_reporter.enable_mfu_metrics = False
         self.drafts = None  # a DraftOutputStreamer once a request asks for drafts
-        # /v1/loads counts running requests from sglang's running_batch, which the canvas loop never fills
+        # /v1/loads counts running requests from sglang's running_batch, which the canvas loop never fills, and
+        # waiting ones from its waiting queue, which no longer holds those the policy keeps until they can start
         scheduler.load_inquirer = dataclasses.replace(
-            scheduler.load_inquirer, get_running_batch=lambda: SimpleNamespace(reqs=self.reqs))
+            scheduler.load_inquirer, get_running_batch=lambda: SimpleNamespace(reqs=self.split_reqs()[0]),
+            get_waiting_queue=lambda: [*scheduler.waiting_queue, *self.split_reqs()[1]])
         self._last_load_publish = 0.0
 
     def publish_load(self) -> None:
@@ -198,6 +200,14 @@ class DiffusionEngine:
     @property
     def reqs(self) -> list[Req]:
         return [r.handle for r in self.policy.running]
+
+    def split_reqs(self) -> tuple[list[Req], list[Req]]:
+        """(the policy's requests that hold KV, those it holds until KV or a round's prefill budget lets them start:
+        not yet started, or retracted; sglang's own loop keeps these in its waiting queue)."""
+        running, held = [], []
+        for dreq in self.policy.running:
+            (running if dreq.slots is not None else held).append(dreq.handle)
+        return running, held
 
     def has_work(self) -> bool:
         return bool(self.policy.running) or self.scheduler.grammar_manager.has_waiting_grammars()
@@ -280,7 +290,8 @@ class DiffusionEngine:
             if dreq.handle not in reqs:
                 reqs.append(dreq.handle)
         # before the stream: a client that has its answer finds the round in the metrics and KV events
-        report_round(self.scheduler, out, self.reqs, graphed=self.policy.runner.canvas_step is not None)
+        running, held = self.split_reqs()
+        report_round(self.scheduler, out, running, graphed=self.policy.runner.canvas_step is not None, held=held)
         if reqs:
             self.scheduler.output_streamer.stream_output(reqs, any(r.return_logprob for r in reqs))
 

@@ -77,3 +77,17 @@ def test_a_retracted_request_queues_again_until_its_re_encode():
     engine._stamp_stages(StepOutput([], [], retracted=[dreq]), round_start=0.0)
     engine._stamp_stages(StepOutput([], [], started=[dreq]), round_start=stats.wait_queue_entry_time + 5.0)
     assert stats.queue_duration_s == 7.0
+
+
+def test_requests_held_for_kv_are_reported_in_the_waiting_queue():
+    """sglang's reports read its waiting queue for the queue gauge and "#queue-req": while they run, the requests the
+    canvas policy holds are in it, behind sglang's own; afterwards the queue is sglang's alone again."""
+    seen = []
+    reporter = SimpleNamespace(num_generated_tokens=0, forward_ct_decode=0, enable_metrics=False)
+    scheduler = SimpleNamespace(metrics_reporter=reporter, kv_events_publisher=Recorder(), waiting_queue=["sglang's"])
+    reporter.report_decode_stats = lambda graphed, running_batch, num_generated_tokens: seen.append(
+        (running_batch.reqs, list(scheduler.waiting_queue)))
+    waiting = scheduler.waiting_queue
+    report_round(scheduler, StepOutput([], []), running=["running"], graphed=False, held=["held"])
+    assert seen == [(["running"], ["sglang's", "held"])]
+    assert scheduler.waiting_queue is waiting and waiting == ["sglang's"]

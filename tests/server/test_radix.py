@@ -136,6 +136,49 @@ def test_requests_that_fill_the_pool_together_wait_or_are_retracted_not_failed(s
     assert_idle_and_no_kv_in_use(small_server)
 
 
+def test_a_request_waiting_for_kv_is_reported_queued_not_running(small_server):
+    """A request the canvas loop holds until there is KV for it counts as queued, as sglang counts one it has not
+    admitted: in /v1/loads (what a DP router balances on) and in the queue gauge of /metrics. Before, the loop
+    reported it running. A 100-token prompt streams a long answer; a 300-token prompt then cannot start beside it
+    (its tokens and two canvases exceed the pool's room) until the first is aborted, and then finishes."""
+    import concurrent.futures
+    import json
+    import time
+
+    from tests.server.test_metrics import metric
+    from tests.server.test_load import _loads
+
+    rid = "held-for-kv"
+    first = requests.post(f"{small_server.url}/generate", stream=True, timeout=60, json={
+        "rid": rid, "input_ids": [2] + [(j * 29) % 390 + 3 for j in range(99)], "stream": True,
+        "sampling_params": {"max_new_tokens": 250, "ignore_eos": True,  # ~8 canvases of 48 steps
+                            "diffusion": {"max_denoising_steps": 48, "confidence_threshold": 0, "seed": 1}}})
+    assert first.status_code == 200, first.text
+    lines = first.iter_lines()
+    assert any(line.startswith(b"data: {") and json.loads(line[6:])["meta_info"]["completion_tokens"] for line in lines)
+    # rounds of 20 ms or more: the first request's ~380 rounds leave the second held for 7 s at least
+    assert small_server.post("/slow_down", {"forward_sleep_time": 0.02}).status_code == 200
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        second = pool.submit(generate, small_server, input_ids=[2] + [(j * 31) % 390 + 3 for j in range(299)],
+                             sampling_params={"max_new_tokens": 8, "diffusion": {"max_denoising_steps": 1}})
+        try:
+            deadline = time.time() + 60
+            while True:
+                load = _loads(small_server)
+                gauges = requests.get(f"{small_server.url}/metrics", timeout=30).text
+                queued = metric(gauges, "sglang:num_queue_reqs"), metric(gauges, "sglang:num_running_reqs")
+                if (load["num_running_reqs"], load["num_waiting_reqs"]) == (1, 1) and queued == (1, 1):
+                    break
+                assert time.time() < deadline and not second.done(), (load, queued)
+                time.sleep(0.1)
+        finally:
+            assert small_server.post("/slow_down", {"forward_sleep_time": 0}).status_code == 200
+            requests.post(f"{small_server.url}/abort_request", json={"rid": rid}, timeout=10)
+            first.close()
+        assert len(second.result(timeout=120)["output_ids"]) == 8
+    assert_idle_and_no_kv_in_use(small_server)
+
+
 def test_a_long_prompt_is_encoded_in_chunks_of_the_prefill_budget(small_server, server):
     """With --chunked-prefill-size 64, a 300-token prompt is encoded over rounds of at most 64 prompt tokens (sglang's
     chunked prefill; /metrics has every round's count), and the seeded answer is the one the default server gives,
