@@ -310,13 +310,15 @@ class DiffusionEngine:
 
     def _stamp_stages(self, out, round_start: float) -> None:
         """Stamp what sglang's batch loop stamps on a request's time_stats (its queue-time and per-stage histograms on
-        /metrics, and its traces): the wait ends with the round that begins encoding the prompt, the prefill with the
-        round that encodes its end, the request with its answer. A retracted request waits again (sglang re-queues
+        /metrics, and its traces): the wait ends with the round that begins encoding the prompt, each chunk but the
+        last with its round, the prefill with the round that encodes its end, the request with its answer. A retracted request waits again (sglang re-queues
         it), until the round that re-encodes it: meta_info.queue_time counts both waits."""
         for dreq in out.retracted:
             dreq.handle.time_stats.set_wait_queue_entry_time()
         for dreq in out.started:
             dreq.handle.time_stats.set_forward_entry_time(round_start)
+        for dreq in out.chunked:  # sglang's chunked_prefill stage: one sample per chunk before the last
+            dreq.handle.time_stats.set_last_chunked_prefill_finish_time()
         for dreq in (*self.policy.running, *out.finished):
             stats = dreq.handle.time_stats
             if not dreq.prefilling and stats.forward_entry_time and not stats.prefill_finished_time:

@@ -146,6 +146,7 @@ class StepOutput:
     reencoded_tokens: int = 0  # of prefill_tokens
     reencoded_cached_tokens: int = 0  # of cached_tokens
     retracted: list[DiffusionRequest] = field(default_factory=list)  # gave their KV back to make room
+    chunked: list[DiffusionRequest] = field(default_factory=list)  # encoded a chunk of their prompt, more to come
 
 
 class CanvasScheduler:
@@ -192,6 +193,8 @@ class CanvasScheduler:
             out.reencoded_cached_tokens = sum(cached for req, cached in self._admitted if req.retracted)
             out.reencoded_tokens = sum(seg.num_tokens for seg in segments
                                        if seg.kind == "prefill" and reqs[seg.req_index].retracted)  # fmt: skip
+            out.chunked = [reqs[seg.req_index] for seg in segments
+                           if seg.kind == "prefill" and reqs[seg.req_index].prefilling]  # fmt: skip
         elif starved and len(starved) == len(self.running):
             out.exhausted = self._make_room()
             out.retracted = [] if out.exhausted else [self.running[-1]]  # the victim waits last

@@ -475,10 +475,13 @@ def test_a_prefill_only_request_finishes_after_its_last_chunk(model):
     rec = Recorder(engine)
     req = request(model, 40, 0, seed=5)
     engine.scheduler.add(req)
-    finished_at = []
+    finished_at, chunked = [], []
     while engine.scheduler.running:
-        finished_at.append(bool(engine.scheduler.step().finished))
+        out = engine.scheduler.step()
+        finished_at.append(bool(out.finished))
+        chunked.append(out.chunked)
     assert finished_at == [False, False, True]
+    assert chunked == [[req], [req], []]  # sglang's chunked_prefill stage: each chunk before the last
     assert [[(s.kind, s.num_tokens) for s in b.segments] for b in rec.batches] == [
         [("prefill", 16)], [("prefill", 16)], [("prefill", 8)]]
     assert engine.slots.free_slots.numel() == 4096

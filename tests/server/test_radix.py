@@ -183,7 +183,7 @@ def test_a_long_prompt_is_encoded_in_chunks_of_the_prefill_budget(small_server, 
     """With --chunked-prefill-size 64, a 300-token prompt is encoded over rounds of at most 64 prompt tokens (sglang's
     chunked prefill; /metrics has every round's count), and the seeded answer is the one the default server gives,
     which encodes it in one round."""
-    from tests.server.test_metrics import metric
+    from tests.server.test_metrics import metric, metric_where
 
     ids = [2, 5] + [(j * 11) % 390 + 3 for j in range(298)]
     body = dict(input_ids=ids, sampling_params={"max_new_tokens": 40, "ignore_eos": True,
@@ -196,6 +196,10 @@ def test_a_long_prompt_is_encoded_in_chunks_of_the_prefill_budget(small_server, 
     assert delta("_sum") == len(ids) - chunked["meta_info"]["cached_tokens"] == 300
     assert delta("_count") == 5  # 64 x 4 + 44
     assert metric(after, name + "_bucket", le="64.0") - metric(before, name + "_bucket", le="64.0") == 5
+    # sglang's chunked_prefill stage: one sample for each chunk before the last
+    stages = [metric_where(text, "sglang:per_stage_req_latency_seconds_count", stage="chunked_prefill")
+              for text in (before, after)]
+    assert stages[1] - stages[0] == 4
     assert chunked["output_ids"] == generate(server, **body)["output_ids"]
     assert_idle_and_no_kv_in_use(small_server)
 
