@@ -86,25 +86,25 @@ def report_round(scheduler, out, running: list, graphed: bool, held: list = ()) 
                 num_retracted_reqs=len(out.retracted),
                 num_retracted_input_tokens=sum(len(req.prompt_ids) for req in out.retracted),
                 num_retracted_output_tokens=sum(len(req.output_ids) for req in out.retracted))
-    if out.started or out.prefill_tokens:
-        joining = {id(dreq.handle) for dreq in out.started}
-        before = [req for req in running if id(req) not in joining]  # sglang counts the batch the new ones join
-        stats = PrefillStats(
-            log_input_tokens=out.prefill_tokens, log_hit_tokens=out.cached_tokens,
-            reprocessed_log_input_tokens=out.reencoded_tokens, reprocessed_log_hit_tokens=out.reencoded_cached_tokens,
-            log_device_hit_tokens=out.cached_tokens - out.reencoded_cached_tokens,
-            new_token_ratio=scheduler.new_token_ratio_tracker.current,
-            num_running_reqs=QueueCount.from_reqs(before, scheduler.enable_priority_scheduling),
-            num_new_seqs=len(out.started),
-        )  # fmt: skip
-        with _queued_with(scheduler, held):
-            reporter.report_prefill_stats(None, stats, graphed)
-    generated = sum(len(kept) for _, kept in out.committed)
-    reporter.num_generated_tokens += generated
-    reporter.forward_ct_decode = (reporter.forward_ct_decode + 1) % (1 << 30)  # as sglang wraps it
-    if reporter.enable_metrics:
-        reporter.metrics_collector.increment_decode_cuda_graph_pass(value=graphed)
     with _queued_with(scheduler, held):
+        if out.started or out.prefill_tokens:
+            joining = {id(dreq.handle) for dreq in out.started}
+            before = [req for req in running if id(req) not in joining]  # sglang counts the batch the new ones join
+            stats = PrefillStats(
+                log_input_tokens=out.prefill_tokens, log_hit_tokens=out.cached_tokens,
+                reprocessed_log_input_tokens=out.reencoded_tokens,
+                reprocessed_log_hit_tokens=out.reencoded_cached_tokens,
+                log_device_hit_tokens=out.cached_tokens - out.reencoded_cached_tokens,
+                new_token_ratio=scheduler.new_token_ratio_tracker.current,
+                num_running_reqs=QueueCount.from_reqs(before, scheduler.enable_priority_scheduling),
+                num_new_seqs=len(out.started),
+            )  # fmt: skip
+            reporter.report_prefill_stats(None, stats, graphed)
+        generated = sum(len(kept) for _, kept in out.committed)
+        reporter.num_generated_tokens += generated
+        reporter.forward_ct_decode = (reporter.forward_ct_decode + 1) % (1 << 30)  # as sglang wraps it
+        if reporter.enable_metrics:
+            reporter.metrics_collector.increment_decode_cuda_graph_pass(value=graphed)
         reporter.report_decode_stats(graphed, running_batch=_RoundBatch(running), num_generated_tokens=generated)
     # the decode report publishes every --decode-log-interval rounds only; a router wants each round's blocks (a
     # conversation's next turn follows the answer's last commit)

@@ -311,8 +311,9 @@ class DiffusionEngine:
     def _stamp_stages(self, out, round_start: float) -> None:
         """Stamp what sglang's batch loop stamps on a request's time_stats (its queue-time and per-stage histograms on
         /metrics, and its traces): the wait ends with the round that begins encoding the prompt, each chunk but the
-        last with its round, the prefill with the round that encodes its end, the request with its answer. A retracted request waits again (sglang re-queues
-        it), until the round that re-encodes it: meta_info.queue_time counts both waits."""
+        last with its round, the prefill with the round that encodes its end, the request with its answer. A
+        retracted request waits again (sglang re-queues it), until the round that re-encodes it: meta_info.queue_time
+        counts both waits."""
         for dreq in out.retracted:
             dreq.handle.time_stats.set_wait_queue_entry_time()
         for dreq in out.started:
