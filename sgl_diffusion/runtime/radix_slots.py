@@ -30,7 +30,7 @@ class RadixKVSlots(KVSlots):
             return self._extend(req, n, slide_window=not dreq.finished)
         if self.rows.available_size() < 1:
             return None
-        req.init_next_round_input(self.tree)  # match the prompt against the tree: req.prefix_len, req.last_node
+        match_whole(req, self.tree)  # req.prefix_len, req.last_node
         reused = self.tree.prefix_device_indices(req).long() if req.prefix_len else self.empty
         # NOTE: pins the matched prefix until release; before allocating, whose eviction could otherwise take it
         lock = self.tree.lock(req.last_node)
@@ -117,3 +117,19 @@ class RadixKVSlots(KVSlots):
     def _alloc(self, n: int) -> torch.Tensor | None:
         evict_from_tree_cache(self.tree, n)
         return self.allocator.alloc(n)
+
+
+def match_whole(req, tree) -> None:
+    """sglang's prefix match (``Req.init_next_round_input``) of the request's tokens in ``tree``, up to all of them.
+
+    NOTE: sglang's ``Req._compute_max_prefix_len`` stops a match one token short of the input, whose logits a token
+    step needs. A canvas reads only its context's KV, so a prompt the tree holds whole (a repeated prompt, parallel
+    samples, a retracted request's context) is not encoded again: its first round runs the canvas alone, and a
+    prefill-only request runs no forward. sglang's other caps (prompt logprobs from logprob_start_len) still apply.
+    """
+    sglang_cap = type(req)._compute_max_prefix_len
+    req._compute_max_prefix_len = lambda input_len: sglang_cap(req, input_len + 1)  # written against sglang 0.5.23
+    try:
+        req.init_next_round_input(tree)
+    finally:
+        del req._compute_max_prefix_len

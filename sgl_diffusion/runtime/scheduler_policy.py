@@ -179,9 +179,11 @@ class CanvasScheduler:
         self._admitted = []
         reqs, segments, states, starved = self._plan()
         out = StepOutput([], [], starved)
-        if segments:
-            batch = self._build_batch(reqs, segments, states)
-            done = self.runner.run(batch, states, extra_steps=self.steps_per_round - 1)
+        if reqs:  # NOTE: a prefill-only request of a prompt cached whole has no segment: it ends without a forward
+            done = []
+            if segments:
+                batch = self._build_batch(reqs, segments, states)
+                done = self.runner.run(batch, states, extra_steps=self.steps_per_round - 1)
             for seg in segments:
                 if seg.writes_kv:
                     self.kv.encoded(reqs[seg.req_index])

@@ -117,3 +117,34 @@ def test_strip_thinking_cache_keeps_a_reasoning_answer_out_of_the_tree(slots, se
     again = _request(prompt + canvas)
     assert _encode(slots, again, prompt + canvas).reused.numel() == len(prompt)  # the prompt, not the answer
     slots.release(again)
+
+
+def test_a_prompt_the_tree_holds_whole_is_reused_whole(slots):
+    """A repeated prompt reuses all of its KV and gets no new slots (sglang's match stops one token short, for the
+    logits a token step needs and a canvas does not); asking for prompt logprobs keeps sglang's cap at
+    logprob_start_len, where the scored tokens begin."""
+    prompt = list(range(100, 120))
+    first = _request(prompt)
+    _encode(slots, first, prompt)
+    slots.release(first)
+    again = _request(prompt)
+    got = _encode(slots, again, prompt)
+    assert got.reused.numel() == len(prompt) and got.new.numel() == 0
+    assert torch.equal(again.slots, first.slots) and again.handle.cached_tokens == len(prompt)
+    scored = _request(prompt)
+    scored.handle.return_logprob, scored.handle.logprob_start_len = True, 5
+    assert _encode(slots, scored, prompt).reused.numel() == 5
+    for dreq in (again, scored):
+        slots.release(dreq)
+    assert slots.room() == POOL and slots.rows.available_size() == 8
+
+
+def test_sglang_stops_its_own_match_one_token_short_of_the_input(slots):
+    """radix_slots.match_whole lifts sglang's cap (Req._compute_max_prefix_len, sglang 0.5.23) by the one token it
+    keeps back for the last token's logits; if upstream stops keeping it back, or keeps back more, this fails."""
+    from sglang.srt.managers.schedule_batch import Req
+
+    req = _request(list(range(100, 120))).handle
+    assert Req._compute_max_prefix_len(req, 20) == 19
+    req.return_logprob, req.logprob_start_len = True, 5
+    assert Req._compute_max_prefix_len(req, 20) == 5

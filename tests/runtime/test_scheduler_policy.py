@@ -7,7 +7,7 @@ import torch
 
 from sgl_diffusion.entrypoints.tiny_checkpoint import tiny_generation_config
 from sgl_diffusion.runtime.offline import FreeListSlots, OfflineEngine
-from sgl_diffusion.runtime.scheduler_policy import DiffusionRequest
+from sgl_diffusion.runtime.scheduler_policy import DiffusionRequest, Reservation
 from sgl_diffusion.sampling.params import DiffusionDefaults, DiffusionParams
 from tests.models.test_parity import rel_err
 
@@ -132,6 +132,54 @@ def test_prefill_only_request(model):
     assert engine.generate([request(model, 9, 0, seed=5)]) == [[]]
     assert len(rec.batches) == 1 and [s.kind for s in rec.batches[0].segments] == ["prefill"]
     assert engine.slots.free_slots.numel() == 4096  # everything returned
+
+
+class PromptCache:
+    """Wraps the offline engine's free list to reuse a prompt encoded before, whole, as the radix cache does."""
+
+    caches_prefixes = True
+
+    def __init__(self, engine):
+        self.slots, self.prompts = engine.slots, {}
+        engine.scheduler.kv = self
+
+    def reserve(self, req, tokens, limit=None):
+        if req.slots is None and tuple(tokens) in self.prompts:
+            return Reservation(self.prompts[tuple(tokens)], self.slots.empty)
+        return self.slots.reserve(req, tokens, limit)
+
+    def encoded(self, req):
+        self.prompts.setdefault(tuple(req.prompt_ids), req.slots[: len(req.prompt_ids)])
+
+    def release(self, req, cache=True):
+        pass  # the prompt's slots stay cached
+
+    def room(self):
+        return self.slots.room()
+
+
+def test_a_prompt_reused_whole_goes_straight_to_its_canvas(model):
+    """A prompt the cache holds whole has nothing to encode: an answer's first round is its canvas alone, on the
+    cached KV, and a prefill-only request finishes in a round without a forward (it waited for one forever)."""
+    engine = OfflineEngine(model)
+    rec = Recorder(engine)
+    cache = PromptCache(engine)
+    engine.generate([request(model, 12, 20, seed=3)])
+    again = request(model, 12, 20, seed=3)
+    engine.scheduler.add(again)
+    engine.scheduler.step()
+    [canvas] = rec.batches[-1].segments
+    assert (canvas.kind, canvas.start_pos) == ("canvas", 12)
+    assert torch.equal(canvas.prefix_slots, cache.prompts[tuple(again.prompt_ids)])
+    while engine.scheduler.running:
+        engine.scheduler.step()
+    assert len(again.output_ids) == 20
+    forwards = len(rec.batches)
+    prefill_only = request(model, 12, 0, seed=3)
+    engine.scheduler.add(prefill_only)
+    out = engine.scheduler.step()
+    assert out.finished == [prefill_only] and out.started == [prefill_only] and out.cached_tokens == 12
+    assert len(rec.batches) == forwards and not engine.scheduler.running
 
 
 def test_steps_per_round_keeps_results(model):

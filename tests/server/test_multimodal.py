@@ -150,7 +150,7 @@ def test_identical_images_reuse_kv_and_different_ones_never_do(server):
     first = run(png_bytes(64, 64, shade=21))
     again = run(png_bytes(64, 64, shade=21))
     other = run(png_bytes(64, 64, shade=22))
-    assert again["cached_tokens"] == again["prompt_tokens"] - 1  # all but the last prompt token
+    assert again["cached_tokens"] == again["prompt_tokens"]  # all of it, the image included
     assert other["prompt_tokens"] == first["prompt_tokens"] and other["cached_tokens"] <= 2  # <bos> and <|image>
 
 

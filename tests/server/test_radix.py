@@ -21,8 +21,22 @@ def test_repeated_prompt_is_served_from_cache(server):
     body = dict(input_ids=ids, sampling_params={"max_new_tokens": 40, "ignore_eos": True,
                                                 "diffusion": {"seed": 3, "max_denoising_steps": 2}})
     first, second = generate(server, **body), generate(server, **body)
-    assert second["meta_info"]["cached_tokens"] == len(ids) - 1  # the last prompt token is always recomputed
+    assert second["meta_info"]["cached_tokens"] == len(ids)  # all of it: a canvas needs no last-token logits
     assert second["output_ids"] == first["output_ids"]
+
+
+def test_a_prompt_cached_whole_is_not_encoded_again(server):
+    """A prefill-only request (the DSL's prefix caching) of a cached prompt reuses all of it and ends without a forward:
+    its "Prefill batch" line counts no new token."""
+    ids = [2, 9, 377, 12] + list(range(340, 361))
+    body = dict(input_ids=ids, sampling_params={"max_new_tokens": 0})
+    assert generate(server, **body)["meta_info"]["cached_tokens"] <= 1  # <bos>, which other prompts share
+    with open(server.log_path) as log:
+        log.seek(0, 2)
+        again = generate(server, **body)
+        lines = log.read()
+    assert again["meta_info"]["cached_tokens"] == len(ids) and again["output_ids"] == []
+    assert f"#new-token: 0, #cached-token: {len(ids)}," in lines, lines
 
 
 def test_a_prompt_that_branched_off_a_cached_one_is_served_whole_again(server):
@@ -38,7 +52,7 @@ def test_a_prompt_that_branched_off_a_cached_one_is_served_whole_again(server):
                                                 "diffusion": {"seed": 5, "max_denoising_steps": 2}})
     first, second = generate(server, **body), generate(server, **body)
     assert first["meta_info"]["cached_tokens"] <= len(shared)  # 0: the other prompt's window has moved on
-    assert second["meta_info"]["cached_tokens"] == len(ids) - 1
+    assert second["meta_info"]["cached_tokens"] == len(ids)
     assert second["output_ids"] == first["output_ids"]
 
 
