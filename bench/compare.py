@@ -37,14 +37,18 @@ Then the keys that bound the targets (bench/RESULTS.md, "Targets"), from the sam
 - batch8_over_batch1_zero_overhead (8 x 1-canvas kernels / 8-canvas kernels) and batch8_over_batch1_max_at_1_5
   (the most batch8_over_batch1 can be while round_overhead_ratio_b8 <= 1.5, given those kernels; see round_bounds);
 - request_path_ms_ar / _ours: what a request pays outside any canvas round, the fastest of several requests for
-  prompt 0 (cached): sglang's own server answering one token, and ours with max_new_tokens=0;
+  prompt 0 (cached): sglang's own server answering one token (the path and a one-token forward), and ours with
+  max_new_tokens=0 (the path alone: a prompt cached whole runs no forward);
   speedup_vs_hf_n1_path_bound: transformers' wall for request 0 over the smaller of the two plus rounds_n1 rounds of
   the served 1-canvas round's GEMM and attention kernels (the speedup if our rounds cost their kernels alone);
   speedup_vs_hf_n1_round_bound: the same with rounds_n1 rounds of that round's wall (the cheapest round a request
   runs: canvases alone, one canvas);
   round_non_kernel_ms_b1: the served 1-canvas round's wall minus those kernels (inductor's fused norms, rope,
   GELUs and softmaxes, the graph's wrapper, the draws, planning), against round_non_kernel_ms_for_3x, what each of
-  request 0's rounds may spend outside them for speedup_vs_hf_n1 = 3.
+  request 0's rounds may spend outside them for speedup_vs_hf_n1 = 3;
+  round_ms_served_n1: what a round of request 0 costs in the server on average, (our wall for request 0 -
+  request_path_ms_ours) / rounds_n1 (its first round sets the request up, one round commits beside a step, and each
+  round streams, reports and reads the sockets), against round_ms_for_3x, the average that speedup_vs_hf_n1 = 3 allows.
 
 The server runs with OMP_NUM_THREADS=--threads and transformers in this process with as many torch threads.
 Tokens of our server and of transformers are compared (same seeds, same tokens expected on a confident model),
@@ -521,6 +525,8 @@ def bounds(r, overhead, served, budget, paths, n) -> dict:
         "speedup_vs_hf_n1_round_bound": t["hf1"] / (path + rounds * served[1]["wall"]),
         "round_non_kernel_ms_b1": served[1]["wall"] - served[1]["kernels"],
         "round_non_kernel_ms_for_3x": (t["hf1"] / 3 - path - rounds * served[1]["kernels"]) / rounds,
+        "round_ms_served_n1": (t["ours1"] - paths["ours"]) / rounds,
+        "round_ms_for_3x": (t["hf1"] / 3 - paths["ours"]) / rounds,
         "kernel_ms_ours_n1": budget["ours_n1"],
         "kernel_ms_hf_n1": budget["hf_n1"],
         f"kernel_ms_ours_n{n}": budget["ours_n"],

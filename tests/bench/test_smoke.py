@@ -74,6 +74,7 @@ def test_compare_prints_every_key(tiny_checkpoint_dir):
     # the n=1 bounds: a request path on both servers, and rounds that cost at least their kernels
     assert got["request_path_ms_ar"] > 0 and got["request_path_ms_ours"] > 0, out
     assert got["speedup_vs_hf_n1_path_bound"] > got["speedup_vs_hf_n1_round_bound"] > 0, out
+    assert got["round_ms_served_n1"] > 0 and got["round_ms_for_3x"] > 0, out
     assert got["round_non_kernel_ms_b1"] > 0, out
     last = out.strip().splitlines()[-len(expected) :]
     assert all(re.fullmatch(r"\w+: \S+", line) for line in last), last  # the keys come last
