@@ -38,17 +38,20 @@ Then the keys that bound the targets (bench/RESULTS.md, "Targets"), from the sam
   (the most batch8_over_batch1 can be while round_overhead_ratio_b8 <= 1.5, given those kernels; see round_bounds);
 - request_path_ms_ar / _ours: what a request pays outside any canvas round, the fastest of several requests for
   prompt 0 (cached): sglang's own server answering one token (the path and a one-token forward), and ours with
-  max_new_tokens=0 (the path alone: a prompt cached whole runs no forward);
-  speedup_vs_hf_n1_path_bound: transformers' wall for request 0 over the smaller of the two plus rounds_n1 rounds of
-  the served 1-canvas round's GEMM and attention kernels (the speedup if our rounds cost their kernels alone);
-  speedup_vs_hf_n1_round_bound: the same with rounds_n1 rounds of that round's wall (the cheapest round a request
-  runs: canvases alone, one canvas);
+  max_new_tokens=0 (the path alone: a prompt cached whole runs no forward), sent back to back; *_after_hf: the same,
+  each sent right after transformers' request 0, as compare times ours at n=1 (the server's processes wake from
+  idle, on caches transformers used);
+  speedup_vs_hf_n1_path_bound: transformers' wall for request 0 over the smaller *_after_hf path plus rounds_n1
+  rounds of the served 1-canvas round's GEMM and attention kernels (the speedup if our rounds cost their kernels
+  alone); speedup_vs_hf_n1_round_bound: the same with rounds_n1 rounds of that round's wall (the cheapest round a
+  request runs: canvases alone, one canvas);
   round_non_kernel_ms_b1: the served 1-canvas round's wall minus those kernels (inductor's fused norms, rope,
   GELUs and softmaxes, the graph's wrapper, the draws, planning), against round_non_kernel_ms_for_3x, what each of
   request 0's rounds may spend outside them for speedup_vs_hf_n1 = 3;
   round_ms_served_n1: what a round of request 0 costs in the server on average, (our wall for request 0 -
-  request_path_ms_ours) / rounds_n1 (its first round sets the request up, one round commits beside a step, and each
-  round streams, reports and reads the sockets), against round_ms_for_3x, the average that speedup_vs_hf_n1 = 3 allows.
+  request_path_ms_ours_after_hf) / rounds_n1 (its first round sets the request up, one round commits beside a step,
+  and each round streams, reports and reads the sockets), against round_ms_for_3x, the average that
+  speedup_vs_hf_n1 = 3 allows.
 
 The server runs with OMP_NUM_THREADS=--threads and transformers in this process with as many torch threads.
 Tokens of our server and of transformers are compared (same seeds, same tokens expected on a confident model),
@@ -127,7 +130,7 @@ def main() -> None:
             hf.many_sequential(2), hf.many_batched(2), srv.many(2)
             r = run_rounds(args, hf, srv)
             ar = ar_per_token(servers[1][1], prompts[0], r["tokens_n1"], args.repeats)
-            paths = request_paths(servers[0][1], servers[1][1], prompts[0], args.repeats)
+            paths = request_paths(servers[0][1], servers[1][1], prompts[0], args.repeats, lambda: hf.one(0))
         finally:
             for proc, _ in servers:
                 stop_server(proc)
@@ -321,23 +324,28 @@ def ar_per_token(url: str, prompt: list[int], tokens: int, repeats: int) -> floa
     return median_spread(times)[0]
 
 
-def request_paths(ours_url: str, ar_url: str, prompt: list[int], repeats: int) -> dict:
+def request_paths(ours_url: str, ar_url: str, prompt: list[int], repeats: int, before) -> dict:
     """The fastest of several requests for ``prompt`` (in the radix cache after the first) that generate nothing
     worth timing, ms: ``ar``, sglang's own server answering one token (its request path plus one token's forward);
-    ``ours``, ours with max_new_tokens=0 (its request path, no canvas). What any request pays outside its rounds."""
-    def fastest(url, params):
+    ``ours``, ours with max_new_tokens=0 (its request path: a prompt cached whole runs no forward). What any request
+    pays outside its rounds: sent back to back, and ``*_after_hf`` each right after ``before()`` (transformers'
+    request 0), as the n=1 comparison sends ours: the server's processes wake from idle, on caches ``before`` used."""
+    def fastest(url, params, warm_up=None):
         body = {"input_ids": prompt, "sampling_params": params}
         session = requests.Session()
         session.post(f"{url}/generate", json=body, timeout=600).raise_for_status()
         times = []
         for _ in range(max(repeats, 10)):
+            if warm_up is not None:
+                warm_up()
             dt, resp = timed(lambda: session.post(f"{url}/generate", json=body, timeout=600))
             resp.raise_for_status()
             times.append(dt * 1e3)
         return min(times)
 
-    return {"ar": fastest(ar_url, {"max_new_tokens": 1, "temperature": 0}),
-            "ours": fastest(ours_url, {"max_new_tokens": 0})}
+    one_token, no_token = {"max_new_tokens": 1, "temperature": 0}, {"max_new_tokens": 0}
+    return {"ar": fastest(ar_url, one_token), "ours": fastest(ours_url, no_token),
+            "ar_after_hf": fastest(ar_url, one_token, before), "ours_after_hf": fastest(ours_url, no_token, before)}
 
 
 # ---- in-process probes -----------------------------------------------------------------------------------------
@@ -517,16 +525,19 @@ def bounds(r, overhead, served, budget, paths, n) -> dict:
     floor_n1 = budget["ours_n1"] + budget["rounds_n1"] * overhead[1]["ops"] * budget["dispatch_us"] / 1e3
     # request 0 alone: a request path no engine behind sglang's server avoids, then rounds that each run at least one
     # canvas's GEMMs and attention (the served round's kernels)
-    path, rounds = min(paths.values()), budget["rounds_n1"]
+    # request 0 is timed right after transformers' (compare.run_rounds): its path is the one measured the same way
+    path, rounds = min(paths["ar_after_hf"], paths["ours_after_hf"]), budget["rounds_n1"]
     return {
         "request_path_ms_ar": paths["ar"],
         "request_path_ms_ours": paths["ours"],
+        "request_path_ms_ar_after_hf": paths["ar_after_hf"],
+        "request_path_ms_ours_after_hf": paths["ours_after_hf"],
         "speedup_vs_hf_n1_path_bound": t["hf1"] / (path + rounds * served[1]["kernels"]),
         "speedup_vs_hf_n1_round_bound": t["hf1"] / (path + rounds * served[1]["wall"]),
         "round_non_kernel_ms_b1": served[1]["wall"] - served[1]["kernels"],
         "round_non_kernel_ms_for_3x": (t["hf1"] / 3 - path - rounds * served[1]["kernels"]) / rounds,
-        "round_ms_served_n1": (t["ours1"] - paths["ours"]) / rounds,
-        "round_ms_for_3x": (t["hf1"] / 3 - paths["ours"]) / rounds,
+        "round_ms_served_n1": (t["ours1"] - paths["ours_after_hf"]) / rounds,
+        "round_ms_for_3x": (t["hf1"] / 3 - paths["ours_after_hf"]) / rounds,
         "kernel_ms_ours_n1": budget["ours_n1"],
         "kernel_ms_hf_n1": budget["hf_n1"],
         f"kernel_ms_ours_n{n}": budget["ours_n"],

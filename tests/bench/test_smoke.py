@@ -73,6 +73,7 @@ def test_compare_prints_every_key(tiny_checkpoint_dir):
     assert got["mean_steps_per_canvas"] == 2.0  # a random model never stops early
     # the n=1 bounds: a request path on both servers, and rounds that cost at least their kernels
     assert got["request_path_ms_ar"] > 0 and got["request_path_ms_ours"] > 0, out
+    assert got["request_path_ms_ar_after_hf"] > 0 and got["request_path_ms_ours_after_hf"] > 0, out
     assert got["speedup_vs_hf_n1_path_bound"] > got["speedup_vs_hf_n1_round_bound"] > 0, out
     assert got["round_ms_served_n1"] > 0 and got["round_ms_for_3x"] > 0, out
     assert got["round_non_kernel_ms_b1"] > 0, out
