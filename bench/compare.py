@@ -330,14 +330,14 @@ def request_paths(ours_url: str, ar_url: str, prompt: list[int], repeats: int, b
     ``ours``, ours with max_new_tokens=0 (its request path: a prompt cached whole runs no forward). What any request
     pays outside its rounds: sent back to back, and ``*_after_hf`` each right after ``before()`` (transformers'
     request 0), as the n=1 comparison sends ours: the server's processes wake from idle, on caches ``before`` used."""
-    def fastest(url, params, warm_up=None):
+    def fastest(url, params, first=None):
         body = {"input_ids": prompt, "sampling_params": params}
         session = requests.Session()
         session.post(f"{url}/generate", json=body, timeout=600).raise_for_status()
         times = []
         for _ in range(max(repeats, 10)):
-            if warm_up is not None:
-                warm_up()
+            if first is not None:
+                first()
             dt, resp = timed(lambda: session.post(f"{url}/generate", json=body, timeout=600))
             resp.raise_for_status()
             times.append(dt * 1e3)
@@ -523,9 +523,8 @@ def bounds(r, overhead, served, budget, paths, n) -> dict:
     hf_best = min(t["hf_seq"], t["hf_batch"])
     k1, k8 = overhead[1]["kernels"], overhead[8]["kernels"]
     floor_n1 = budget["ours_n1"] + budget["rounds_n1"] * overhead[1]["ops"] * budget["dispatch_us"] / 1e3
-    # request 0 alone: a request path no engine behind sglang's server avoids, then rounds that each run at least one
-    # canvas's GEMMs and attention (the served round's kernels)
-    # request 0 is timed right after transformers' (compare.run_rounds): its path is the one measured the same way
+    # request 0 alone: a request path no engine behind sglang's server avoids (timed as request 0 is, right after
+    # transformers' request 0: run_rounds), then rounds that each run at least one canvas's GEMMs and attention
     path, rounds = min(paths["ar_after_hf"], paths["ours_after_hf"]), budget["rounds_n1"]
     return {
         "request_path_ms_ar": paths["ar"],
