@@ -1,5 +1,7 @@
 """The radix cache with canvases: prompt prefixes and committed canvases are reused; memory is returned."""
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import requests
 
@@ -112,6 +114,31 @@ def test_eviction_under_memory_pressure(small_server):
         out = generate(small_server, input_ids=ids, sampling_params={"max_new_tokens": 64, "ignore_eos": True,
                                                                     "diffusion": {"max_denoising_steps": 1}})
         assert len(out["output_ids"]) == 64
+    assert_idle_and_no_kv_in_use(small_server)
+
+
+def test_concurrent_repeats_of_one_prompt_reuse_each_other_and_leave_no_kv(small_server):
+    """Nine requests of one 92-token prompt at once on the small pool (chunks of 64, two running at a time): answers,
+    prefill-only requests and prompt-scored ones, each reusing what the others have cached (whole, once it is). All
+    answer in full, a prefill-only request that came after the first finds the prompt whole, and no KV is left."""
+    ids = [2, 5] + [(j * 7) % 390 + 3 for j in range(90)]
+    kinds = {"answer": {"max_new_tokens": 40}, "prefill_only": {"max_new_tokens": 0}, "scored": {"max_new_tokens": 8}}
+    sent = [kind for _ in range(3) for kind in kinds]
+
+    def send(kind):
+        params = kinds[kind] | {"ignore_eos": True, "diffusion": {"seed": 1, "max_denoising_steps": 1}}
+        extra = {"return_logprob": True, "logprob_start_len": 80} if kind == "scored" else {}
+        return small_server.post("/generate", {"input_ids": ids, "sampling_params": params, **extra})
+
+    with ThreadPoolExecutor(len(sent)) as pool:
+        outs = list(pool.map(send, sent))
+    assert all(o.status_code == 200 for o in outs), [o.text for o in outs if o.status_code != 200]
+    for kind, out in zip(sent, (o.json() for o in outs)):
+        assert len(out["output_ids"]) == kinds[kind]["max_new_tokens"], (kind, out["meta_info"])
+        if kind == "scored":
+            assert len(out["meta_info"]["input_token_logprobs"]) == len(ids) - 80
+    late = generate(small_server, input_ids=ids, sampling_params={"max_new_tokens": 0})
+    assert late["meta_info"]["cached_tokens"] == len(ids)
     assert_idle_and_no_kv_in_use(small_server)
 
 
