@@ -118,9 +118,10 @@ def test_eviction_under_memory_pressure(small_server):
 
 
 def test_concurrent_repeats_of_one_prompt_reuse_each_other_and_leave_no_kv(small_server):
-    """Nine requests of one 92-token prompt at once on the small pool (chunks of 64, two running at a time): answers,
-    prefill-only requests and prompt-scored ones, each reusing what the others have cached (whole, once it is). All
-    answer in full, a prefill-only request that came after the first finds the prompt whole, and no KV is left."""
+    """Nine requests of one 92-token prompt at once on the small pool (chunks of 64, two running at a time): answers
+    and prefill-only requests, which reuse what the others have cached (whole, once it is), and requests scoring the
+    prompt's last 12 tokens. All answer in full, a prefill-only request sent after them finds the prompt whole, and no
+    KV is left."""
     ids = [2, 5] + [(j * 7) % 390 + 3 for j in range(90)]
     kinds = {"answer": {"max_new_tokens": 40}, "prefill_only": {"max_new_tokens": 0}, "scored": {"max_new_tokens": 8}}
     sent = [kind for _ in range(3) for kind in kinds]
