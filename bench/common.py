@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,9 +31,11 @@ def kernel_ms(prof) -> float:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """Below the kernel's ephemeral range (no outgoing connection takes it before the server binds it) and below
+    sglang's own nccl ports (22000-29999)."""
+    from sglang.srt.utils.network import get_free_port_below_ephemeral
+
+    return get_free_port_below_ephemeral(low=10000, high=21999)
 
 
 def start_server(model_dir, log_path, extra=(), threads: int = 0, env: dict[str, str] | None = None,
@@ -60,12 +61,20 @@ def launch_server(model_dir, log_path, extra=(), threads: int = 0, env: dict[str
 
 
 def wait_healthy(proc: subprocess.Popen, url: str, log_path, timeout: float = 300) -> None:
+    """Until the server's log says it listens on ``url`` and /health answers (which alone could be another
+    process's answer, had it taken the port first)."""
+    listening = f"Uvicorn running on {url} "
     deadline = time.time() + timeout
     while time.time() < deadline:
+        with open(log_path) as log:
+            text = log.read()
+        if "error while attempting to bind on address" in text:
+            stop_server(proc)
+            raise SystemExit(f"another process took the server's port; run again. See {log_path}")
         if proc.poll() is not None:
             raise SystemExit(f"server exited with {proc.returncode}; see {log_path}")
         try:
-            if requests.get(f"{url}/health", timeout=2).status_code == 200:
+            if listening in text and requests.get(f"{url}/health", timeout=2).status_code == 200:
                 return
         except requests.RequestException:
             pass

@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,9 +14,11 @@ from tests.multimodal.media import mp4_bytes, png_bytes
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range, where no outgoing connection or bind(0) (gloo's, a client's)
+    can take it before the server binds it, and below sglang's own pick for its nccl port (22000-29999)."""
+    from sglang.srt.utils.network import get_free_port_below_ephemeral
+
+    return get_free_port_below_ephemeral(low=10000, high=21999)
 
 
 # the files of ``media_disk``, as bytes (tests compare them sent inline with read from disk)
@@ -25,8 +26,13 @@ IMAGE = png_bytes(48, 32, shade=9)
 VIDEO = mp4_bytes(2.5, fps=2, width=64, height=48)
 
 
+class PortTaken(RuntimeError):
+    """The server's HTTP port was bound by another process between our pick and its bind."""
+
+
 class Server:
     READY_PATH = "/health"  # polled until it answers 200
+    STARTS = 3  # tries, each on a new port, when another process takes the port first
     # under pytest's temporary directory (tests/conftest.py sets it), which keeps the last three runs' and removes
     # older ones; None: the system's
     log_root: str | None = None
@@ -38,6 +44,20 @@ class Server:
 
     def __init__(self, model_dir, *extra_args, env: dict[str, str] | None = None):
         """``env``: variables added to this process's environment for the server (e.g. ``SGL_DIFFUSION_*``)."""
+        for start in range(self.STARTS):
+            self._start(model_dir, extra_args, env)
+            try:
+                self._wait_healthy(timeout=240)
+                return
+            except PortTaken:
+                self.stop()
+                if start == self.STARTS - 1:
+                    raise
+            except BaseException:  # not healthy, or the test run interrupted: leave no server behind
+                self.stop()
+                raise
+
+    def _start(self, model_dir, extra_args, env):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         # not inside model_dir: tests compare the checkpoint directory's files
@@ -50,15 +70,22 @@ class Server:
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
                                      env=None if env is None else os.environ | env)
-        self._wait_healthy(timeout=240)
 
     def _wait_healthy(self, timeout):
+        """Healthy once our server's log says it listens on the port and READY_PATH answers 200 (an answer alone may
+        come from whichever process took the port)."""
+        listening = f"Uvicorn running on {self.url} "
+        taken = f"error while attempting to bind on address ('127.0.0.1', {self.port})"
         deadline = time.time() + timeout
         while time.time() < deadline:
+            with open(self.log_path) as log:
+                text = log.read()
+            if taken in text:
+                raise PortTaken(f"port {self.port} taken by another process; see {self.log_path}")
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log_path}")
             try:
-                if requests.get(f"{self.url}{self.READY_PATH}", timeout=2).status_code == 200:
+                if listening in text and requests.get(f"{self.url}{self.READY_PATH}", timeout=2).status_code == 200:
                     return
             except requests.RequestException:
                 pass
@@ -72,9 +99,11 @@ class Server:
         return requests.get(f"{self.url}/health", timeout=10).status_code == 200
 
     def stop(self):
-        os.killpg(self.proc.pid, signal.SIGTERM)
         try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(timeout=30)
+        except ProcessLookupError:  # the whole group has exited already
+            pass
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.log.close()
