@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import requests
 
 # What a DiffusionGemma server on the CPU runs with (the flags it would pick by itself, spelled out).
@@ -61,9 +62,9 @@ def launch_server(model_dir, log_path, extra=(), threads: int = 0, env: dict[str
 
 
 def wait_healthy(proc: subprocess.Popen, url: str, log_path, timeout: float = 300) -> None:
-    """Until the server's log says it listens on ``url`` and /health answers (which alone could be another
+    """Until the server's own process listens on ``url``'s port and /health answers (which alone could be another
     process's answer, had it taken the port first)."""
-    listening = f"Uvicorn running on {url} "
+    port = int(url.rsplit(":", 1)[1])
     deadline = time.time() + timeout
     while time.time() < deadline:
         with open(log_path) as log:
@@ -74,13 +75,22 @@ def wait_healthy(proc: subprocess.Popen, url: str, log_path, timeout: float = 30
         if proc.poll() is not None:
             raise SystemExit(f"server exited with {proc.returncode}; see {log_path}")
         try:
-            if listening in text and requests.get(f"{url}/health", timeout=2).status_code == 200:
+            if listens(proc.pid, port) and requests.get(f"{url}/health", timeout=2).status_code == 200:
                 return
         except requests.RequestException:
             pass
         time.sleep(0.5)
     stop_server(proc)
     raise SystemExit(f"server not healthy after {timeout:.0f} s; see {log_path}")
+
+
+def listens(pid: int, port: int) -> bool:
+    """Whether process ``pid`` (sglang's HTTP server runs in the launcher's) listens on ``port``."""
+    try:
+        connections = psutil.Process(pid).net_connections(kind="tcp")
+    except psutil.Error:  # it has just exited
+        return False
+    return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in connections)
 
 
 def ar_server_env() -> dict[str, str]:

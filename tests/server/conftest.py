@@ -7,6 +7,7 @@ import sys
 import tempfile
 import time
 
+import psutil
 import pytest
 import requests
 
@@ -72,25 +73,31 @@ class Server:
                                      env=None if env is None else os.environ | env)
 
     def _wait_healthy(self, timeout):
-        """Healthy once our server's log says it listens on the port and READY_PATH answers 200 (an answer alone may
-        come from whichever process took the port)."""
-        listening = f"Uvicorn running on {self.url} "
-        taken = f"error while attempting to bind on address ('127.0.0.1', {self.port})"
+        """Healthy once our server listens on the port and READY_PATH answers 200 (an answer alone may come from
+        whichever process took the port)."""
+        taken = f"error while attempting to bind on address ('127.0.0.1', {self.port})"  # uvicorn's words
         deadline = time.time() + timeout
         while time.time() < deadline:
             with open(self.log_path) as log:
-                text = log.read()
-            if taken in text:
-                raise PortTaken(f"port {self.port} taken by another process; see {self.log_path}")
+                if taken in log.read():
+                    raise PortTaken(f"port {self.port} taken by another process; see {self.log_path}")
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log_path}")
             try:
-                if listening in text and requests.get(f"{self.url}{self.READY_PATH}", timeout=2).status_code == 200:
+                if self._listening() and requests.get(f"{self.url}{self.READY_PATH}", timeout=2).status_code == 200:
                     return
             except requests.RequestException:
                 pass
             time.sleep(1)
         raise TimeoutError(f"server not healthy after {timeout}s; see {self.log_path}")
+
+    def _listening(self) -> bool:
+        """Whether the server's own process (sglang's HTTP server runs in it) listens on the port."""
+        try:
+            connections = psutil.Process(self.proc.pid).net_connections(kind="tcp")
+        except psutil.Error:  # it has just exited: the next poll says so
+            return False
+        return any(c.status == psutil.CONN_LISTEN and c.laddr.port == self.port for c in connections)
 
     def post(self, path, body, timeout=120):
         return requests.post(f"{self.url}{path}", json=body, timeout=timeout)

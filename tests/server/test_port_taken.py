@@ -1,7 +1,8 @@
 """Starting a test server when another process binds its port between our pick and the server's own bind (CI met
 it): the start is retried on a new port, never failed, and never mistaken for the server by whatever holds the port."""
 
-import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
@@ -12,15 +13,24 @@ from tests.server.conftest import Server
 pytestmark = pytest.mark.slow
 
 
+class AnswersEverything(BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
 def test_a_taken_port_is_retried_on_a_new_one(tiny_checkpoint_dir, monkeypatch):
-    # a listener that accepts connections and never answers HTTP, as a gloo socket on the port did in CI
-    with socket.socket() as holder:
-        holder.bind(("127.0.0.1", 0))
-        holder.listen()
-        taken = holder.getsockname()[1]
-        picks = iter([taken])
-        pick = conftest._free_port
-        monkeypatch.setattr(conftest, "_free_port", lambda: next(picks, None) or pick())
+    # the port's holder answers /health with 200: only the server's own listening socket tells them apart
+    holder = ThreadingHTTPServer(("127.0.0.1", 0), AnswersEverything)
+    threading.Thread(target=holder.serve_forever, daemon=True).start()
+    taken = holder.server_address[1]
+    picks = iter([taken])
+    pick = conftest._free_port
+    monkeypatch.setattr(conftest, "_free_port", lambda: next(picks, None) or pick())
+    try:
         srv = Server(tiny_checkpoint_dir)
         try:
             assert srv.port != taken
@@ -29,3 +39,6 @@ def test_a_taken_port_is_retried_on_a_new_one(tiny_checkpoint_dir, monkeypatch):
             assert len(srv.post("/generate", body).json()["output_ids"]) == 4
         finally:
             srv.stop()
+    finally:
+        holder.shutdown()
+        holder.server_close()
