@@ -77,6 +77,7 @@ def test_compare_prints_every_key(tiny_checkpoint_dir):
     assert got["speedup_vs_hf_n1_path_bound"] > got["speedup_vs_hf_n1_round_bound"] > 0, out
     assert got["round_ms_served_n1"] > 0 and got["round_ms_for_3x"] > 0, out
     assert got["round_non_kernel_ms_b1"] > 0, out
+    assert got["round_ms_after_pause_b1"] > 0 and got["speedup_vs_hf_n1_round_bound_after_pause"] > 0, out
     last = out.strip().splitlines()[-len(expected) :]
     assert all(re.fullmatch(r"\w+: \S+", line) for line in last), last  # the keys come last
 
@@ -112,8 +113,10 @@ def test_compare_times_a_judging_steps_forward(tiny_checkpoint_dir):
     finally:
         sys.path.remove(str(BENCH))
     prompts = [[2, 5, 7, 9]] * 2
-    got = compare.overhead_ratio(tiny_checkpoint_dir, prompts, batch=2, rounds=1, canvas_step="eager")
+    got = compare.overhead_ratio(tiny_checkpoint_dir, prompts, batch=2, rounds=1, canvas_step="eager",
+                                 pause_s=0.01, rounds_after_pause=2)
     assert 0 < got["forward"] < got["wall"] and got["kernels"] > 0
+    assert got["after_pause"] > 0  # rounds ran after the pause
     # the forward alone, replayed without the sampler: it ran GEMMs and attention (no timing comparison: both sides
     # are noisy measurements)
     assert got["forward_alone_kernels"] > 0 and got["forward_ratio"] > 0
