@@ -407,7 +407,7 @@ class DiffusionEngine:
         before = len(req.output_ids)
         state = dreq.state
         req.output_ids.extend(canvas)
-        with _earliest_stop_str_first(req, len(canvas)):
+        with _earliest_stop_first(req, len(canvas)):
             req.update_finish_state(new_accepted_len=len(canvas))
         if not req.finished() and req.seqlen + self.cfg.canvas_length > self.scheduler.model_config.context_len:
             req.finished_reason = FINISH_LENGTH(length=len(req.output_ids))  # the next canvas would not fit
@@ -444,23 +444,37 @@ class DiffusionEngine:
 
 
 @contextlib.contextmanager
-def _earliest_stop_str_first(req, new_len: int):
-    """sglang's stop-string check takes the first stop string *in the request's list* found among the new tokens:
-    right for one token a step, wrong for a canvas, where a later-listed string may occur earlier. Token by token
-    the earliest one would end the request, so it is put first while the canvas is checked."""
+def _earliest_stop_first(req, new_len: int):
+    """sglang's finish check looks at every new token for stop strings first, taking the first string *in the
+    request's list* it finds, and only then for stop tokens: right for one token a step, wrong for a canvas, where a
+    later-listed string, or a stop token (EOS, ``stop_token_ids``), may occur earlier. Token by token the earliest
+    stop ends the request, so while the canvas is checked the earliest string is put first, and the strings are
+    hidden when a stop token ends before all of them (a string ending on the same token wins, as in sglang)."""
     stops = req.sampling_params.stop_strs
-    tail = req.tail_str(new_len) if len(stops) > 1 else ""
+    tail = req.tail_str(new_len) if stops else ""
     present = [s for s in stops if s in tail]
-    if len(present) < 2:
+    token_end = _stop_token_end(req, new_len) if present else None
+    if len(present) + (token_end is not None) < 2:  # nothing to order
         yield
         return
     ends = {s: req._locate_str_stop_finished_len(new_len, stop_str=s) for s in present}
     first = min(present, key=ends.__getitem__)  # ties keep the list's order, as token by token
-    req.sampling_params.stop_strs = [first] + [s for s in stops if s != first]
+    strings_first = token_end is None or ends[first] <= token_end
+    req.sampling_params.stop_strs = [first] + [s for s in stops if s != first] if strings_first else []
     try:
         yield
     finally:
         req.sampling_params.stop_strs = stops
+
+
+def _stop_token_end(req, new_len: int) -> int | None:
+    """The output length through the first stop token among the last ``new_len`` tokens (sglang's own check, its
+    verdict undone), or None."""
+    reason, length = req.finished_reason, req.finished_len
+    matched = req._check_token_based_finish(req.output_ids[-new_len:])
+    end = req.finished_len if matched else None
+    req.finished_reason, req.finished_len = reason, length
+    return end
 
 
 def check_supported(scheduler: Scheduler) -> None:

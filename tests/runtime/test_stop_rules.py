@@ -200,10 +200,13 @@ def test_reasoning_tokens_count_the_committed_thinking(model, monkeypatch, end_a
     assert run_server.handle.reasoning_tokens == 0
 
 
-def _req_with_stops(tokenizer, stops, text):
+def _req_with_stops(tokenizer, stops, text, stop_token_ids=None):
     from sglang.srt.managers.schedule_batch import Req as SglangReq
+    from sglang.srt.utils.hf_transformers.common import attach_additional_stop_token_ids
 
-    sampling = SamplingParams(max_new_tokens=64, stop=stops)
+    attach_additional_stop_token_ids(tokenizer)  # as sglang's get_tokenizer gives the scheduler its tokenizer
+
+    sampling = SamplingParams(max_new_tokens=64, stop=stops, stop_token_ids=stop_token_ids)
     sampling.normalize(tokenizer)
     req = SglangReq("rid", "", list(PROMPT), sampling, eos_token_ids=set(EOS), vocab_size=len(tokenizer))
     req.tokenizer = tokenizer
@@ -218,16 +221,42 @@ def test_the_earliest_stop_string_of_a_canvas_ends_it(tiny_checkpoint_dir, stops
     matter (sglang takes the first listed string it finds)."""
     from transformers import AutoTokenizer
 
-    from sgl_diffusion.runtime.scheduler_hook import _earliest_stop_str_first
+    from sgl_diffusion.runtime.scheduler_hook import _earliest_stop_first
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint_dir)
     req, n = _req_with_stops(tokenizer, stops, "1A2B3")
-    with _earliest_stop_str_first(req, n):
+    with _earliest_stop_first(req, n):
         req.update_finish_state(new_accepted_len=n)
     assert req.finished_reason.matched == "A"
     assert tokenizer.decode(req.output_ids[: req.finished_len]).endswith("A")
     assert "B" not in tokenizer.decode(req.output_ids[: req.finished_len])
     assert req.sampling_params.stop_strs == stops  # the request's list is given back as it was
+
+
+@pytest.mark.parametrize("stop_string, stop_token, want", [
+    ("B", "A", "A"),  # the stop token comes first: token by token it ends the request there
+    ("A", "B", "A"),  # the stop string comes first
+    ("A", "A", "A"),  # both end on the same token: the string's finish, as sglang gives it
+], ids=["token first", "string first", "same token"])
+def test_the_earliest_of_stop_strings_and_stop_tokens_ends_a_canvas(tiny_checkpoint_dir, stop_string, stop_token,
+                                                                    want):
+    """In "x1A2B3" a stop token (stop_token_ids) and a stop string both occur: the earlier one ends the canvas, as
+    it would token by token (sglang checks every string of the new tokens before any token)."""
+    from sglang.srt.managers.schedule_batch import FINISH_MATCHED_STR
+    from transformers import AutoTokenizer
+
+    from sgl_diffusion.runtime.scheduler_hook import _earliest_stop_first
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint_dir)
+    token_id = tokenizer(stop_token, add_special_tokens=False)["input_ids"]
+    assert len(token_id) == 1
+    req, n = _req_with_stops(tokenizer, [stop_string], "1A2B3", stop_token_ids=token_id)
+    with _earliest_stop_first(req, n):
+        req.update_finish_state(new_accepted_len=n)
+    assert tokenizer.decode(req.output_ids[: req.finished_len]) == "x1" + want
+    by_string = stop_string == want
+    assert isinstance(req.finished_reason, FINISH_MATCHED_STR if by_string else FINISH_MATCHED_TOKEN)
+    assert req.sampling_params.stop_strs == [stop_string]
 
 
 def test_sglang_still_takes_the_first_listed_stop_string():
@@ -238,4 +267,7 @@ def test_sglang_still_takes_the_first_listed_stop_string():
 
     source = inspect.getsource(SglangReq._check_str_based_finish)
     assert "for stop_str in self.sampling_params.stop_strs:" in source and "return True" in source
+    # and it looks for stop strings before stop tokens, over all the new tokens at once
+    finish = inspect.getsource(SglangReq.update_finish_state)
+    assert finish.index("self._check_str_based_finish(") < finish.index("self._check_token_based_finish(")
     assert "_locate_str_stop_finished_len" in source
