@@ -4,11 +4,12 @@ The canvas sampler has its own knobs (``diffusion``); sglang's token-sampler kno
 them or are refused with a message, never silently ignored:
 - ``temperature`` scales the whole schedule (1 = the checkpoint's t_max -> t_min; 0 = greedy, and
   unseeded greedy requests use seed 0 so that they are deterministic like greedy decoding elsewhere:
-  the first canvas is noise, so greedy alone does not fix the output);
+  the first canvas is noise, so greedy alone does not fix the output); ``top_k`` 1 is greedy too, whatever the
+  temperature;
 - ``sampling_seed`` (OpenAI ``seed``) seeds the canvas sampler unless ``diffusion.seed`` is given;
 - grammars (``regex``, ``json_schema``, ``ebnf``, ``structural_tag``) and logprobs act on the canvas
   (runtime/constraints.py); prompt logprobs are bounded, and combinations without a meaning are refused;
-- penalties, ``min_new_tokens``, ``logit_bias``, ``top_p``/``top_k``/``min_p``, ``stop_regex`` and
+- penalties, ``min_new_tokens``, ``logit_bias``, ``top_p``/``top_k`` (but 1)/``min_p``, ``stop_regex`` and
   ``token_ids_logprob`` are refused until the canvas sampler implements them.
 """
 
@@ -47,7 +48,7 @@ def check_request(sampling: dict, return_logprob: bool, raw_diffusion, defaults:
             raise ValueError(f"{what} is not supported for DiffusionGemma yet")
     for key, accepted in _REFUSED_UNLESS.items():
         value = sampling.get(key)
-        if value is not None and value not in accepted and not _greedy_top_k(key, value, sampling):
+        if value is not None and value not in accepted and not _greedy_top_k(key, value):
             raise ValueError(f"{key}={value!r} is not supported for DiffusionGemma (use the diffusion parameters)")
     params = DiffusionParams.from_request(raw_diffusion, defaults, vocab_size=vocab_size, canvas_length=canvas_length,
                                           tokenizer=tokenizer)
@@ -57,7 +58,7 @@ def check_request(sampling: dict, return_logprob: bool, raw_diffusion, defaults:
             {"seed": seed}, defaults, vocab_size=vocab_size, canvas_length=canvas_length).seed)
     if params.infill is not None:
         _check_infill(params.infill, sampling, defaults)
-    return _apply_temperature(params, sampling.get("temperature"), raw_diffusion)
+    return _apply_temperature(params, sampling.get("temperature"), raw_diffusion, sampling.get("top_k"))
 
 
 def check_logprobs(return_logprob: bool, logprob_start_len, token_ids_logprob, prompt_len: int | None,
@@ -97,17 +98,23 @@ def _check_infill(layout: tuple[int, ...], sampling: dict, defaults: DiffusionDe
                          "before the template is complete")
 
 
-def _greedy_top_k(key, value, sampling) -> bool:
-    return key == "top_k" and value == 1  # top_k=1 is greedy; temperature 0 means the same
+def _greedy_top_k(key, value) -> bool:
+    return key == "top_k" and value == 1  # greedy, as temperature 0 (_apply_temperature)
 
 
-def _apply_temperature(params: DiffusionParams, temperature, raw_diffusion) -> DiffusionParams:
-    if temperature is None or temperature == 1.0:
-        return params
-    if not isinstance(temperature, (int, float)) or not 0 <= temperature <= MAX_TEMPERATURE:
+def _apply_temperature(params: DiffusionParams, temperature, raw_diffusion, top_k=None) -> DiffusionParams:
+    """The schedule scaled by ``temperature``; greedy for a temperature under sglang's epsilon or ``top_k`` 1,
+    whatever the temperature (sglang's token sampler reads both so)."""
+    given = temperature is not None and temperature != 1.0
+    if given and (not isinstance(temperature, (int, float)) or not 0 <= temperature <= MAX_TEMPERATURE):
         raise InvalidDiffusionParams(f"temperature must be in [0, {MAX_TEMPERATURE:g}] (got {temperature!r})")
+    asked = "temperature"
+    if _greedy_top_k("top_k", top_k):
+        temperature, asked = 0.0, "top_k=1"
+    elif not given:
+        return params
     if isinstance(raw_diffusion, dict) and ({"t_min", "t_max"} & raw_diffusion.keys()):
-        raise InvalidDiffusionParams("set either temperature or diffusion.t_min/t_max, not both")
+        raise InvalidDiffusionParams(f"set either {asked} or diffusion.t_min/t_max, not both")
     greedy = temperature < GREEDY_TEMPERATURE
     scale = GREEDY_TEMPERATURE if greedy else temperature
     seed = 0 if params.seed is None and greedy else params.seed

@@ -86,6 +86,17 @@ def test_temperature_scales_the_schedule_and_zero_is_greedy():
         check({"temperature": 0.5}, {"t_min": 0.1})
 
 
+@pytest.mark.parametrize("sampling", [{"top_k": 1}, {"top_k": 1, "temperature": 0.7}, {"top_k": 1, "temperature": 1.0}])
+def test_top_k_1_is_greedy_whatever_the_temperature(sampling):
+    """top_k=1 picks the likeliest token, whatever the temperature, as sglang's token sampler reads it."""
+    assert check(sampling) == check({"temperature": 0.0})
+    assert check(sampling, {"seed": 5}) == check({"temperature": 0.0}, {"seed": 5})
+    with pytest.raises(ValueError, match="either top_k=1 or diffusion"):
+        check(sampling, {"t_max": 0.5})
+    with pytest.raises(ValueError, match="temperature must be in"):
+        check(sampling | {"temperature": -1})
+
+
 @pytest.mark.parametrize("temperature", [1e-7, 1e-38, 5e-324])
 def test_a_temperature_below_sglangs_epsilon_is_greedy(temperature):
     """As sglang reads temperature < 1e-6: greedy, not a float32 temperature that rounds to 0 or sends the logits
