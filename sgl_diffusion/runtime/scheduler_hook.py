@@ -433,10 +433,11 @@ class DiffusionEngine:
                 self._abort(dreq, dreq.handle.to_finish)
 
     def _abort(self, dreq: DiffusionRequest, reason, cache: bool = True) -> None:
-        if dreq.finished:  # answered already, only its last canvas was left to encode: nothing to tell the client
+        req = dreq.handle
+        # NOTE: sent, not decided: a round that fails may have decided some answers (dreq.finished) before any was sent
+        if req.finished_output:  # answered already, only its last canvas was left to encode: nothing to tell the client
             self.policy.abort(dreq, cache)
             return
-        req = dreq.handle
         req.finished_reason, req.to_finish = reason, None
         req.grammar = None
         self.policy.abort(dreq, cache)

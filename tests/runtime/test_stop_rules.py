@@ -134,21 +134,10 @@ def test_eos_and_max_new_tokens_in_the_same_canvas(model, monkeypatch, eos_posit
     assert server[:2] == offline and isinstance(server[2], reason)
 
 
-def test_the_server_streams_each_committed_canvas_whole(model, monkeypatch):
-    """The server's round (DiffusionEngine.step) hands a request to sglang's streamer once per canvas it commits,
-    with that whole canvas: 32, 64, then the last 6 of 70 tokens, finished. (The HTTP stream may merge chunks the
-    client has not read yet, so the server tests cannot pin this down.)"""
-    c = model.cfg.canvas_length
-    monkeypatch.setattr(model, "logits", ScriptedHead(model, canvases(model)))
-    sampling = SamplingParams(max_new_tokens=2 * c + 6, ignore_eos=True)
-    sampling.normalize(None)
-    handle = Req("rid", "", list(PROMPT), sampling, eos_token_ids=set(EOS), vocab_size=model.cfg.vocab_size)
-    streamed = []
-
-    def stream_output(reqs, return_logprob):
-        streamed.extend((len(r.output_ids[: r.finished_len]), r.finished()) for r in reqs)
-
-    engine = DiffusionEngine.__new__(DiffusionEngine)  # the round and its streaming, without a Scheduler process
+def engine_without_scheduler(model, stream_output):
+    """The server's round (DiffusionEngine.step) and its streaming, on the offline engine's policy, without a Scheduler
+    process: (engine, sglang's metrics reporter, the profiler's calls, prefill and decode reports)."""
+    engine = DiffusionEngine.__new__(DiffusionEngine)
     engine.cfg, engine.metrics, engine.drafts = model.cfg, None, None
     profiled, prefills, decodes = [], [], []
     reporter = SimpleNamespace(num_generated_tokens=0, forward_ct_decode=0, num_retracted_reqs=0, enable_metrics=False,
@@ -165,6 +154,24 @@ def test_the_server_streams_each_committed_canvas_whole(model, monkeypatch):
                                        profiler_manager=SimpleNamespace(_profile_batch_predicate=profiled.append))
     engine.policy = OfflineEngine(model, eos_token_ids=EOS).scheduler
     engine.policy.sink = engine._accept_canvas
+    return engine, reporter, profiled, prefills, decodes
+
+
+def test_the_server_streams_each_committed_canvas_whole(model, monkeypatch):
+    """The server's round (DiffusionEngine.step) hands a request to sglang's streamer once per canvas it commits,
+    with that whole canvas: 32, 64, then the last 6 of 70 tokens, finished. (The HTTP stream may merge chunks the
+    client has not read yet, so the server tests cannot pin this down.)"""
+    c = model.cfg.canvas_length
+    monkeypatch.setattr(model, "logits", ScriptedHead(model, canvases(model)))
+    sampling = SamplingParams(max_new_tokens=2 * c + 6, ignore_eos=True)
+    sampling.normalize(None)
+    handle = Req("rid", "", list(PROMPT), sampling, eos_token_ids=set(EOS), vocab_size=model.cfg.vocab_size)
+    streamed = []
+
+    def stream_output(reqs, return_logprob):
+        streamed.extend((len(r.output_ids[: r.finished_len]), r.finished()) for r in reqs)
+
+    engine, reporter, profiled, prefills, decodes = engine_without_scheduler(model, stream_output)
     engine.policy.add(DiffusionRequest(list(PROMPT), params(), 2 * c + 6, handle=handle))
     with torch.inference_mode():
         while engine.policy.running:
@@ -176,6 +183,36 @@ def test_the_server_streams_each_committed_canvas_whole(model, monkeypatch):
     assert decodes == [(c, 1), (c, 1), (6, 0)] and reporter.num_generated_tokens == 2 * c + 6
     assert reporter.forward_ct_decode == 3
     assert [(p.num_new_seqs, p.log_input_tokens, p.log_hit_tokens) for p in prefills] == [(1, len(PROMPT), 0)]
+
+
+def test_a_failed_round_answers_the_requests_it_had_finished(model, monkeypatch):
+    """A round that fails aborts its requests with an error (DiffusionEngine.step), also one whose answer the round
+    had already decided before the failure: it must still get its final chunk (it was dropped unanswered, and its
+    client waited forever)."""
+    c = model.cfg.canvas_length
+    monkeypatch.setattr(model, "logits", lambda hidden: torch.nn.functional.one_hot(
+        torch.full((hidden.shape[0],), EOS[0]), model.cfg.vocab_size).float() * 40)  # every canvas ends at once
+    streamed = []
+    engine, *_ = engine_without_scheduler(model, lambda reqs, return_logprob: streamed.extend(reqs))
+    handles = []
+    for rid in ("decided", "failing"):
+        sampling = SamplingParams(max_new_tokens=c)
+        sampling.normalize(None)
+        handles.append(Req(rid, "", list(PROMPT), sampling, eos_token_ids=set(EOS), vocab_size=model.cfg.vocab_size))
+        engine.policy.add(DiffusionRequest(list(PROMPT), params(), c, handle=handles[-1]))
+    accept = engine.policy.sink
+
+    def sink(dreq, canvas):
+        if dreq.handle.rid == "failing":
+            raise RuntimeError("a bug in the second request's commit")
+        return accept(dreq, canvas)
+
+    engine.policy.sink = sink
+    with torch.inference_mode():
+        engine.step()
+    assert not engine.policy.running
+    assert sorted(r.rid for r in streamed) == ["decided", "failing"]  # each got a final chunk, once
+    assert all(r.finished() and r.finished_reason.to_json()["type"] == "abort" for r in streamed)
 
 
 @pytest.mark.parametrize("end_at, eos_at, want", [
