@@ -155,9 +155,13 @@ def _check_numeric(values: dict, prefix: str) -> dict:
         v = values[k]
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise InvalidDiffusionParams(f"{prefix}.{k} must be a number (got {type(v).__name__}: {v!r})")
-        if not math.isfinite(v):
+        try:
+            out[k] = float(v)
+        except OverflowError:  # an integer past float's range (JSON integers are unbounded)
+            raise InvalidDiffusionParams(f"{prefix}.{k} must be finite (got an integer of {len(str(abs(v)))} digits)") \
+                from None
+        if not math.isfinite(out[k]):
             raise InvalidDiffusionParams(f"{prefix}.{k} must be finite (got {v})")
-        out[k] = float(v)
 
     def fail(msg: str):
         raise InvalidDiffusionParams(msg.format(p=prefix, **out))
@@ -166,12 +170,18 @@ def _check_numeric(values: dict, prefix: str) -> dict:
         fail("{p}.max_denoising_steps must be in [1, %d] (got {max_denoising_steps})" % MAX_DENOISING_STEPS)
     if out["entropy_bound"] < 0:
         fail("{p}.entropy_bound must be >= 0 (got {entropy_bound})")
-    for k in ("t_min", "t_max"):
-        if not MIN_TEMPERATURE <= out[k] <= MAX_TEMPERATURE:
-            fail("{p}.%s must be in [%g, %g] (got {%s}; temperature 0 asks for greedy)"
-                 % (k, MIN_TEMPERATURE, MAX_TEMPERATURE, k))
+    # the schedule runs from t_max down to t_min + (t_max - t_min) / N: t_min itself is never used, and may be 0
+    if not 0 <= out["t_min"] <= MAX_TEMPERATURE:
+        fail("{p}.t_min must be in [0, %g] (got {t_min})" % MAX_TEMPERATURE)
+    if not MIN_TEMPERATURE <= out["t_max"] <= MAX_TEMPERATURE:
+        fail("{p}.t_max must be in [%g, %g] (got {t_max}; temperature 0 asks for greedy)"
+             % (MIN_TEMPERATURE, MAX_TEMPERATURE))
     if out["t_min"] > out["t_max"]:
         fail("{p}.t_min must be <= {p}.t_max (got {t_min} > {t_max})")
+    last = out["t_min"] + (out["t_max"] - out["t_min"]) / out["max_denoising_steps"]
+    if last < MIN_TEMPERATURE:
+        fail("{p}.t_min + ({p}.t_max - {p}.t_min) / {p}.max_denoising_steps, the last step's temperature, must be "
+             ">= %g (got %g; temperature 0 asks for greedy)" % (MIN_TEMPERATURE, last))
     if out["confidence_threshold"] < 0:
         fail("{p}.confidence_threshold must be >= 0 (got {confidence_threshold})")
     if not 0 <= out["stability_threshold"] <= out["max_denoising_steps"]:

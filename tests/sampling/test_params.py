@@ -54,6 +54,14 @@ def test_defaults_reject_unknown_sampler_and_bad_values():
         DiffusionDefaults.from_generation_config({"t_min": 0.9, "t_max": 0.8})
 
 
+def test_t_min_zero_is_a_schedule_transformers_accepts():
+    """t_min is never a step's temperature (the last step's is t_min + (t_max - t_min) / N): 0 is valid, in a request
+    and in a checkpoint, as transformers' own generation config accepts it."""
+    DiffusionGemmaGenerationConfig(t_min=0.0, t_max=0.8).validate()
+    assert (parse({"t_min": 0}).t_min, parse({"t_min": 0}).t_max) == (0.0, 0.9)
+    assert DiffusionDefaults.from_generation_config({"t_min": 0.0, "t_max": 0.8}).t_min == 0.0
+
+
 @pytest.mark.parametrize("raw", [None, {}])
 def test_missing_keys_take_defaults(raw):
     """An absent or empty `diffusion` object gives the checkpoint defaults and no seed/init canvas."""
@@ -85,11 +93,13 @@ INVALID = [
     ({"entropy_bound": -0.1}, r"diffusion\.entropy_bound must be >= 0"),
     ({"entropy_bound": math.nan}, r"diffusion\.entropy_bound must be finite"),
     ({"t_max": math.inf}, r"diffusion\.t_max must be finite"),
-    ({"t_min": 0}, r"diffusion\.t_min must be in \[1e-06, 1e\+06\]"),
-    ({"t_min": -1.0, "t_max": -0.5}, r"diffusion\.t_min must be in \[1e-06"),
+    ({"t_max": 10**400}, r"diffusion\.t_max must be finite \(got an integer of 401 digits\)"),  # no OverflowError
+    ({"entropy_bound": -(10**400)}, r"diffusion\.entropy_bound must be finite"),
+    ({"t_min": -0.1}, r"diffusion\.t_min must be in \[0, 1e\+06\]"),
+    ({"t_min": -1.0, "t_max": -0.5}, r"diffusion\.t_min must be in \[0, "),
     # float32 temperatures: 1e-46 rounds to 0 and 1e-38 sends logits to inf (NaN probabilities); 1e39 is inf
-    ({"t_min": 1e-46, "t_max": 1e-46}, r"diffusion\.t_min must be in \[1e-06.*temperature 0 asks for greedy"),
-    ({"t_min": 1e-38}, r"diffusion\.t_min must be in \[1e-06"),
+    ({"t_min": 1e-46, "t_max": 1e-46}, r"diffusion\.t_max must be in \[1e-06.*temperature 0 asks for greedy"),
+    ({"t_min": 0, "t_max": 1e-5}, r"the last step's temperature, must be >= 1e-06 \(got 3\.1\d*e-07"),
     ({"t_max": 1e39}, r"diffusion\.t_max must be in \[1e-06, 1e\+06\] \(got 1e\+39"),
     ({"t_min": 0.9, "t_max": 0.8}, r"^diffusion\.t_min must be <= diffusion\.t_max \(got 0\.9 > 0\.8\)$"),
     ({"confidence_threshold": -1e-3}, r"diffusion\.confidence_threshold must be >= 0"),
