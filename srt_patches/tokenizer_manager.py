@@ -5,7 +5,8 @@ Targets: sglang.srt.managers.tokenizer_manager.TokenizerManager._create_tokenize
 Checked against: sglang 0.5.23
 Why: SamplingParams is a fixed msgspec struct, so ``sampling_params["diffusion"]`` would be rejected
      as an unknown keyword. We pop it (and a ``diffusion`` entry of --preferred-sampling-params, which
-     the original merges in), validate the request once (sgl_diffusion.runtime.admission; a ValueError
+     the original merges in), validate the request once, over the preferred params as the original merges them
+     (sgl_diffusion.runtime.admission; a ValueError
      here becomes HTTP 400 naming the field; an infill template is tokenized here, with the server's
      tokenizer), and let the result travel to the scheduler as a JSON string in ``custom_params``.
      Logprob requests without a defined answer are refused here too. Images the prompt has no
@@ -60,7 +61,8 @@ def create_tokenized_object(original, manager, obj, *args, **kwargs):
     preferred_diffusion = _split_preferred_diffusion(manager)
     if preferred_diffusion is not None and (raw is None or isinstance(raw, dict)):
         raw = preferred_diffusion | (raw or {})
-    params = _validate(manager, obj, sampling, raw, input_ids, mm_inputs)
+    merged = _under_preferred(manager, sampling, raw)
+    params = _validate(manager, obj, merged, raw, input_ids, mm_inputs)
     if params.stream_drafts and not getattr(obj, "stream", False):
         raise ValueError("diffusion.stream_drafts needs a streamed request (stream=true)")
     # NOTE: the request's dict replaces a --preferred-sampling-params custom_params whole; keep those keys
@@ -68,7 +70,7 @@ def create_tokenized_object(original, manager, obj, *args, **kwargs):
     custom = dict(preferred) | dict(sampling.get("custom_params") or {})
     custom[PARAMS_KEY] = params.to_json()
     obj.sampling_params = {k: v for k, v in sampling.items() if k != "diffusion"} | {"custom_params": custom}
-    if params.infill is not None and sampling.get("max_new_tokens") is None:
+    if params.infill is not None and merged.get("max_new_tokens") is None:
         obj.sampling_params["max_new_tokens"] = len(params.infill)  # unbounded by the request: the whole template
     try:
         return original(manager, obj, *args, **kwargs)
@@ -135,6 +137,17 @@ def _split_preferred_diffusion(manager) -> dict | None:
             raise ValueError("--preferred-sampling-params: diffusion must be an object")
         setattr(manager, _PREFERRED_KEY, diffusion)
     return getattr(manager, _PREFERRED_KEY)
+
+
+def _under_preferred(manager, sampling: dict, raw) -> dict:
+    """The request's sampling params over --preferred-sampling-params, as the original merges them: admission judges
+    what the engine would get (a preferred temperature scales the schedule; a preferred top_p is refused). A schedule
+    of the request's own (diffusion.t_min/t_max) wins over a preferred temperature or top_k."""
+    preferred = dict(manager.preferred_sampling_params or {})
+    if isinstance(raw, dict) and {"t_min", "t_max"} & raw.keys():
+        preferred.pop("temperature", None)
+        preferred.pop("top_k", None)
+    return preferred | sampling
 
 
 def _check_images_placed(manager, obj, input_ids, mm_inputs) -> None:

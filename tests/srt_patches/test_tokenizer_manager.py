@@ -304,6 +304,27 @@ def test_preferred_diffusion_is_merged_under_the_request(hf_config, tiny_checkpo
     assert manager.preferred_sampling_params == {"max_new_tokens": 9}
 
 
+def test_preferred_sampling_params_are_judged_with_the_request(hf_config, tiny_checkpoint_dir):
+    """sglang merges --preferred-sampling-params under every request: a preferred temperature or top_k scales the
+    schedule as the request's own would, a preferred sampler knob the canvas has not is refused (both were silently
+    ignored), and a request's own schedule (diffusion.t_min/t_max) wins over a preferred temperature."""
+    original = Recorder()
+
+    def params(preferred, sampling):
+        manager = _manager(hf_config, tiny_checkpoint_dir, preferred=preferred)
+        tokenizer_manager.create_tokenized_object(original, manager, SimpleNamespace(sampling_params=sampling))
+        return _params_from(original.calls[-1][0])
+
+    plain = params(None, {"max_new_tokens": 4})
+    scaled = params({"temperature": 0.5}, {"max_new_tokens": 4})
+    assert (scaled.t_min, scaled.t_max) == pytest.approx((plain.t_min / 2, plain.t_max / 2))
+    assert params({"top_k": 1}, {"max_new_tokens": 4}).seed == 0  # greedy
+    assert params({"temperature": 0.5}, {"temperature": 1.0}) == plain  # the request's own value wins
+    assert params({"temperature": 0.5}, {"diffusion": {"t_min": 0.1, "t_max": 0.2}}).t_max == 0.2
+    with pytest.raises(ValueError, match="top_p"):
+        params({"top_p": 0.5}, {"max_new_tokens": 4})
+
+
 def test_installed_method_with_preferred_diffusion(applied, hf_config, tiny_checkpoint_dir):
     """Through the installed method, a preferred `diffusion` entry no longer reaches SamplingParams(**kw)."""
     from sglang.srt.managers.tokenizer_manager import TokenizerManager
