@@ -23,7 +23,8 @@ Checked against: sglang 0.5.23
 Why: the pydantic request models drop unknown fields, neither builder forwards them, and usage has
      no place for model-specific figures; sglang reads ``suffix`` only through FIM completion templates.
      ``diffusion.stream_drafts`` is refused with a 400 where the stream has no place for drafts (Responses and
-     Anthropic streams are built from sglang's own events: drafts would be dropped without a word).
+     Anthropic streams are built from sglang's own events: drafts would be dropped without a word). A Responses
+     request without a temperature gets none (sglang puts its endpoint's 0.7 there, which scaled the schedule).
 Remove when: sglang lets models declare extra request fields.
 
 Target: sglang.srt.entrypoints.openai.protocol.ChatCompletionRequest (its ``mode="before"`` model validators)
@@ -153,7 +154,13 @@ def responses_to_sampling_params(original, request, *args, **kwargs):
         # its stream is sglang's own events, with no place for a draft: they would be dropped without a word
         raise ValueError("diffusion.stream_drafts: the Responses API has no draft events; stream drafts from "
                          "/v1/chat/completions, /v1/completions or /generate")
-    return _carry_diffusion(original(request, *args, **kwargs), request)
+    params = _carry_diffusion(original(request, *args, **kwargs), request)
+    default_params = kwargs.get("default_params", args[1] if len(args) > 1 else None) or {}
+    if request.temperature is None and "temperature" not in default_params:
+        # sglang's own Responses default (0.7), not the client's: the checkpoint's schedule applies, as elsewhere, and
+        # a request's diffusion.t_min/t_max are not refused as set beside a temperature
+        params.pop("temperature", None)
+    return params
 
 
 def anthropic_to_chat_request(original, serving, anthropic_request, *args, **kwargs):

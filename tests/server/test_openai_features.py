@@ -225,13 +225,13 @@ def test_tokenize_round_trip_and_ids_outside_the_vocabulary(server, tokenizer):
 def test_responses_and_anthropic_messages_take_diffusion_parameters(server, client):
     """/v1/responses and /v1/messages accept `diffusion` as chat does: the same seeded request gives chat's text (the
     same prompt, through the same template), and a bad value is a 400 naming it. /v1/messages and /v1/responses report
-    chat's usage.diffusion, streamed (in message_delta, in response.completed) or not. (Responses' default temperature is
-    sglang's 0.7: set 1 to compare with chat's default.)"""
+    chat's usage.diffusion, streamed (in message_delta, in response.completed) or not. (sglang fills a missing Responses
+    temperature with 0.7; the first request sets none, so it must get chat's default schedule.)"""
     model = requests.get(f"{server.url}/v1/models", timeout=30).json()["data"][0]["id"]
     params = {"seed": 5, "max_denoising_steps": 2}
     chat = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=20, extra_body={"diffusion": params})
     responses = requests.post(f"{server.url}/v1/responses", json={
-        "model": model, "input": MESSAGES[0]["content"], "temperature": 1, "max_output_tokens": 22,  # sglang takes 2
+        "model": model, "input": MESSAGES[0]["content"], "max_output_tokens": 22,  # sglang takes 2
         "diffusion": params}, timeout=120).json()  # fmt: skip
     messages = requests.post(f"{server.url}/v1/messages", json={
         "model": model, "max_tokens": 20, "messages": MESSAGES, "diffusion": params}, timeout=120).json()

@@ -287,6 +287,25 @@ def test_a_responses_request_carries_diffusion(protocol):
     assert "diffusion" not in protocol.ResponsesRequest(model="m", input="hi").to_sampling_params(None, {})
 
 
+def test_a_responses_request_without_a_temperature_keeps_the_schedule(protocol):
+    """sglang fills a missing Responses temperature with its endpoint's default (0.7): a client that set none gets
+    the checkpoint's schedule, and its diffusion.t_min/t_max are not refused as set beside a temperature."""
+    from sgl_diffusion.runtime.admission import check_request
+    from sgl_diffusion.sampling.params import DiffusionDefaults
+
+    def schedule(**fields):
+        params = protocol.ResponsesRequest(model="m", input="hi", **fields).to_sampling_params(None, {})
+        got = check_request(params, False, params.get("diffusion"), DiffusionDefaults.from_generation_config({}),
+                            vocab_size=100, canvas_length=32)
+        return got.t_min, got.t_max
+
+    assert schedule() == (0.4, 0.8)
+    assert schedule(diffusion={"t_min": 0.3, "t_max": 0.6}) == (0.3, 0.6)
+    assert schedule(temperature=0.5) == pytest.approx((0.2, 0.4))  # the client's own temperature applies
+    assert protocol.ResponsesRequest(model="m", input="hi").to_sampling_params(None, {"temperature": 0.5})[
+        "temperature"] == 0.5  # the model's generation defaults, as sglang reads them, still apply
+
+
 def test_the_responses_usage_carries_diffusion_nested_or_not(protocol):
     """sglang writes the Responses usage field by field in its own serializer; diffusion is added to what it writes,
     in the response and in the stream's response.completed event, and left out when there is none."""
