@@ -17,7 +17,8 @@ Why: SamplingParams is a fixed msgspec struct, so ``sampling_params["diffusion"]
      Request fields the canvas engine does not implement are refused, not ignored: ``input_embeds`` (with
      --disable-radix-cache sglang passed them on and the engine generated from placeholder ids),
      ``return_routed_experts``, ``return_indexer_topk``, ``return_sampling_mask`` (sglang asked for a top_k our
-     admission refuses; with top_k=1 the mask came back empty), and the internal ``lora_id`` and
+     admission refuses; with top_k=1 the mask came back empty), ``custom_logit_processor`` (with
+     --enable-custom-logit-processor sglang passes it on), and the internal ``lora_id`` and
      ``positional_embed_overrides``, which clients can set too (a list lora_id or any override ended the
      scheduler); unknown ``session_params`` keys are a 400 instead of sglang's TypeError (a 500), and so are values
      of the wrong type (the scheduler used a list id as a dict key and a float offset as a slice bound, and died).
@@ -90,6 +91,8 @@ UNSUPPORTED_FIELDS = {
     "return_sampling_mask": "return_sampling_mask (canvas tokens have no top-k support set)",
     # with --enable-return-hidden-states sglang let it through, and the answer held an empty list
     "return_hidden_states": "return_hidden_states (the canvas engine returns no hidden states)",
+    # with --enable-custom-logit-processor sglang passes it on; the canvas sampler runs no logit processor
+    "custom_logit_processor": "custom_logit_processor (the canvas sampler runs no logit processors)",
 }
 
 

@@ -508,6 +508,8 @@ def check_supported(scheduler: Scheduler) -> None:
         # (mxfp8, nvfp4, fp4_mx_block16) keep scales only sglang's kernels read, and a pool with a KV quant method
         # hands out dequantized copies, so writes into them would be lost
         f"a quantized KV cache (--kv-cache-dtype {scheduler.server_args.kv_cache_dtype})": _quantized_kv(scheduler),
+        # the watermark biases sglang's token sampler, which the canvas sampler replaces: answers would go out unmarked
+        "watermarking (--enable-watermark)": scheduler.server_args.enable_watermark,
     }
     if on := [name for name, enabled in unsupported.items() if enabled]:
         raise RuntimeError(f"sgl-diffusion does not support {', '.join(on)} for {ARCHITECTURE} yet")

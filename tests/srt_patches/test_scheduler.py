@@ -126,7 +126,7 @@ def test_unsupported_modes_refused_at_startup():
 
     plain_pool = MHATokenToKVPool(16, 1, torch.float32, 2, 8, 2, "cpu", False)
     served = {"pp_size": 1, "kv_cache_dtype": "auto", "disable_hybrid_swa_memory": False, "dllm_algorithm": None,
-              "enable_streaming_session": False}
+              "enable_streaming_session": False, "enable_watermark": False}
 
     def modes(pool=plain_pool, args=None, **changed):
         return SimpleNamespace(**({"disaggregation_mode": DisaggregationMode.NULL, "enable_pdmux": False,
@@ -147,6 +147,7 @@ def test_unsupported_modes_refused_at_startup():
         (r"sglang's dLLM loop \(--dllm-algorithm", modes(args={"dllm_algorithm": "LowConfidence"})),
         ("--disable-hybrid-swa-memory", modes(args={"disable_hybrid_swa_memory": True})),
         (r"streaming sessions \(--enable-streaming-session", modes(args={"enable_streaming_session": True})),
+        (r"watermarking \(--enable-watermark\)", modes(args={"enable_watermark": True})),
     ]
     for message, scheduler in refused:
         with pytest.raises(RuntimeError, match=message):

@@ -258,6 +258,7 @@ def test_prompt_ids_are_checked(hf_config, tiny_checkpoint_dir, input_ids, word)
     ({"return_sampling_mask": True}, "return_sampling_mask"),
     ({"return_hidden_states": True}, "return_hidden_states"),
     ({"return_hidden_states": "last"}, "return_hidden_states"),
+    ({"custom_logit_processor": "{\"callable\": \"...\"}"}, "custom_logit_processor"),
     ({"lora_id": ["a", "b"]}, "lora_id"),
     ({"lora_id": "abc"}, "lora_id"),
     ({"positional_embed_overrides": {"embeds": [[0.1]], "positions": [1]}}, "positional_embed_overrides"),
@@ -284,7 +285,8 @@ def test_fields_the_engine_does_not_implement_are_refused(hf_config, tiny_checkp
 def test_unset_fields_and_known_session_params_pass(hf_config, tiny_checkpoint_dir):
     original = Recorder()
     obj = SimpleNamespace(sampling_params={"max_new_tokens": 4}, input_embeds=None, return_routed_experts=False,
-                          return_sampling_mask=False, return_hidden_states=False, lora_id=None,
+                          return_sampling_mask=False, return_hidden_states=False, custom_logit_processor=None,
+                          lora_id=None,
                           positional_embed_overrides=None,
                           session_params={"id": "s", "rid": "r", "offset": 3, "replace": True})  # fmt: skip
     tokenizer_manager.create_tokenized_object(original, _manager(hf_config, tiny_checkpoint_dir), obj, "", [2, 5])
