@@ -15,7 +15,8 @@
   (at most MAX_REPAIRS_PER_CANVAS times per canvas).
 - Logprobs of committed tokens: log-softmax at temperature 1 of the logits of the step whose argmax is committed
   (sampling/logprobs.py); for a grammar the model's distribution before the grammar (a forced token may be far
-  down, and missing from the top-k).
+  down, and missing from the top-k), and for a prefix a repair held fixed, the distribution of the pass that
+  accepted it.
 - Prompt scores (``logprob_start_len``): prompt token i (after the first scored position, which is null as in
   sglang) gets log p(token_i), where p is the denoiser's distribution at the first position of a one-step canvas
   whose context is the prompt before i, started from the noise of the request's seed (0 when unseeded: what a
@@ -76,9 +77,23 @@ def finish_canvas(req: DiffusionRequest, model) -> list[int] | None:
         if tokens is None:
             return None
     if req.logprobs is not None:
-        ids = torch.tensor(tokens, dtype=torch.long, device=logits.device)
-        req.canvas_logprobs = token_logprobs(logits[: len(tokens)], ids, req.logprobs)
+        # positions a grammar repair held fixed keep the logprobs of the pass that accepted them: the last step's
+        # logits there are the model reading back the token it was given
+        earlier, req.grammar_prefix_logprobs = req.grammar_prefix_logprobs, None
+        fixed = len(earlier.token) if earlier is not None else 0
+        last = _pass_logprobs(req, logits, tokens, fixed)
+        req.canvas_logprobs = _joined(earlier, last)
     return tokens
+
+
+def _joined(first: TokenLogprobs | None, then: TokenLogprobs) -> TokenLogprobs:
+    return then if first is None else TokenLogprobs(*(a + b for a, b in zip(first, then)))
+
+
+def _pass_logprobs(req: DiffusionRequest, logits: torch.Tensor, tokens: list[int], start: int) -> TokenLogprobs:
+    """Logprobs of ``tokens[start:]``, at their positions of ``logits``."""
+    ids = torch.tensor(tokens[start:], dtype=torch.long, device=logits.device)
+    return token_logprobs(logits[start : len(tokens)], ids, req.logprobs)
 
 
 def record_logprobs(req: DiffusionRequest, kept: int) -> None:
@@ -122,11 +137,14 @@ def _grammar_tokens(req: DiffusionRequest, state: CanvasState, logits, argmax: l
     room = req.max_new_tokens - len(req.output_ids)
     stop = min(len(argmax), room)
     done = req.grammar_prefix
+    start = len(done)
     repair = req.params.grammar_repair_steps > 0 and req.repairs < MAX_REPAIRS_PER_CANVAS
-    result = grammar_commit(logits, argmax, req.grammar, len(done), stop, stop_at_change=repair)
+    result = grammar_commit(logits, argmax, req.grammar, start, stop, stop_at_change=repair)
     done += result.tokens
     req.grammar_fallbacks += result.fallbacks
     if repair and not result.terminated and result.changed is not None and len(done) < stop:
+        if req.logprobs is not None:
+            req.grammar_prefix_logprobs = _joined(req.grammar_prefix_logprobs, _pass_logprobs(req, logits, done, start))
         # re-denoise the rest with the valid prefix fixed, at the end of the temperature schedule
         fixed = torch.zeros_like(state.argmax, dtype=torch.bool)
         fixed[: len(done)] = True

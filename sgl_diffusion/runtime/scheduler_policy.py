@@ -95,6 +95,8 @@ class DiffusionRequest:
     canvas_logprobs: TokenLogprobs | None = field(default=None, init=False)  # the canvas being committed
     scoring: list[CanvasState] | None = field(default=None, init=False)  # prompt-scoring canvases in flight
     grammar_prefix: list[int] = field(default_factory=list, init=False)  # current canvas, accepted by the grammar
+    # the logprobs of grammar_prefix, each from the pass that accepted it (the re-denoise after holds it fixed)
+    grammar_prefix_logprobs: TokenLogprobs | None = field(default=None, init=False)
     repairs: int = field(default=0, init=False)  # grammar repairs of the current canvas so far
     grammar_fallbacks: int = field(default=0, init=False)  # positions whose top-k held no allowed token
 
@@ -407,7 +409,7 @@ class CanvasScheduler:
             req.slots = None
         # NOTE: the grammar matcher is the request's own copy (sglang's cache hands out copies): dropping it frees
         # its state, including the prefix of a canvas being repaired, which never reached the output
-        req.state, req.grammar, req.grammar_prefix = None, None, []
+        req.state, req.grammar, req.grammar_prefix, req.grammar_prefix_logprobs = None, None, [], None
 
 
 def eos_sink(eos_token_ids) -> CanvasSink:

@@ -108,6 +108,40 @@ def test_repair_fixes_the_prefix_spends_steps_and_stays_valid(model, tokenizer, 
     assert req.repairs == 0
 
 
+def test_a_repaired_prefix_keeps_the_logprobs_of_the_pass_that_accepted_it(model, tokenizer, backend, monkeypatch):
+    """Logprobs with grammar repairs: a token fixed by a repair was chosen by an earlier pass, over that pass's logits;
+    the last step's logits at its position only read back the token the canvas was given. Each committed token of the
+    first canvas carries the log-softmax of the pass that accepted it, at its position."""
+    from sgl_diffusion.runtime import constraints
+
+    passes = []  # (logits, first position, tokens accepted so far) of each grammar pass over the first canvas
+    original = constraints._grammar_tokens
+
+    def spy(req, state, logits, argmax):
+        start = len(req.grammar_prefix)
+        out = original(req, state, logits, argmax)
+        if not req.output_ids:
+            passes.append((logits.clone(), start, out if out is not None else list(req.grammar_prefix)))
+        return out
+
+    monkeypatch.setattr(constraints, "_grammar_tokens", spy)
+    req = DiffusionRequest(prompt(tokenizer), params(model, seed=3, max_denoising_steps=2, grammar_repair_steps=5),
+                           60, grammar=backend.dispatch_regex(r"[a-c]{4}-[0-9]{4}"), logprobs=2)
+    OfflineEngine(model, eos_token_ids=EOS).generate([req])
+    assert len(passes) > 1, "the random model's canvases always need a repair"
+    committed = passes[-1][2]
+    expected = [None] * len(committed)
+    for logits, start, accepted in passes:
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        for j in range(start, len(accepted)):
+            expected[j] = logp[j, committed[j]].item()
+    got = req.output_logprobs.token[: len(committed)]
+    assert got == pytest.approx(expected, abs=1e-5)
+    # the repaired prefix read back from the last step: near-certain there, which is what the fix avoids
+    last = torch.log_softmax(passes[-1][0].float(), dim=-1)
+    assert any(abs(last[j, committed[j]].item() - expected[j]) > 1e-3 for j in range(passes[-1][1]))
+
+
 def test_infill_keeps_fixed_tokens_and_fills_holes_without_eos(model, tokenizer):
     """A template over two canvases (a 40-token hole, then text, a 5-token hole, text): fixed positions come back
     identical, holes hold no EOS, and the output is exactly the template's length."""
