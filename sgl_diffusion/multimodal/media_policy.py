@@ -71,8 +71,9 @@ class MediaPolicy:
                 raise MediaRefused(f"{count} {kind} in one request; at most {limit} are allowed ({variable})")
 
     def image(self, item):
-        """What sglang's image loader may get for ``item``: checked bytes; an in-process PIL image (Engine API)
-        within the pixel limit; or a preprocessed-input dict (sglang's ``format`` key), which names no file."""
+        """What sglang's image loader may get for ``item``: the image its bytes open as (checked); an in-process PIL
+        image (Engine API) within the pixel limit; or a preprocessed-input dict (sglang's ``format`` key), which names
+        no file."""
         from PIL import Image
 
         if isinstance(item, Image.Image):
@@ -113,14 +114,16 @@ class MediaPolicy:
             return self._capped(_b64decode(source, kind, self.limits.max_media_bytes), kind)
         return self._read_local(source, kind)
 
-    def check_image(self, data: bytes) -> bytes:
-        """``data`` when it is an image of a known format within the pixel limit; read from its header only."""
+    def check_image(self, data: bytes):
+        """``data`` opened as an image of a known format within the pixel limit (its header read; sglang's loader
+        decodes it). The image goes on, not the bytes: sglang would open them again with every PIL plugin, and
+        bytes made for it open there as another format, larger than the one checked."""
         from PIL import Image, UnidentifiedImageError
 
         Image.init()  # NOTE: loads every plugin once; open() with `formats` looks names up only in those loaded
         try:
-            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
-                size = image.size
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+            size = image.size
         except Image.DecompressionBombError:  # PIL's own hard limit fired first (twice its MAX_IMAGE_PIXELS)
             limit = min(self.limits.max_image_pixels, 2 * (Image.MAX_IMAGE_PIXELS or self.limits.max_image_pixels))
             raise MediaRefused(f"the image has more than {limit} pixels, the most allowed per image "
@@ -130,7 +133,7 @@ class MediaPolicy:
         except (OSError, SyntaxError, ValueError) as e:
             raise MediaRefused(f"could not decode the image: {e}") from None
         self.check_pixels(*size)
-        return data
+        return image
 
     def check_pixels(self, width: int, height: int, what: str = "image") -> None:
         if width * height > self.limits.max_image_pixels:

@@ -30,7 +30,7 @@ _PLACEHOLDER = re.compile(re.escape(IMAGE_TOKEN) + "|" + re.escape(VIDEO_TOKEN))
 
 
 def check_image_token_budget(budget) -> int:
-    if isinstance(budget, bool) or budget not in IMAGE_TOKEN_BUDGETS:
+    if type(budget) is not int or budget not in IMAGE_TOKEN_BUDGETS:  # 280.0 == 280, and the processor pads with it
         raise ValueError(f"{BUDGET_KEY} must be one of {', '.join(map(str, IMAGE_TOKEN_BUDGETS))} (got {budget!r})")
     return budget
 

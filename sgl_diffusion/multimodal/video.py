@@ -13,6 +13,7 @@ bounded: pixels per frame, decoded frames and decode time (``MediaEnv``); each b
 from __future__ import annotations
 
 import io
+import math
 import time
 
 from PIL import Image
@@ -70,7 +71,9 @@ def sample_frames(video: bytes, limits: MediaEnv = MediaEnv()) -> list[tuple[flo
 
 
 def _sample(container, stream, limits: MediaEnv, deadline: float) -> list[tuple[float, Image.Image]]:
-    frames, next_time, decoded = [], 0.0, 0
+    """Times count from the first frame (a stream may start late) and label each sampled frame with its own second
+    (a variable-rate stream may skip some)."""
+    frames, next_time, decoded, start = [], 0.0, 0, None
     for packet in container.demux(stream):  # packet by packet: the clock is checked even when no frame comes out
         _check_clock(deadline, limits)
         for frame in packet.decode():
@@ -79,12 +82,17 @@ def _sample(container, stream, limits: MediaEnv, deadline: float) -> list[tuple[
                 raise InvalidVideo(f"the video has more than {limits.max_video_frames} frames, the most decoded "
                                    "per video (SGL_DIFFUSION_MAX_VIDEO_FRAMES)")  # fmt: skip
             _check_frame_size(frame.width, frame.height, limits)
-            if frame.time is None or frame.time < next_time - 1e-6:
+            if frame.time is None:
                 continue
-            if frame.time > MAX_SECONDS:
+            start = frame.time if start is None else start
+            time_in = frame.time - start
+            if time_in < next_time - 1e-6:
+                continue
+            if time_in > MAX_SECONDS:
                 raise InvalidVideo(f"the video is longer than {MAX_SECONDS:.0f} s, which is the most supported")
-            frames.append((next_time, frame.to_image().convert("RGB")))
-            next_time += 1.0 / FRAMES_PER_SECOND
+            second = math.floor(time_in * FRAMES_PER_SECOND + 1e-6) / FRAMES_PER_SECOND
+            frames.append((second, frame.to_image().convert("RGB")))
+            next_time = second + 1.0 / FRAMES_PER_SECOND
     if not frames:
         raise InvalidVideo("the video has no frames")
     return frames

@@ -2,6 +2,7 @@
 
 import base64
 import io
+from fractions import Fraction
 
 from PIL import Image
 
@@ -14,8 +15,9 @@ def png_bytes(width=48, height=32, shade=0) -> bytes:
     return buf.getvalue()
 
 
-def mp4_bytes(seconds: float, fps: int = 4, width=32, height=32) -> bytes:
-    """An mpeg4 video whose frame i is a flat colour that encodes i (so sampled frames can be told apart)."""
+def mp4_bytes(seconds: float, fps: int = 4, width=32, height=32, times: list[float] | None = None) -> bytes:
+    """An mpeg4 video whose frame i is a flat colour that encodes i (so sampled frames can be told apart); ``times``:
+    each frame's time in seconds (a late start, gaps), instead of i / fps."""
     import av
     import numpy as np
 
@@ -23,13 +25,34 @@ def mp4_bytes(seconds: float, fps: int = 4, width=32, height=32) -> bytes:
     with av.open(buf, mode="w", format="mp4") as container:
         stream = container.add_stream("mpeg4", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for i in range(round(seconds * fps)):
+        for i in range(round(seconds * fps) if times is None else len(times)):
             array = np.full((height, width, 3), (i * 9) % 256, dtype=np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+            if times is not None:
+                frame.pts, frame.time_base = round(times[i] * fps), Fraction(1, fps)
+            for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
     return buf.getvalue()
+
+
+def tiff_that_pil_also_reads_as_im() -> bytes:
+    """A 1x1 grey TIFF whose first bytes also read as an IM header of a 12000x12000 RGB image: PIL opens it as TIFF
+    when told the formats to try, and as IM (144M pixels, past the server's limit) when left to try every plugin."""
+    import struct
+
+    head = b"II*\x00" + struct.pack("<I", 0x200)  # the TIFF header; its IFD at 0x200
+    im_header = b": x\nImage type: RGB image\nImage size (x*y): 12000*12000\n\x1a"
+    entries = [(256, 3, 1), (257, 3, 1), (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 4, None), (278, 3, 1),
+               (279, 4, 1)]  # width, height, 8 bits, no compression, black is zero, the strip, 1 row, 1 byte
+    pixel_at = 0x200 + 2 + 12 * len(entries) + 4
+    ifd = struct.pack("<H", len(entries))
+    for tag, kind, value in entries:
+        value = pixel_at if value is None else value
+        ifd += struct.pack("<HHI", tag, kind, 1) + struct.pack("<HH" if kind == 3 else "<I", *((value, 0) if kind == 3
+                                                                                                else (value,)))
+    return (head + im_header).ljust(0x200, b"\x00") + ifd + struct.pack("<I", 0) + b"\x80"
 
 
 def data_url(data: bytes, mime: str) -> str:

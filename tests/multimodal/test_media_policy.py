@@ -144,7 +144,8 @@ def test_decompression_bombs_are_refused_from_the_header():
     for limit, said in ((67108864, 67108864), (10**9, 2 * Image.MAX_IMAGE_PIXELS)):  # PIL's hard limit, when lower
         with pytest.raises(MediaRefused, match=f"more than {said} pixels.*SGL_DIFFUSION_MAX_IMAGE_PIXELS"):
             policy(max_image_pixels=limit).image(bomb)
-    assert policy(max_image_pixels=48).image(PNG) == PNG
+    checked = policy(max_image_pixels=48).image(PNG)
+    assert isinstance(checked, Image.Image) and (checked.format, checked.size) == ("PNG", (8, 6))
     with pytest.raises(MediaRefused, match="8x6 = 48 pixels"):
         policy(max_image_pixels=47).image(PNG)
     with pytest.raises(MediaRefused, match="8x6 = 48 pixels"):
@@ -159,6 +160,20 @@ def test_only_known_image_formats_are_opened():
             policy().image(data)
     preprocessed = {"format": "processor_output", "pixel_values": [0.0]}
     assert policy().image(preprocessed) is preprocessed  # names no file: sglang's own path
+
+
+def test_sglang_gets_the_image_that_was_checked():
+    """Bytes that PIL reads as a 1x1 TIFF among the known formats and as a 12000x12000 IM image among all its plugins:
+    sglang's loader gets the image opened as checked (handed the bytes, it opened them with every plugin and
+    decoded 144M pixels, past the limit, in a format the policy does not open)."""
+    from sglang.srt.utils.common import load_image
+
+    from tests.multimodal.media import tiff_that_pil_also_reads_as_im
+
+    checked = policy().image(tiff_that_pil_also_reads_as_im())
+    assert isinstance(checked, Image.Image) and (checked.format, checked.size) == ("TIFF", (1, 1))
+    loaded, _ = load_image(checked)
+    assert loaded.size == (1, 1)
 
 
 def test_bad_networks_variable_fails_at_startup():

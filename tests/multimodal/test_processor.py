@@ -1,10 +1,12 @@
 import asyncio
+import io
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import pytest
+from PIL import Image
 
 from sgl_diffusion.env import MediaEnv
 from sgl_diffusion.multimodal.media_policy import LOCAL_REFUSED, MediaPolicy
@@ -14,7 +16,7 @@ from tests.multimodal.media import data_url, mp4_bytes, png_bytes
 
 def test_budgets_are_gemma4s():
     assert [check_image_token_budget(b) for b in (70, 140, 280, 560, 1120)] == [70, 140, 280, 560, 1120]
-    for bad in (0, 100, 1121, True, "280", None, 280.5):
+    for bad in (0, 100, 1121, True, "280", None, 280.5, 280.0):
         with pytest.raises(ValueError, match="image_token_budget must be one of 70, 140, 280, 560, 1120"):
             check_image_token_budget(bad)
 
@@ -55,8 +57,8 @@ def test_video_without_placeholder_or_text_is_refused(text, word):
 
 
 def test_every_item_goes_through_the_media_policy_before_sglangs_loader(monkeypatch):
-    """sglang's loader gets only checked bytes: a path is refused before it runs, and too many images before
-    any is read."""
+    """sglang's loader gets only checked images (opened as the policy checked them): a path is refused before it
+    runs, and too many images before any is read."""
     from sglang.srt.utils import ImageData
 
     processor, handed = _bare_processor(), []
@@ -70,7 +72,9 @@ def test_every_item_goes_through_the_media_policy_before_sglangs_loader(monkeypa
     png = png_bytes()
     with pytest.raises(RuntimeError, match="stop here"):
         asyncio.run(processor.process_mm_data_async([ImageData(url=data_url(png, "image/png")), png], "x", request))
-    assert handed == [[png, png]]
+    [[first, second]] = handed
+    assert all(isinstance(i, Image.Image) and i.format == "PNG" and i.tobytes() == Image.open(io.BytesIO(png)).tobytes()
+               for i in (first, second))
     for images, word in (([png, "/etc/passwd"], LOCAL_REFUSED), ([png] * 3, "3 images in one request")):
         with pytest.raises(ValueError, match=re.escape(word)):
             asyncio.run(processor.process_mm_data_async(images, "x", request))

@@ -20,6 +20,16 @@ def test_one_frame_per_second(short_video):
     assert all(image.mode == "RGB" and image.size == (32, 32) for _, image in frames)
 
 
+@pytest.mark.parametrize("times, want", [
+    ([5 + i / 4 for i in range(12)], [0.0, 1.0, 2.0]),  # starts at 5 s: its seconds count from its first frame
+    ([0, 0.5, 1, 1.5, 6, 6.25, 6.5], [0.0, 1.0, 6.0]),  # a gap: the frame after it is labelled with its own second
+    ([59 + i / 4 for i in range(12)], [0.0, 1.0, 2.0]),  # 3 s that start at 59 s are not "62 s long"
+], ids=["late start", "gap", "late start near the limit"])
+def test_frames_are_labelled_with_their_own_second(times, want):
+    frames = sample_frames(mp4_bytes(0, fps=4, times=times))
+    assert [t for t, _ in frames] == want
+
+
 @pytest.mark.parametrize("container", ["matroska", "webm", "avi"])
 def test_other_self_contained_containers_are_read(container):
     """Matroska, WebM and AVI are read too (2 s at 2 fps: frames at 0 and 1 s)."""

@@ -502,8 +502,9 @@ BAD_DIFFUSION_VALUES = {  # every value here is invalid for its key
     "max_denoising_steps": GARBAGE + [0, -1, 1025, 1.5, 2**63, 10**30, 1e308],
     "stability_threshold": GARBAGE + [-1, 2.5, 10**30, 49],
     "entropy_bound": GARBAGE + [-1e-9, -1e308],
-    # 1e-46 is 0 in float32, 1e-38 sends logits to inf, 1e39 is inf: NaN probabilities failed the whole round
-    "t_min": GARBAGE + [0, -0.5, 5.0, 1e-46, 1e-38],  # 5.0 > the default t_max 0.8
+    # 1e-46 is 0 in float32, 1e-38 sends logits to inf, 1e39 is inf: NaN probabilities failed the whole round (t_min
+    # itself is no step's temperature: 0 is valid, and the tiny ones are checked beside as small a t_max elsewhere)
+    "t_min": GARBAGE + [-0.5, 5.0],  # 5.0 > the default t_max 0.8
     "t_max": GARBAGE + [0, -1e-300, 0.01, 1e39],  # 0.01 < the default t_min 0.4
     "confidence_threshold": GARBAGE + [-1e-12],
     "seed": [x for x in GARBAGE if x is not None] + [1.5, 2**64, -(2**63) - 1, 10**100],

@@ -23,10 +23,10 @@ def _session_with_nodes():
     return s
 
 
-def _turn(**params):
+def _turn(own_rid="new", **params):
     from sglang.srt.managers.io_struct import SessionParams
 
-    return SimpleNamespace(session_params=SessionParams(id="s", **params))
+    return SimpleNamespace(rid=own_rid, session_params=SessionParams(id="s", **params))
 
 
 def test_installed(applied):
@@ -54,6 +54,30 @@ def test_replace_without_a_rid_clears_every_node_first():
                                 _turn(replace=True), None, 100)
     assert result == "turn" and seen == [{}]
     assert unfinished.to_finish is not None
+
+
+@pytest.mark.parametrize("params", [{"replace": True, "rid": "a"}, {"rid": "a"}, {}])
+def test_a_turn_reusing_a_rid_the_session_holds_is_refused(params):
+    """A turn whose own rid is a node of the session (an earlier turn's, finished, so sglang's rid check let it in)
+    is aborted with a 400 and adds no node: a second node of one rid made the next clear delete it twice (KeyError),
+    which ended the server. sglang aborts the turn itself (it is sent naming no turn) and nothing is cleared."""
+    s, seen = _session_with_nodes(), []
+    before = dict(s.req_nodes)
+
+    def sglang(sess, req, *args):
+        seen.append(req.session_params.rid)
+        assert req.session_params.rid not in sess.req_nodes  # so sglang aborts the turn without adding it
+        return SimpleNamespace(rid=req.rid, to_finish=None)
+
+    turn = _turn(own_rid="b", **params)
+    got = session.create_req(sglang, s, turn, None, 100)
+    assert len(seen) == 1 and s.req_nodes == before and turn.session_params.rid == params.get("rid")
+    assert got.to_finish.status_code == 400 and "already has a turn with rid 'b'" in got.to_finish.message
+    # replace without a rid clears the session first: the rid is free again, and the turn goes through
+    seen.clear()
+    session.create_req(lambda sess, req, *a: seen.append(sorted(sess.req_nodes)), s, _turn(own_rid="b", replace=True),
+                       None, 100)
+    assert seen == [[]]
 
 
 @pytest.mark.parametrize("params", [{"replace": True, "rid": "a"}, {"rid": "a"}, {}])
