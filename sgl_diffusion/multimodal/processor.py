@@ -26,7 +26,9 @@ from sgl_diffusion.multimodal.video import frame_placeholders, sample_frames
 IMAGE_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)  # Gemma 4's image processor's supported max_soft_tokens
 BUDGET_KEY = "image_token_budget"
 IMAGE_TOKEN, VIDEO_TOKEN = "<|image|>", "<|video|>"
-_PLACEHOLDER = re.compile(re.escape(IMAGE_TOKEN) + "|" + re.escape(VIDEO_TOKEN))
+# an image's placeholder, also as the HF processor expands it (begin, soft tokens, end: one image to sglang's processor
+# for this model), or a video's
+_PLACEHOLDER = re.compile(r"<\|image>(?:<\|image\|>)+<image\|>|" + re.escape(IMAGE_TOKEN) + "|" + re.escape(VIDEO_TOKEN))
 
 
 def check_image_token_budget(budget) -> int:
@@ -85,8 +87,8 @@ class DiffusionGemmaProcessor(DiffusionGemmaSGLangProcessor):
         for match in _PLACEHOLDER.finditer(text):
             pieces.append(text[cursor : match.start()])
             cursor = match.end()
-            if match.group() == IMAGE_TOKEN:
-                pieces.append(IMAGE_TOKEN)
+            if match.group() != VIDEO_TOKEN:
+                pieces.append(match.group())
                 ordered += images[next_image : next_image + 1]
                 next_image += 1
             elif next_video < len(sampled):

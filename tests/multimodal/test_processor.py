@@ -48,6 +48,16 @@ def test_videos_become_timestamped_frames_in_prompt_order():
     assert all(hasattr(images[i], "getpixel") for i in (1, 2, 4))  # decoded frames
 
 
+def test_an_expanded_image_placeholder_is_one_image_beside_videos():
+    """The HF-expanded form of an image placeholder (<|image>, its soft tokens, <image|>), which sglang's processor
+    reads as one image, is one image here too: the images keep their places around a video's frames."""
+    expanded = "<|image>" + "<|image|>" * 3 + "<image|>"
+    text = f"A {expanded} B <|video|> C {expanded} D"
+    new_text, images = asyncio.run(_bare_processor()._videos_as_images(text, ["img0", "img1"], [mp4_bytes(2.0, fps=2)]))
+    assert new_text == f"A {expanded} B 00:00 <|image|> 00:01 <|image|> C {expanded} D"
+    assert images[0] == "img0" and images[3] == "img1" and len(images) == 4
+
+
 @pytest.mark.parametrize("text, word", [
     ("no placeholder", "placeholder for 0"), ([2, 5, 7], "text prompt"),
 ])  # fmt: skip
