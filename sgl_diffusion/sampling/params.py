@@ -184,9 +184,10 @@ def _check_numeric(values: dict, prefix: str) -> dict:
              ">= %g (got %g; temperature 0 asks for greedy)" % (MIN_TEMPERATURE, last))
     if out["confidence_threshold"] < 0:
         fail("{p}.confidence_threshold must be >= 0 (got {confidence_threshold})")
-    if not 0 <= out["stability_threshold"] <= out["max_denoising_steps"]:
-        fail("{p}.stability_threshold must be in [0, {p}.max_denoising_steps={max_denoising_steps}] "
-             "(got {stability_threshold})")
+    # NOTE: more than max_denoising_steps is valid, as in transformers: the stop never fires (a request that lowers
+    # max_denoising_steps under a checkpoint's stability_threshold was refused for a key it never set)
+    if not 0 <= out["stability_threshold"] <= MAX_DENOISING_STEPS:
+        fail("{p}.stability_threshold must be in [0, %d] (got {stability_threshold})" % MAX_DENOISING_STEPS)
     return out
 
 

@@ -182,6 +182,20 @@ def test_a_prompt_reused_whole_goes_straight_to_its_canvas(model):
     assert len(rec.batches) == forwards and not engine.scheduler.running
 
 
+@pytest.mark.parametrize("steps_per_round", [1, 3])
+def test_a_stability_threshold_past_the_steps_runs_every_step(model, steps_per_round):
+    """stability_threshold > max_denoising_steps (valid, as in transformers): the stop never fires, each canvas runs
+    its steps, and the output is the same as with the stop turned off (0) once the steps are spent."""
+    def run(threshold):
+        engine = OfflineEngine(model, steps_per_round=steps_per_round)
+        rec = Recorder(engine)
+        req = DiffusionRequest(list(range(10, 16)), params(model, seed=4, max_denoising_steps=3,
+                                                           stability_threshold=threshold), 40)
+        return engine.generate([req])[0], len(rec.batches)
+
+    assert run(7) == run(0)
+
+
 def test_steps_per_round_keeps_results(model):
     """Several denoise steps per round (no host sync between them) give the canvases of one step per round, and fewer
     host round trips. With 3 steps a round, canvases of 4 steps end mid-round: their rows are frozen for the rest of

@@ -62,6 +62,14 @@ def test_t_min_zero_is_a_schedule_transformers_accepts():
     assert DiffusionDefaults.from_generation_config({"t_min": 0.0, "t_max": 0.8}).t_min == 0.0
 
 
+def test_a_stability_threshold_past_the_steps_is_valid():
+    """As in transformers (the stop then never fires): a request lowering max_denoising_steps under the checkpoint's
+    stability_threshold (2 here) is not refused for a key it did not set."""
+    DiffusionGemmaGenerationConfig(max_denoising_steps=1, stability_threshold=2).validate()
+    p = parse({"max_denoising_steps": 1})
+    assert (p.max_denoising_steps, p.stability_threshold) == (1, 2)
+
+
 @pytest.mark.parametrize("raw", [None, {}])
 def test_missing_keys_take_defaults(raw):
     """An absent or empty `diffusion` object gives the checkpoint defaults and no seed/init canvas."""
@@ -105,7 +113,7 @@ INVALID = [
     ({"confidence_threshold": -1e-3}, r"diffusion\.confidence_threshold must be >= 0"),
     ({"confidence_threshold": False}, r"diffusion\.confidence_threshold must be a number"),
     ({"stability_threshold": -1}, r"diffusion\.stability_threshold must be in \[0"),
-    ({"stability_threshold": 33}, r"diffusion\.stability_threshold must be in \[0, diffusion\.max_denoising_steps"),
+    ({"stability_threshold": 1025}, r"diffusion\.stability_threshold must be in \[0, 1024\]"),
     ({"stability_threshold": 1.0}, r"diffusion\.stability_threshold must be int"),
     ({"seed": 2**63}, r"diffusion\.seed must fit in a signed 64-bit"),
     ({"seed": -(2**63) - 1}, r"diffusion\.seed must fit in a signed 64-bit"),

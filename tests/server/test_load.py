@@ -500,7 +500,7 @@ BASE = {
 GARBAGE = [None, "NaN", "inf", "-inf", "", "1", [], {}, [[[]]], {"$gt": [1, {"x": None}]}, True, False]
 BAD_DIFFUSION_VALUES = {  # every value here is invalid for its key
     "max_denoising_steps": GARBAGE + [0, -1, 1025, 1.5, 2**63, 10**30, 1e308],
-    "stability_threshold": GARBAGE + [-1, 2.5, 10**30, 49],
+    "stability_threshold": GARBAGE + [-1, 2.5, 10**30, 1025],
     "entropy_bound": GARBAGE + [-1e-9, -1e308],
     # 1e-46 is 0 in float32, 1e-38 sends logits to inf, 1e39 is inf: NaN probabilities failed the whole round (t_min
     # itself is no step's temperature: 0 is valid, and the tiny ones are checked beside as small a t_max elsewhere)
