@@ -78,7 +78,8 @@ class Arch:
             hidden=text["hidden_size"], layers=text["num_hidden_layers"], full_layers=len(full),
             heads=text["num_attention_heads"], sliding_kv_heads=text["num_key_value_heads"],
             sliding_head_dim=text["head_dim"] if isinstance(text.get("head_dim"), int) else 256,
-            full_kv_heads=first_full.get("num_key_value_heads", text["num_key_value_heads"]),
+            full_kv_heads=first_full.get("num_key_value_heads",
+                                         text.get("num_global_key_value_heads") or text["num_key_value_heads"]),
             full_head_dim=first_full.get("head_dim", text.get("global_head_dim", 512)),
             intermediate=text["intermediate_size"], experts=text["num_experts"], top_k=text["top_k_experts"],
             moe_intermediate=text["moe_intermediate_size"], vocab=text["vocab_size"],
@@ -160,7 +161,13 @@ def commit_flops(arch: Arch, batch: int, context: int) -> float:
     """Extra FLOPs of encoding b finished canvases causally (no LM head, no self-conditioning input)."""
     tokens = batch * arch.canvas
     per_token = 2 * (arch.active_params_per_token - 3 * arch.hidden * arch.intermediate)
-    attention = tokens * 2 * arch.heads * arch.layers * arch.sliding_head_dim * min(context, arch.window)
+    # causal over [context ; the canvas]: a token sees about half the canvas before it
+    sliding_keys = min(context + arch.canvas // 2, arch.window)
+    full_keys = context + arch.canvas // 2
+    attention = tokens * 4 * arch.heads * (
+        (arch.layers - arch.full_layers) * arch.sliding_head_dim * sliding_keys
+        + arch.full_layers * arch.full_head_dim * full_keys
+    )  # fmt: skip
     return tokens * per_token + attention
 
 

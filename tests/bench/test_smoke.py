@@ -3,6 +3,7 @@
 Figures are not checked (they are timings on a shared machine); the keys and the exit code are.
 """
 
+import json
 import re
 import subprocess
 import sys
@@ -40,6 +41,24 @@ def test_roofline_default_and_from_a_config(tiny_checkpoint_dir):
     assert 0 < out["vllm_fraction_of_bound"] < 1
     tiny = run("roofline.py", "--config", tiny_checkpoint_dir / "config.json", "--batches", "1,8")
     assert "hidden 64, 6 layers (1 full)" in tiny
+
+
+def test_roofline_reads_full_layer_fields_in_either_form(tmp_path):
+    """The real 26B-A4B's config, with its full layers' head dim and KV heads as plain fields (transformers 5.11's
+    ``global_head_dim``/``num_global_key_value_heads``) or as ``per_layer_config`` (5.19's), gives the built-in
+    figures."""
+    full = [5, 11, 17, 23, 29]
+    text = {"hidden_size": 2816, "num_hidden_layers": 30, "num_attention_heads": 16, "num_key_value_heads": 8,
+            "head_dim": 256, "intermediate_size": 2112, "num_experts": 128, "top_k_experts": 8,
+            "moe_intermediate_size": 704, "vocab_size": 262144, "sliding_window": 1024,
+            "layer_types": ["full_attention" if i in full else "sliding_attention" for i in range(30)]}
+    plain = {**text, "global_head_dim": 512, "num_global_key_value_heads": 2}
+    per_layer = {**text, "per_layer_config": {str(i): {"head_dim": 512, "num_key_value_heads": 2} for i in full}}
+    default = run("roofline.py", "--batches", "1,64", "--context", "8192")
+    for name, cfg in (("plain", plain), ("per_layer", per_layer)):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"text_config": cfg}))
+        assert run("roofline.py", "--config", path, "--batches", "1,64", "--context", "8192") == default, name
 
 
 def test_bench_rounds_runs():
