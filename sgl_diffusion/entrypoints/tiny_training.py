@@ -23,9 +23,11 @@ are only reproducible on the same kind of machine.
 
 The default recipe's weights ship in ``trained_tiny/`` (6.8 MB, float32): tests and benches use them through
 ``trained_checkpoint()`` instead of training for ten minutes on every clean checkout, and every machine tests the
-same weights. A test checks that they are the current recipe's (``TrainRecipe().digest()``): after changing the
-recipe, the preset or the tasks (bump ``RECIPE_VERSION`` / ``tiny_tasks.TASKS_VERSION`` with any change to what
-they produce), retrain and ship with ``python -m sgl_diffusion.entrypoints.tiny_checkpoint DIR --trained --ship``.
+same weights. A test checks that they are the current recipe's (``TrainRecipe().digest()``, which also hashes the
+configs and the tokenizer that ``tiny_checkpoint`` builds): after changing the recipe, the preset, the tiny configs,
+the tokenizer or the tasks (bump ``RECIPE_VERSION`` / ``tiny_tasks.TASKS_VERSION`` with any change to what the
+training code or the tasks produce), retrain and ship with
+``python -m sgl_diffusion.entrypoints.tiny_checkpoint DIR --trained --ship``.
 """
 
 from __future__ import annotations
@@ -69,13 +71,28 @@ class TrainRecipe:
     threads: int = 1  # torch intra-op threads while training: part of what the weights depend on
 
     def digest(self) -> str:
-        """Content hash of everything the weights depend on (the recipe, the preset, the tasks, this code)."""
-        from sgl_diffusion.entrypoints.tiny_checkpoint import PRESETS
-
-        blob = json.dumps({"recipe": dataclasses.asdict(self), "preset": PRESETS["trained"],
+        """Content hash of everything the weights depend on (the recipe; the model and generation configs, preset
+        included; the tokenizer; the tasks; this code), transformers' version aside."""
+        blob = json.dumps({"recipe": dataclasses.asdict(self), **_checkpoint_inputs(),
                            "tasks": tiny_tasks.TASKS_VERSION,
                            "version": RECIPE_VERSION}, sort_keys=True)  # fmt: skip
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _checkpoint_inputs() -> dict:
+    """What tiny_checkpoint builds the trained model from: its config (canvas length, vocabulary size, layer types),
+    the generation config (t_min/t_max set the self-conditioning temperatures) and the tokenizer (vocab, merges,
+    specials: they turn the tasks into ids)."""
+    from sgl_diffusion.entrypoints import tiny_checkpoint as tc
+
+    def settings(config) -> dict:
+        fields = json.loads(config.to_json_string())
+        fields.pop("transformers_version", None)
+        return fields
+
+    tokenizer = tc.build_tiny_tokenizer().backend_tokenizer.to_str()
+    return {"config": settings(tc.tiny_config("trained")), "generation": settings(tc.tiny_generation_config()),
+            "tokenizer": hashlib.sha256(tokenizer.encode()).hexdigest()}
 
 
 @contextlib.contextmanager

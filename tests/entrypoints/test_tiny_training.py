@@ -100,6 +100,14 @@ def test_shipped_weights_are_the_current_recipe():
     assert tiny_training.shipped_digest() == tiny_training.TrainRecipe().digest()
     info = json.loads((tiny_training.SHIPPED / "training.json").read_text())
     assert info["recipe"] == json.loads(json.dumps(tiny_training.dataclasses.asdict(tiny_training.TrainRecipe())))
+    # the configs the shipped weights were trained with are the ones tiny_checkpoint builds now (the digest's)
+    for name, built in (("config.json", tc.tiny_config("trained")),
+                        ("generation_config.json", tc.tiny_generation_config())):  # fmt: skip
+        shipped, now = json.loads((tiny_training.SHIPPED / name).read_text()), json.loads(built.to_json_string())
+        for fields in (shipped, now):
+            fields.pop("transformers_version", None)
+            fields.pop("dtype", None)  # saved after .float()
+        assert shipped == now, name
 
 
 def test_the_digest_names_everything_the_weights_depend_on(monkeypatch):
@@ -108,6 +116,22 @@ def test_the_digest_names_everything_the_weights_depend_on(monkeypatch):
     assert tiny_training.TrainRecipe(threads=2).digest() != base
     monkeypatch.setattr(tiny_tasks, "TASKS_VERSION", tiny_tasks.TASKS_VERSION + 1)
     assert tiny_training.TrainRecipe().digest() != base
+    monkeypatch.undo()
+    assert tiny_training.TrainRecipe().digest() == base
+    # what tiny_checkpoint builds the model from, outside the preset: the config's canvas, the sampler's temperatures
+    # (self-conditioning's), the tokenizer
+    config, generation, tokenizer = tc.tiny_config, tc.tiny_generation_config, tc.build_tiny_tokenizer
+    for name, build, change in (("tiny_config", config, lambda c: setattr(c, "canvas_length", 64)),
+                                ("tiny_generation_config", generation, lambda g: setattr(g, "t_min", 0.3)),
+                                ("build_tiny_tokenizer", tokenizer, lambda t: t.add_tokens(["<new>"]))):  # fmt: skip
+        def changed(*args, build=build, change=change):
+            built = build(*args)
+            change(built)
+            return built
+
+        monkeypatch.setattr(tc, name, changed)
+        assert tiny_training.TrainRecipe().digest() != base, name
+        monkeypatch.undo()
 
 
 def test_cached_checkpoint_is_built_once(tmp_path, monkeypatch):
