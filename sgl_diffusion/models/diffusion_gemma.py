@@ -25,7 +25,9 @@ from sgl_diffusion.runtime.canvas_batch import CanvasBatch
 
 class DiffusionGemmaForBlockDiffusion(nn.Module):
     # read by sglang's loader: a quantization config's ignored_layers name the checkpoint's unfused projections
-    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    # (K=V layers' fused projection goes by qk_proj: they have no v_proj for an ignore list to name)
+    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "qk_proj": ["q_proj", "k_proj"],
+                              "gate_up_proj": ["gate_proj", "up_proj"]}  # fmt: skip
 
     @in_sglang_runtime
     def __init__(self, config, quant_config=None, prefix: str = ""):

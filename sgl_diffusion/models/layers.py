@@ -161,7 +161,7 @@ class Attention(nn.Module):
         # where the ranks outnumber them (the full layers have 2 on the real checkpoint, 1 on the tiny one).
         self.qkv_proj = QKVParallelLinear(h, d, cfg.num_heads, spec.num_kv_heads, bias=False,
                                           v_head_size=0 if spec.k_eq_v else d, quant_config=quant_config,
-                                          prefix=f"{prefix}.qkv_proj")  # fmt: skip
+                                          prefix=f"{prefix}.{'qk_proj' if spec.k_eq_v else 'qkv_proj'}")  # fmt: skip
         shapes = {"q": (cfg.num_heads * d, h), "k": (spec.num_kv_heads * d, h)}
         expect(self.qkv_proj.weight, shapes if spec.k_eq_v else shapes | {"v": (spec.num_kv_heads * d, h)})
         # this rank's heads of the fused projection's output: q, k, then v (none on K=V layers)

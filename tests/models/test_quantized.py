@@ -46,15 +46,15 @@ def quantize(w: torch.Tensor, block: list[int] | None) -> tuple[torch.Tensor, to
     return q, scale
 
 
-def fp8_checkpoint(hf, block):
+def fp8_checkpoint(hf, block, ignored=IGNORED):
     """The tiny model's state dict as an FP8 checkpoint, and its config.json's quantization_config."""
     state, suffix = {}, "_scale_inv" if block else "_scale"
     for name, tensor in hf.state_dict().items():
-        if QUANTIZED.match(name) and not any(name.startswith(f"{ignored}.") for ignored in IGNORED):
+        if QUANTIZED.match(name) and not any(name.startswith(f"{module}.") for module in ignored):
             state[name], state[name + suffix] = quantize(tensor, block)
         else:
             state[name] = tensor
-    config = {"quant_method": "fp8", "activation_scheme": "dynamic", "ignored_layers": IGNORED}
+    config = {"quant_method": "fp8", "activation_scheme": "dynamic", "ignored_layers": ignored}
     return state, config | ({"weight_block_size": block} if block else {})
 
 
@@ -62,7 +62,10 @@ def build(hf, quantization_config, state):
     """The model as sglang's loader builds it for this checkpoint (sglang's own config parsing), loaded."""
     hf.config.quantization_config = quantization_config
     try:
-        model = DiffusionGemmaForBlockDiffusion(hf.config, quant_config=Fp8Config.from_config(quantization_config))
+        # sglang's get_quant_config hands the model class's packed_modules_mapping to the quantization config
+        mapping = {"packed_modules_mapping": DiffusionGemmaForBlockDiffusion.packed_modules_mapping}
+        model = DiffusionGemmaForBlockDiffusion(hf.config, quant_config=Fp8Config.from_config(quantization_config
+                                                                                              | mapping))
     finally:
         del hf.config.quantization_config
     model.load_weights(state.items())
@@ -105,6 +108,22 @@ def test_projections_take_sglang_fp8_method(hf, block):
         assert torch.equal(getattr(experts, name).view(torch.uint8), state[key].view(torch.uint8))
         want = state[key + suffix] if block else state[key + suffix].expand(hf.config.text_config.num_experts)
         assert torch.equal(getattr(experts, name + suffix), want)
+
+
+def test_ignored_attention_names_only_the_projections_a_layer_has(hf):
+    """A checkpoint that keeps attention in bf16 lists each layer's own projections: a full (K=V) layer has no
+    v_proj, and its fused projection is still left unquantized, whole (sglang refuses a fused layer whose parts
+    disagree)."""
+    kinds = hf.config.text_config.layer_types
+    assert "full_attention" in kinds
+    names = [f"model.decoder.layers.{i}.self_attn.{p}" for i, kind in enumerate(kinds)
+             for p in ("q_proj", "k_proj", "o_proj") + (("v_proj",) if kind == "sliding_attention" else ())]
+    state, qconfig = fp8_checkpoint(hf, BLOCK, IGNORED + names)
+    model = build(hf, qconfig, state)
+    for layer in model.layers:
+        for proj in (layer.self_attn.qkv_proj, layer.self_attn.o_proj):
+            assert type(proj.quant_method) is UnquantizedLinearMethod and proj.weight.dtype == torch.float32
+        assert type(layer.mlp.gate_up_proj.quant_method) is Fp8LinearMethod
 
 
 def test_fused_projection_holds_each_part_and_its_scales(hf):
