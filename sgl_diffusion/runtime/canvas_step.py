@@ -457,13 +457,27 @@ class CanvasStep:
     def takes(self, batch: CanvasBatch) -> bool:
         """Whether the round runs here (canvases alone: ``accepts``; a round that encodes: ``accepts_batch``)."""
         if batch.token_kinds == "canvas":
-            return self.accepts(len(batch.segments))
+            return self.accepts(batch.segments)
         return self.accepts_batch(batch)
 
-    def accepts(self, num_canvases: int) -> bool:
-        """Whether a round of that many canvases fits a batch bucket (larger rounds run the mixed forward)."""
+    def accepts(self, segments: Sequence[Segment]) -> bool:
+        """Whether a round of these canvases runs here: a batch bucket holds them and their attention fits the budget
+        (``_fits``; many canvases over long contexts run the mixed forward's kernels instead)."""
+        if not self._in_a_bucket(len(segments)):
+            return False
+        rows, *widths = self.planner.shape(segments)
+        return self._fits(rows, widths)
+
+    def _in_a_bucket(self, rows: int) -> bool:
         buckets = self.planner.batch_buckets
-        return not buckets or num_canvases <= max(buckets)
+        return not buckets or rows <= max(buckets)
+
+    def _fits(self, rows: int, widths: Sequence[int]) -> bool:
+        """Whether a round's query-key pairs per head, [rows, C, P + C] over its widest layer group, stay within
+        MASK_BUDGET_BYTES: a round that encodes builds that many mask bools on the host, and one SDPA call scores
+        them all at once (on a GPU at head dim 512 maybe with torch's math kernel: 4 bytes a pair and head)."""
+        c = self.planner.canvas_length
+        return rows * c * (max(widths) + c) <= MASK_BUDGET_BYTES
 
     def accepts_batch(self, batch: CanvasBatch) -> bool:
         """Whether a round that encodes runs here (``encode_round``): no images, a batch bucket holds its rows, its
@@ -475,12 +489,10 @@ class CanvasStep:
         prefill = sum(seg.num_tokens for seg in batch.segments if seg.kind == "prefill")
         if prefill > (0 if self.mode == "cuda_graph" else PREFILL_TOKENS_LIMIT):
             return False
-        if not self.accepts(self.planner.num_rows(batch)):
+        if not self._in_a_bucket(self.planner.num_rows(batch)):
             return False
-        c = self.planner.canvas_length
-        # every row has a per-query mask over its whole context: [R, C, P + C] bools, built on the host each round
         rows, *widths = self.planner.batch_shape(batch)[:-1]
-        return rows * c * (max(widths) + c) <= MASK_BUDGET_BYTES
+        return self._fits(rows, widths)
 
     def kv_buffers(self):
         return [self.kv.buffers(i) for i in range(len(self.model.layers))]

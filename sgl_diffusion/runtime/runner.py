@@ -120,11 +120,11 @@ class DiffusionRunner:
         but its state is frozen (as HF does for finished rows of a batch). Returns per-state ``done``;
         a done state's ``argmax`` is the canvas to commit.
         """
-        if states and self._graphs_rounds(states) and batch.token_kinds == "canvas":
+        if states and batch.token_kinds == "canvas" and self._graphs_rounds(states, batch.segments):
             return self.canvas_step.rounds(batch.segments, batch.input_ids, batch.canvas_soft_embeds, states,
                                            1 + extra_steps)
         done = self._forward_and_step(batch, states, None)
-        if states and extra_steps and self._graphs_rounds(states):  # the round's first step was a mixed forward
+        if states and extra_steps and self._graphs_rounds(states, batch.canvas_segments):  # the first step was mixed
             ids, soft = self.canvas_inputs(states)
             return self.canvas_step.rounds(batch.canvas_segments, ids, soft, states, extra_steps, frozen=done)
         canvas_segments = batch.canvas_segments
@@ -143,10 +143,11 @@ class DiffusionRunner:
             _rewind_frozen_generators(states, done_after, draws)
         return done_after[-1]
 
-    def _graphs_rounds(self, states: list[CanvasState]) -> bool:
-        """Whether canvas-only steps of ``states`` run inside the canvas step, sampler included."""
+    def _graphs_rounds(self, states: list[CanvasState], segments) -> bool:
+        """Whether canvas-only steps of ``states`` (of canvas ``segments``) run inside the canvas step, sampler
+        included."""
         step = self.canvas_step
-        return self.rng == "counter" and step is not None and step.accepts(len(states)) and all(s.plain for s in states)
+        return self.rng == "counter" and step is not None and all(s.plain for s in states) and step.accepts(segments)
 
     def forward(self, batch: CanvasBatch) -> torch.Tensor | None:
         """The canvases' last hidden states: through the canvas step when it takes the round."""

@@ -304,19 +304,32 @@ def test_runner_sends_the_step_the_rounds_that_fit(model, cached):
 
 
 def test_masks_over_budget_run_the_mixed_forward(model, cached, monkeypatch):
-    """Every row of a round that encodes carries a [C, P + C] mask built on the host: past MASK_BUDGET_BYTES (many
-    canvases over long contexts) the round runs the mixed forward instead."""
+    """Every row of a round that encodes carries a [C, P + C] mask built on the host, and one SDPA call scores every
+    row's queries against its keys: past MASK_BUDGET_BYTES pairs (many canvases over long contexts) a round, canvases
+    alone or encoding, runs the mixed forward (per-request attention, paged kernels on a GPU) instead."""
     from sgl_diffusion.runtime import canvas_step
 
-    kv, _, prefixes = cached
-    step = CanvasStep(model, kv, "eager")
+    kv, attn, prefixes = cached
+    c = model.cfg.canvas_length
+    step = CountingStep(model, copy.deepcopy(kv), "eager")
     batch = encode_batch(model, prefixes, first_step=False)
     rows, _, widest, _ = step.planner.batch_shape(batch)
-    need = rows * model.cfg.canvas_length * (widest + model.cfg.canvas_length)
+    need = rows * c * (widest + c)
     monkeypatch.setattr(canvas_step, "MASK_BUDGET_BYTES", need)
     assert step.accepts_batch(batch)
     monkeypatch.setattr(canvas_step, "MASK_BUDGET_BYTES", need - 1)
     assert not step.accepts_batch(batch)
+
+    runner = DiffusionRunner(model, attn, step)
+    segments, ids, soft = canvas_batch(model, prefixes, first_step=False)
+    rows, _, widest = step.planner.shape(segments)
+    assert widest > 64  # a full group's context past the first bucket: the budget is the widest group's
+    monkeypatch.setattr(canvas_step, "MASK_BUDGET_BYTES", rows * c * (widest + c))
+    want = runner.forward(CanvasBatch(segments, ids, soft))
+    monkeypatch.setattr(canvas_step, "MASK_BUDGET_BYTES", rows * c * (widest + c) - 1)
+    got = runner.forward(CanvasBatch(segments, ids, soft))
+    assert step.calls == [len(segments)]  # the second round ran the mixed forward
+    assert rel_err(got, want) < 1e-5
 
 
 def test_judging_runner_steps_as_the_exact_sampler(model, cached):
