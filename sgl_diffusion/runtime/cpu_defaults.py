@@ -20,6 +20,11 @@ keeps a small machine responsive, each only when the user left it unset:
   file that does not exist makes each communicator disable itself (sglang logs that it could not load NCCL),
   and the groups use gloo.
 
+On every device, a float32 checkpoint left at ``--dtype auto`` is not served in float16 (sglang's rule for
+float32 checkpoints; it keeps Gemma models out of it, by a model type ours does not match, because Gemma's activations
+overflow float16): bfloat16 on an accelerator, as sglang serves Gemma, and float32 on the CPU, which computes it
+natively (the tiny checkpoints are float32).
+
 The three booleans are store_true flags with no opposite in sglang 0.5.23; an explicit ``--device``,
 ``--max-total-tokens`` or ``--mem-fraction-static`` always wins. Other models keep sglang's behaviour.
 
@@ -79,9 +84,14 @@ def resolve_device(server_args: Any, previous: Callable[[Any], None]) -> None:
     if fallback:
         declare_resolution(server_args, __name__, device="cpu")
     previous(server_args)
+    dtype = _dtype_for_float32(hf_config, cfg)
     if cfg.device != "cpu":
+        if dtype:
+            declare_resolution(server_args, __name__, dtype=dtype)
+            logger.info("sgl-diffusion: a float32 DiffusionGemma checkpoint is served in %s, as sglang serves Gemma "
+                        "(--dtype wins)", dtype)  # fmt: skip
         return
-    defaults = {}
+    defaults = {"dtype": dtype} if dtype else {}
     if cfg.max_total_tokens is None and cfg.mem_fraction_static is None:
         defaults["max_total_tokens"] = _max_total_tokens(hf_config, cfg)
     defaults |= {name: True for name in CPU_FLAGS if not getattr(cfg, name)}
@@ -198,6 +208,16 @@ def _max_total_tokens(hf_config, cfg) -> int:
     weight_bytes = sum(p.stat().st_size for p in Path(cfg.model_path).glob("*.safetensors"))
     return cpu_max_total_tokens(DiffusionGemmaConfig.from_hf(hf_config), context_len, get_free_cpu_memory(),
                                 weight_bytes, ranks=cfg.dp_size * cfg.tp_size * cfg.pp_size)  # fmt: skip
+
+
+def _dtype_for_float32(hf_config, cfg) -> str | None:
+    """The dtype a float32 checkpoint at ``--dtype auto`` is served in (None: another dtype, or one was given)."""
+    if cfg.dtype != "auto":
+        return None
+    stored = getattr(hf_config, "dtype", None) or getattr(hf_config.text_config, "dtype", None)
+    if str(stored).removeprefix("torch.") not in ("float32", "float"):
+        return None
+    return "float32" if cfg.device == "cpu" else "bfloat16"
 
 
 def _flag(name: str, value) -> str:

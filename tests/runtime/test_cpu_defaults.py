@@ -11,8 +11,8 @@ import pytest
 from sgl_diffusion.runtime import cpu_defaults
 
 GiB = 1 << 30
-CPU_DEFAULTS = {"max_total_tokens": 8192, "sleep_on_idle": True, "disable_overlap_schedule": True,
-                "skip_server_warmup": True}  # fmt: skip  # the tiny checkpoint: 2 contexts of 4096
+CPU_DEFAULTS = {"dtype": "float32", "max_total_tokens": 8192, "sleep_on_idle": True, "disable_overlap_schedule": True,
+                "skip_server_warmup": True}  # fmt: skip  # the tiny checkpoint: float32, 2 contexts of 4096
 
 
 @pytest.fixture(autouse=True)
@@ -48,13 +48,18 @@ def ample_ram(monkeypatch):
 
 def resolve(*argv):
     """ServerArgs from a command line, resolved as sglang.launch_server resolves them; returns the record."""
+    server_args = plain_args(*argv)
+    server_args.resolve_once()
+    return server_args
+
+
+def plain_args(*argv):
+    """ServerArgs from a command line, not resolved."""
     from sglang.srt.server_args import ServerArgs
 
     parser = argparse.ArgumentParser()
     ServerArgs.add_cli_args(parser)
-    server_args = ServerArgs.from_cli_args(parser.parse_args(list(argv)))
-    server_args.resolve_once()
-    return server_args
+    return ServerArgs.from_cli_args(parser.parse_args(list(argv)))
 
 
 def resolved(server_args, *fields):
@@ -99,6 +104,7 @@ def test_plain_command_picks_the_cpu_with_defaults(no_accelerator, ample_ram, ti
     (("--max-total-tokens", "4096"), CPU_DEFAULTS | {"max_total_tokens": 4096}, True),
     (("--mem-fraction-static", "0.5"), CPU_DEFAULTS | {"max_total_tokens": None}, True),
     (("--device", "cpu", "--sleep-on-idle"), CPU_DEFAULTS, False),
+    (("--dtype", "bfloat16"), CPU_DEFAULTS | {"dtype": "bfloat16"}, True),
 ])  # fmt: skip
 def test_explicit_flags_win(no_accelerator, ample_ram, tiny_checkpoint_dir, caplog, argv, expected, fallback):
     """A value the user gives is kept, and the log line names only what we filled in; --mem-fraction-static
@@ -140,16 +146,20 @@ def test_other_models_on_the_cpu_get_no_defaults(applied, llama_dir, caplog):
     assert our_declarations(server_args) == [] and our_log(caplog) == []
 
 
-def test_an_accelerator_changes_nothing(applied, monkeypatch, tiny_checkpoint_dir, caplog):
-    """With an accelerator, DiffusionGemma gets sglang's device and no CPU defaults."""
+@pytest.mark.parametrize("argv, ours", [((), [{"dtype": "bfloat16"}]), (("--dtype", "float16"), [])])
+def test_an_accelerator_gets_sglangs_device_and_gemmas_dtype(applied, monkeypatch, tiny_checkpoint_dir, caplog, argv,
+                                                            ours):
+    """With an accelerator, DiffusionGemma gets sglang's device and no CPU defaults; a float32 checkpoint is served in
+    bfloat16 as sglang serves Gemma (its own rule, float16, does not know our model type), unless --dtype is given."""
     from sglang.srt.arg_groups.overrides import declare_resolution
-    from sglang.srt.server_args import ServerArgs
 
     caplog.set_level(logging.INFO)
     monkeypatch.setattr(cpu_defaults, "sglang_picks_a_device", lambda: True)
-    server_args = ServerArgs(model_path=str(tiny_checkpoint_dir))
+    server_args = plain_args("--model-path", str(tiny_checkpoint_dir), *argv)
     cpu_defaults.resolve_device(server_args, lambda sa: declare_resolution(sa, "sglang", device="cuda"))
-    assert server_args._resolved_overrides == [("sglang", {"device": "cuda"})] and our_log(caplog) == []
+    assert server_args._resolved_overrides[0] == ("sglang", {"device": "cuda"})
+    assert our_declarations(server_args) == ours
+    assert len(our_log(caplog)) == len(ours) and all("bfloat16" in line for line in our_log(caplog))
 
 
 def test_pool_size_rule(hf_config):

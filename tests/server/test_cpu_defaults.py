@@ -26,16 +26,17 @@ def plain_server(tiny_checkpoint_dir):
 
 @pytest.mark.slow
 def test_plain_command_serves_on_the_cpu(plain_server):
-    """/generate answers; the server runs on the CPU with the CPU defaults, announced once (by the launcher)."""
+    """/generate answers; the server runs on the CPU with the CPU defaults (the float32 checkpoint in float32, not
+    sglang's float16), announced once (by the launcher)."""
     body = {"text": "hi", "sampling_params": {"max_new_tokens": 8, "diffusion": {"max_denoising_steps": 2, "seed": 1}}}
     response = plain_server.post("/generate", body)
     assert response.status_code == 200, response.text
     assert len(response.json()["output_ids"]) == 8
     info = requests.get(f"{plain_server.url}/server_info", timeout=10).json()
-    fields = ("device", "max_total_tokens", "sleep_on_idle", "disable_overlap_schedule", "skip_server_warmup")
+    fields = ("device", "dtype", "max_total_tokens", "sleep_on_idle", "disable_overlap_schedule", "skip_server_warmup")
     assert {name: info[name] for name in fields} == {
-        "device": "cpu", "max_total_tokens": 8192, "sleep_on_idle": True, "disable_overlap_schedule": True,
-        "skip_server_warmup": True,
+        "device": "cpu", "dtype": "float32", "max_total_tokens": 8192, "sleep_on_idle": True,
+        "disable_overlap_schedule": True, "skip_server_warmup": True,
     }  # fmt: skip
     with open(plain_server.log_path) as log:
         assert log.read().count("sgl-diffusion: no accelerator found") == 1
