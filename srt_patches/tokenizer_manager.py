@@ -225,7 +225,8 @@ def _validate(manager, obj, sampling, raw, input_ids, mm_inputs):
 
     defaults = getattr(manager, "diffusion_defaults", None)
     if defaults is None:
-        defaults = manager.diffusion_defaults = load_defaults(manager.server_args.model_path)
+        args = manager.server_args
+        defaults = manager.diffusion_defaults = load_defaults(args.model_path, args.revision)
     hf = manager.model_config.hf_config
     return_logprob = bool(getattr(obj, "return_logprob", False))
     params = check_request(

@@ -66,9 +66,14 @@ def serves_diffusion_model(hf_config) -> bool:
     return ARCHITECTURE in (getattr(hf_config, "architectures", None) or [])
 
 
-def load_defaults(model_path: str) -> DiffusionDefaults:
-    path = Path(model_path) / "generation_config.json"
-    return DiffusionDefaults.from_generation_config(json.loads(path.read_text()) if path.exists() else {})
+def load_defaults(model_path: str, revision: str | None = None) -> DiffusionDefaults:
+    """The sampler settings of the checkpoint's generation_config.json: a local directory's, or a Hub id's (from the
+    cache sglang loads the model from, fetched if it is not there yet); without one, transformers' defaults."""
+    from transformers.utils import cached_file
+
+    path = cached_file(model_path, "generation_config.json", revision=revision,
+                       _raise_exceptions_for_missing_entries=False)  # fmt: skip
+    return DiffusionDefaults.from_generation_config(json.loads(Path(path).read_text()) if path else {})
 
 
 def requested_attention_backend(server_args) -> str | None:
@@ -155,7 +160,7 @@ class DiffusionEngine:
                                         model.embed_tokens.weight.dtype, self.device)  # fmt: skip
         logger.info("sgl-diffusion: attention backend %s: %s", self.attention_backend,
                     BACKENDS[self.attention_backend])  # fmt: skip
-        self.defaults = load_defaults(scheduler.server_args.model_path)
+        self.defaults = load_defaults(scheduler.server_args.model_path, scheduler.server_args.revision)
         self.cfg = model.cfg
         rng = SamplerEnv.from_environ().rng
         # sglang's knob for "decode steps per scheduling round", read as denoise steps per round

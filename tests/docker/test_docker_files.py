@@ -114,6 +114,15 @@ def test_readme_commands_use_the_images():
     assert "(docker/README.md)" in (ROOT / "README.md").read_text()
 
 
+def test_every_documented_curl_with_a_body_sends_json():
+    """sglang's endpoints read a JSON body only as application/json: curl's default form encoding is a 422."""
+    for doc in (ROOT / "README.md", DOCKER / "README.md"):
+        commands = doc.read_text().replace("\\\n", " ").splitlines()
+        posts = [line for line in commands if "curl " in line and " -d " in line]
+        assert posts, doc
+        assert not [line for line in posts if "Content-Type: application/json" not in line], doc
+
+
 # ---- memory ---------------------------------------------------------------------------------------------------
 
 

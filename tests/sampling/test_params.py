@@ -32,6 +32,34 @@ def test_defaults_read_checkpoint_generation_config():
     assert DEFAULTS == DiffusionDefaults(32, 0.25, 0.3, 0.9, 2, 0.01, eos_token_ids=(1, 106, 50), pad_token_id=0)
 
 
+def test_defaults_are_read_from_a_local_checkpoint_or_a_hub_ids_cache(tmp_path, monkeypatch):
+    """``--model-path`` a directory, or a Hub id (the CUDA image's default) whose files sglang fetched into the Hub
+    cache: both give the checkpoint's generation_config.json (a Hub id read none, and ran on transformers' defaults
+    with no EOS ids); a directory without one gives the fallbacks."""
+    import json
+
+    import huggingface_hub.constants
+
+    from sgl_diffusion.runtime.scheduler_hook import load_defaults
+
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "generation_config.json").write_text(json.dumps(CHECKPOINT_GEN_CONFIG))
+    assert load_defaults(str(local)) == DEFAULTS
+    assert load_defaults(str(tmp_path)) == DiffusionDefaults.from_generation_config({})
+
+    cache, commit = tmp_path / "hub", "0123456789abcdef0123456789abcdef01234567"
+    snapshot = cache / "models--google--diffusiongemma-test" / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (snapshot / "generation_config.json").write_text(json.dumps(CHECKPOINT_GEN_CONFIG))
+    (cache / "models--google--diffusiongemma-test" / "refs").mkdir()
+    (cache / "models--google--diffusiongemma-test" / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no machine here reaches the Hub
+    assert load_defaults("google/diffusiongemma-test") == DEFAULTS
+    assert load_defaults("google/diffusiongemma-test", revision=commit) == DEFAULTS
+
+
 def test_defaults_fall_back_to_transformers_globals():
     """Missing or null keys take transformers' global fallbacks; a scalar eos becomes a 1-tuple."""
     hf = DiffusionGemmaGenerationConfig._get_default_generation_params()

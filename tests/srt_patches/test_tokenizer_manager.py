@@ -49,7 +49,7 @@ def hf_config(tiny_checkpoint_dir):
 def _manager(hf_config, model_path, preferred=None):
     return SimpleNamespace(
         model_config=SimpleNamespace(hf_config=hf_config),
-        server_args=SimpleNamespace(model_path=str(model_path)),
+        server_args=SimpleNamespace(model_path=str(model_path), revision=None),
         preferred_sampling_params=preferred,
         tokenizer=None,  # what sglang's manager has with --skip-tokenizer-init (infill then needs one)
         context_len=4096,
