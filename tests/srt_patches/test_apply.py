@@ -86,6 +86,22 @@ def test_missing_target_is_not_swallowed_by_load_plugins(applied, monkeypatch, h
         plugins.load_plugins()
 
 
+def test_a_patch_whose_register_fails_is_not_swallowed_by_load_plugins(applied, monkeypatch, hook_registry):
+    """A patch module whose register() raises (an upstream key or import gone) stops the process too, instead of
+    sglang logging it and serving DiffusionGemma with only the patches registered before it."""
+    import sglang.srt.plugins as plugins
+
+    def broken():
+        raise KeyError("_serialize_usage")
+
+    monkeypatch.setattr(applied.openai_protocol, "register", broken)
+    monkeypatch.setattr(applied, "_applied", False)
+    monkeypatch.setattr(plugins, "_plugins_loaded", False)
+    monkeypatch.setattr(plugins, "load_plugins_by_group", lambda *a, **k: {"sgl_diffusion": (applied.apply, None)})
+    with pytest.raises(SystemExit, match="srt_patches.openai_protocol"):
+        plugins.load_plugins()
+
+
 def test_is_installed_is_false_for_an_unpatched_function(applied):
     """is_installed() is False for an sglang function we do not wrap (it is not always True)."""
     assert not applied.is_installed("sglang.srt.managers.scheduler.Scheduler.on_idle")
