@@ -11,8 +11,8 @@ Target: sglang.srt.managers.io_struct.GenerateReqInput.normalize_batch_and_argum
 Checked against: sglang 0.5.23
 Why: a list of sampling_params is read as one dict per prompt without checking it: for one prompt the request fails
      later on ``list.get`` (AttributeError), fewer dicts than prompts fail on an index, an empty list on ``[0]``:
-     each an HTTP 500. They are a ValueError (a 400) here, with the lengths. More dicts than prompts were silently
-     dropped; they are refused too. An empty ``input_embeds`` (the prompt when neither text nor ids are given) failed
+     each an HTTP 500. They are a ValueError (a 400) here, with the lengths. More dicts than prompts are left as
+     sglang serves them (each prompt takes its own, the rest go unread), for every model. An empty ``input_embeds`` (the prompt when neither text nor ids are given) failed
      on ``[0][0]``, a 500 too.
 Remove when: sglang checks the length of sampling_params as it does for ``watermark``, and empty input_embeds.
 
@@ -63,7 +63,7 @@ def normalize_batch_and_arguments(original, request):
         if request.is_single:
             raise ValueError(f"sampling_params is a list of {len(given)} but the prompt is one: send an object, "
                              "or a list of prompts")  # fmt: skip
-        if len(given) != request.batch_size:
+        if len(given) < request.batch_size:
             raise ValueError(f"sampling_params has {len(given)} entries for {request.batch_size} prompts: send one "
                              "object for all, or one per prompt")  # fmt: skip
 

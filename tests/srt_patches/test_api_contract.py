@@ -108,7 +108,6 @@ def _normalized(**fields):
     ({"text": "Hi", "sampling_params": [{}]}, "a list of 1 but the prompt is one"),
     ({"input_ids": [2, 5], "sampling_params": [{}, {}]}, "a list of 2 but the prompt is one"),
     ({"text": ["Hi", "Yo", "Hey"], "sampling_params": [{}, {}]}, "has 2 entries for 3 prompts"),
-    ({"text": ["Hi", "Yo"], "sampling_params": [{}, {}, {}]}, "has 3 entries for 2 prompts"),
     ({"text": ["Hi", "Yo"], "sampling_params": [{"n": 2}]}, "has 1 entries for 2 prompts"),
     ({"text": ["Hi", "Yo"], "sampling_params": []}, "a non-empty list of objects"),
     ({"text": ["Hi", "Yo"], "sampling_params": [{}, 3]}, "a non-empty list of objects"),
@@ -119,7 +118,7 @@ def _normalized(**fields):
     ({"input_ids": [], "sampling_params": {"n": 2}}, "should be provided|empty"),
 ])  # fmt: skip
 def test_a_sampling_params_list_that_does_not_fit_the_prompts_is_a_value_error(applied, fields, message):
-    """sglang read these unchecked: an AttributeError or IndexError later, an HTTP 500 (or extra dicts dropped)."""
+    """sglang read these unchecked: an AttributeError or IndexError later, an HTTP 500."""
     with pytest.raises(ValueError, match=message):
         _normalized(**fields)
 
@@ -129,6 +128,9 @@ def test_sampling_params_that_fit_are_normalized_as_sglang_does(applied):
     batch = _normalized(text=["Hi", "Yo"], sampling_params=[{"temperature": 0.5}, {"temperature": 0.7}])
     assert [p["temperature"] for p in batch.sampling_params] == [0.5, 0.7]
     assert len(_normalized(text=["Hi", "Yo"], sampling_params={}).sampling_params) == 2
+    # more dicts than prompts: sglang serves them (each prompt its own), for every model; not ours to refuse
+    extra = _normalized(text=["Hi", "Yo"], sampling_params=[{"temperature": 0.5}, {"temperature": 0.7}, {}])
+    assert [extra[i].sampling_params["temperature"] for i in range(2)] == [0.5, 0.7]
     parallel = _normalized(text="Hi", sampling_params=[{"n": 2}])  # n > 1 makes one prompt a batch of one
     assert parallel.batch_size == 1 and len(parallel.sampling_params) == 2
 
