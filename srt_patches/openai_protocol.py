@@ -2,7 +2,7 @@
 and pass it on as ``sampling_params["diffusion"]``.
 
 Also accept ``"image_token_budget"`` in chat bodies, checked here and passed on in the request's
-``mm_processor_kwargs`` (what sgl_diffusion.multimodal's processor reads).
+``mm_processor_kwargs`` (what sgl_diffusion.multimodal's processor reads), on a DiffusionGemma server only.
 
 Also report diffusion figures in ``usage.diffusion`` (canvases, denoise steps, tokens per forward; a streamed
 answer's usage chunk gets them in srt_patches.openai_stream), in the Anthropic Messages usage, which sglang
@@ -73,7 +73,8 @@ def _add_diffusion_field() -> None:
     fields.append((protocol.ChatCompletionRequest, "image_token_budget", int | None))
     for cls, name, annotation in fields:
         if name not in cls.model_fields:
-            cls.model_fields[name] = FieldInfo(annotation=annotation, default=None)
+            # left out of the JSON while unset: another model's usage (and requests) serialize as sglang's do
+            cls.model_fields[name] = FieldInfo(annotation=annotation, default=None, exclude_if=_is_none)
             cls.model_rebuild(force=True)
     _serialize_responses_diffusion(protocol.ResponsesResponse)
     _refuse_a_body_that_is_not_an_object(protocol.ChatCompletionRequest)
@@ -82,6 +83,10 @@ def _add_diffusion_field() -> None:
                 protocol.CompletionStreamResponse, anthropic.AnthropicMessagesResponse, anthropic.MessageDeltaEvent,
                 anthropic.MessageStartEvent, protocol.ResponsesLifecycleEvent):
         cls.model_rebuild(force=True)
+
+
+def _is_none(value) -> bool:
+    return value is None
 
 
 def _serialize_responses_diffusion(cls) -> None:
@@ -137,9 +142,14 @@ def _carry_diffusion(params: dict, request) -> dict:
     return params
 
 
+# set by srt_patches.serving_chat when this process's chat endpoint serves DiffusionGemma; another model's server
+# leaves image_token_budget unread, as sglang drops a field it does not know
+image_budget_served = False
+
+
 def chat_to_sampling_params(original, request, *args, **kwargs):
     params = _carry_diffusion(original(request, *args, **kwargs), request)
-    if request.image_token_budget is not None:
+    if request.image_token_budget is not None and image_budget_served:
         from sgl_diffusion.multimodal.processor import BUDGET_KEY, check_image_token_budget
 
         # sglang builds the GenerateReqInput from request.mm_processor_kwargs right after this call

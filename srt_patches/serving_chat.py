@@ -38,7 +38,10 @@ def _serves_diffusion_model(serving) -> bool:
 
 def after_init(_result, serving, *args, **kwargs):
     if _serves_diffusion_model(serving):
+        from srt_patches import openai_protocol
+
         serving.is_gemma4 = True
+        openai_protocol.image_budget_served = True  # chat bodies' image_token_budget is this model's (one per process)
 
 
 def parse_json_array_increment(original, parser, new_text, tools, *args, **kwargs):

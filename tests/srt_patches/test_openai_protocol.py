@@ -91,8 +91,17 @@ def test_chat_sampling_params_carry_diffusion(protocol):
     assert params["max_new_tokens"] == 8
 
 
-def test_chat_image_token_budget_moves_to_mm_processor_kwargs(protocol):
-    """image_token_budget (checked) joins the request's own mm_processor_kwargs, which sglang passes to the processor."""
+def test_chat_image_token_budget_moves_to_mm_processor_kwargs(protocol, monkeypatch):
+    """On a DiffusionGemma server, image_token_budget (checked) joins the request's own mm_processor_kwargs, which
+    sglang passes to the processor; another model's server leaves it unread, as sglang drops fields it does not
+    know."""
+    from srt_patches import openai_protocol
+
+    monkeypatch.setattr(openai_protocol, "image_budget_served", False)
+    elsewhere = protocol.ChatCompletionRequest(model="m", messages=MESSAGES, image_token_budget=100)
+    elsewhere.to_sampling_params(stop=[], model_generation_config={})
+    assert elsewhere.mm_processor_kwargs is None
+    monkeypatch.setattr(openai_protocol, "image_budget_served", True)
     request = protocol.ChatCompletionRequest.model_validate_json(
         '{"model": "m", "messages": [{"role": "user", "content": "hi"}], "image_token_budget": 140,'
         ' "mm_processor_kwargs": {"other": 1}}')
@@ -192,6 +201,18 @@ def test_usage_reports_diffusion_figures(applied):
     assert usage.completion_tokens == 42 and "diffusion" in usage.model_dump()
     plain = UsageProcessor.calculate_response_usage([{"meta_info": {"prompt_tokens": 1, "completion_tokens": 1}}])
     assert plain.diffusion is None
+
+
+def test_usage_without_diffusion_figures_serializes_as_sglangs(protocol):
+    """Another model's usage (no figures) is the JSON sglang writes, without a "diffusion": null, in a response or
+    a stream's usage chunk (written with model_dump_json, no exclude_none); ours carries its figures."""
+    usage = protocol.UsageInfo(prompt_tokens=5, completion_tokens=6, total_tokens=11)
+    assert "diffusion" not in usage.model_dump_json() and "diffusion" not in usage.model_dump()
+    chunk = protocol.ChatCompletionStreamResponse(id="c", model="m", choices=[], usage=usage)
+    assert "diffusion" not in chunk.model_dump_json()
+    figures = {"canvases": 1, "denoise_steps": 3, "tokens_per_forward": 2.0}
+    chunk.usage = protocol.UsageInfo(prompt_tokens=5, completion_tokens=6, total_tokens=11, diffusion=figures)
+    assert '"diffusion":{"canvases":1' in chunk.model_dump_json()
 
 
 def test_anthropic_usage_carries_diffusion_with_the_output_tokens(applied):

@@ -51,13 +51,19 @@ def test_upstream_keeps_special_tokens_only_for_gemma4_model_types(upstream):
     assert "self.is_gemma4 =" in source and '("gemma4", "gemma4_unified")' in source
 
 
-def test_diffusion_gemma_chat_is_served_as_gemma4():
-    """after_init marks a DiffusionGemma chat server as Gemma 4, and leaves other models alone."""
+def test_diffusion_gemma_chat_is_served_as_gemma4(monkeypatch):
+    """after_init marks a DiffusionGemma chat server as Gemma 4 and its chat bodies' image_token_budget as read, and
+    leaves other models alone."""
+    from srt_patches import openai_protocol
+
+    monkeypatch.setattr(openai_protocol, "image_budget_served", False)
     ours, other = _serving("DiffusionGemmaForBlockDiffusion"), _serving("LlamaForCausalLM")
-    for serving in (ours, other):
-        serving.is_gemma4 = False
-        serving_chat.after_init(None, serving, None, None)
-    assert ours.is_gemma4 is True and other.is_gemma4 is False
+    other.is_gemma4 = False
+    serving_chat.after_init(None, other, None, None)
+    assert other.is_gemma4 is False and openai_protocol.image_budget_served is False
+    ours.is_gemma4 = False
+    serving_chat.after_init(None, ours, None, None)
+    assert ours.is_gemma4 is True and openai_protocol.image_budget_served is True
 
 
 def _tools():
