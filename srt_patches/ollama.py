@@ -9,7 +9,8 @@ Why: sglang's Ollama streamers send a finished chunk as ``done`` with empty cont
      finished chunk's new text first, in a chunk of its own that is not finished.
      The Ollama handlers catch no error: a request the server refuses (an option our sampler does not have, such as
      ``top_k``) was a 500, or a stream cut off with no body. The stream's first chunk is awaited before the response
-     starts, and a refusal (ValueError) is answered 400 with Ollama's ``{"error": ...}`` body.
+     starts, and a refusal (ValueError, or the TypeError sglang's checks raise on an option of the wrong type, such
+     as ``"num_predict": "x"``) is answered 400 with Ollama's ``{"error": ...}`` body.
 Remove when: sglang's Ollama streamers send the final chunk's delta and its handlers answer ValueErrors with a 400.
 
 Target: sglang.srt.entrypoints.ollama.serving.OllamaServing._convert_options_to_sampling_params
@@ -44,7 +45,7 @@ async def handle(original, serving, request, raw_request):
 
     try:
         return await original(serving, request, raw_request)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:  # TypeError: sglang's checks on an option of the wrong type
         return ORJSONResponse({"error": str(e)}, status_code=400)
 
 

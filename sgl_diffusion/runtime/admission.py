@@ -43,6 +43,9 @@ def check_request(sampling: dict, return_logprob: bool, raw_diffusion, defaults:
     """Validate one request; raise ValueError (HTTP 400) naming what is not supported.
 
     ``tokenizer`` lays out a ``diffusion.infill`` template (sampling/infill.py)."""
+    max_new_tokens = sampling.get("max_new_tokens")
+    if max_new_tokens is not None and type(max_new_tokens) is not int:  # 40.0 from Ollama's num_predict, say
+        raise ValueError(f"max_new_tokens must be an integer, not {max_new_tokens!r}")
     for key, what in _REFUSED_IF_SET.items():
         if sampling.get(key):
             raise ValueError(f"{what} is not supported for DiffusionGemma yet")

@@ -243,6 +243,9 @@ class DiffusionEngine:
                 max_new_tokens = 0  # a prefill proves the loop and the model are alive; a canvas costs 48 forwards
             prompt = list(req.origin_input_ids)
             try:
+                # admission refuses it too; here it would reach the Req's list slices and end the scheduler
+                if type(max_new_tokens) is not int:
+                    raise ValueError(f"max_new_tokens must be an integer, not {max_new_tokens!r}")
                 runs, embeds = self._images(req, prompt)
                 params = self._params(req)
                 if params.infill is not None:  # the template decides the output's length (cut by max_new_tokens)
@@ -414,8 +417,10 @@ class DiffusionEngine:
         req.output_ids.extend(canvas)
         with _earliest_stop_first(req, len(canvas)):
             req.update_finish_state(new_accepted_len=len(canvas))
-        if not req.finished() and req.seqlen + self.cfg.canvas_length > self.scheduler.model_config.context_len:
-            req.finished_reason = FINISH_LENGTH(length=len(req.output_ids))  # the next canvas would not fit
+        # NOTE: sglang admits prompt + max_new_tokens <= context_len, so the tokens a canvas commits always fit; its
+        # positions past the context (the last canvas's, partly committed) need no KV. Only no room at all ends it.
+        if not req.finished() and req.seqlen >= self.scheduler.model_config.context_len:
+            req.finished_reason = FINISH_LENGTH(length=len(req.output_ids))
         end = req.finished_len if req.finished() and req.finished_len is not None else len(req.output_ids)
         # NOTE: the canvas past the stop is no output: a session's next turn appends output_ids to its history
         # (sglang's SessionController reads no finished_len), and got the rest of the canvas (pads, a cut stop string)

@@ -9,6 +9,8 @@ import torch
 from transformers import DiffusionGemmaForBlockDiffusion
 from transformers.models.diffusion_gemma.generation_diffusion_gemma import DiffusionGemmaGenerationConfig
 
+from tests.server.test_load import assert_serves
+
 pytestmark = pytest.mark.slow
 
 PROMPT_IDS = [2, 5, 381, 280, 300, 320, 340, 6, 280, 5, 385, 280]
@@ -140,6 +142,36 @@ def test_ollama_refuses_an_option_the_sampler_lacks_with_a_400(server, stream):
                                          "options": {"num_predict": 8, "top_k": 40}})
     assert resp.status_code == 400 and "top_k" in resp.json()["error"], resp.text
     assert server.healthy()
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/api/generate", {"model": "tiny", "prompt": "Hi", "stream": False, "options": {"num_predict": 40.0}}),
+    ("/api/generate", {"model": "tiny", "prompt": "Hi", "stream": True, "options": {"num_predict": 1.5}}),
+    ("/api/chat", {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "stream": False,
+                   "options": {"num_predict": "x"}}),
+    ("/vertex_generate", {"instances": [{"text": "Hi"}], "parameters": {"sampling_params": {"max_new_tokens": 40.0}}}),
+])  # fmt: skip
+def test_a_token_limit_that_is_no_integer_is_a_400(server, path, body):
+    """These routes pass the limit through unchecked: a float one reached the scheduler's list slices and ended the
+    server, a string one was a 500 (sglang's TypeError)."""
+    resp = server.post(path, body)
+    assert resp.status_code == 400, resp.text
+    assert server.healthy()
+    assert_serves(server)
+
+
+def test_an_answer_that_ends_at_the_context_limit_is_served_whole(server):
+    """A prompt 4040 tokens long and 46 new tokens fit the 4096-token context (sglang keeps a request under it by a
+    token or two): the second canvas reaches past the context, but the 14 tokens it commits fit, so the answer is
+    whole (it was cut to the 32 of the first canvas), and an infill template ending there is completed."""
+    prompt = [2] + [(j * 7) % 390 + 3 for j in range(4039)]
+    out = server.post("/generate", {"input_ids": prompt, "sampling_params": {
+        "max_new_tokens": 46, "ignore_eos": True, "diffusion": {"seed": 7, "max_denoising_steps": 1}}}).json()
+    assert len(out["output_ids"]) == 46 and out["meta_info"]["finish_reason"]["type"] == "length", out["meta_info"]
+    template = {"template": "{{hole:30}} THE END"}
+    resp = server.post("/generate", {"input_ids": prompt, "sampling_params": {
+        "diffusion": {"seed": 7, "max_denoising_steps": 1, "infill": template}}})
+    assert resp.status_code == 200 and resp.json()["text"].endswith(" THE END"), resp.text[-300:]
 
 
 @pytest.mark.parametrize(
