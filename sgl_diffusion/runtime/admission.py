@@ -38,14 +38,16 @@ _REFUSED_UNLESS = {  # key: the only accepted values (besides None)
 }
 
 
+_TYPES = {"max_new_tokens": int, "n": int, "ignore_eos": bool, "skip_special_tokens": bool,
+          "spaces_between_special_tokens": bool, "no_stop_trim": bool}  # fmt: skip
+
+
 def check_request(sampling: dict, return_logprob: bool, raw_diffusion, defaults: DiffusionDefaults, *,
                   vocab_size: int, canvas_length: int, tokenizer=None) -> DiffusionParams:
     """Validate one request; raise ValueError (HTTP 400) naming what is not supported.
 
     ``tokenizer`` lays out a ``diffusion.infill`` template (sampling/infill.py)."""
-    max_new_tokens = sampling.get("max_new_tokens")
-    if max_new_tokens is not None and type(max_new_tokens) is not int:  # 40.0 from Ollama's num_predict, say
-        raise ValueError(f"max_new_tokens must be an integer, not {max_new_tokens!r}")
+    _check_types(sampling)
     for key, what in _REFUSED_IF_SET.items():
         if sampling.get(key):
             raise ValueError(f"{what} is not supported for DiffusionGemma yet")
@@ -62,6 +64,28 @@ def check_request(sampling: dict, return_logprob: bool, raw_diffusion, defaults:
     if params.infill is not None:
         _check_infill(params.infill, sampling, defaults)
     return _apply_temperature(params, sampling.get("temperature"), raw_diffusion, sampling.get("top_k"))
+
+
+def _check_types(sampling: dict) -> None:
+    """sglang checks these types on /generate only: /vertex_generate and Ollama's options pass them on as sent, and a
+    wrong one reached the scheduler's or the detokenizer's code and ended the server (a float max_new_tokens, from
+    Ollama's ``num_predict: 40.0``, a string skip_special_tokens)."""
+    for key, kind in _TYPES.items():
+        value = sampling.get(key)
+        if value is not None and type(value) is not kind:
+            raise ValueError(f"{key} must be {'a boolean' if kind is bool else 'an integer'}, not {value!r}")
+    if (n := sampling.get("n")) is not None and n < 1:
+        raise ValueError(f"n must be at least 1, not {n}")
+    stop = sampling.get("stop")
+    if stop is not None and not isinstance(stop, str) and not _list_of(stop, str):
+        raise ValueError(f"stop must be a string or a list of strings, not {stop!r}")
+    ids = sampling.get("stop_token_ids")
+    if ids is not None and not _list_of(ids, int):
+        raise ValueError(f"stop_token_ids must be a list of integers, not {ids!r}")
+
+
+def _list_of(value, kind) -> bool:
+    return isinstance(value, list) and all(type(item) is kind for item in value)
 
 
 def check_logprobs(return_logprob: bool, logprob_start_len, token_ids_logprob, prompt_len: int | None,

@@ -31,6 +31,20 @@ def test_unsupported_features_are_refused(sampling, word):
         check(sampling)
 
 
+@pytest.mark.parametrize("sampling, message", [
+    ({"max_new_tokens": 40.0}, "max_new_tokens must be an integer"), ({"max_new_tokens": True}, "an integer"),
+    ({"n": 2.0}, "n must be an integer"), ({"n": 0}, "n must be at least 1"), ({"n": -1}, "at least 1"),
+    ({"skip_special_tokens": "no"}, "skip_special_tokens must be a boolean"), ({"ignore_eos": 1}, "a boolean"),
+    ({"stop": 5}, "stop must be a string or a list"), ({"stop": ["a", 5]}, "a list of strings"),
+    ({"stop_token_ids": [1.0]}, "stop_token_ids must be a list of integers"),
+])  # fmt: skip
+def test_sampling_fields_of_the_wrong_type_are_refused(sampling, message):
+    """Routes that pass sampling fields on unchecked (/vertex_generate, Ollama's options) get a 400 here."""
+    with pytest.raises(ValueError, match=message):
+        check(sampling)
+    check({"max_new_tokens": 40, "n": 2, "stop": ["a"], "stop_token_ids": [3], "skip_special_tokens": False})
+
+
 def test_grammars_and_logprobs_pass():
     """Grammars and logprobs act on the canvas: a request with them is accepted here (compiled by sglang later)."""
     for sampling in ({"regex": "a+"}, {"json_schema": "{}"}, {"ebnf": "root ::= x"}, {"structural_tag": "{}"}):

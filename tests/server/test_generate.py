@@ -150,10 +150,14 @@ def test_ollama_refuses_an_option_the_sampler_lacks_with_a_400(server, stream):
     ("/api/chat", {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "stream": False,
                    "options": {"num_predict": "x"}}),
     ("/vertex_generate", {"instances": [{"text": "Hi"}], "parameters": {"sampling_params": {"max_new_tokens": 40.0}}}),
+    ("/vertex_generate", {"instances": [{"text": "Hi"}], "parameters": {"sampling_params": {
+        "max_new_tokens": 8, "skip_special_tokens": "no"}}}),
+    ("/v1/completions", {"model": "tiny", "prompt": "Hi", "max_tokens": 8, "n": -1}),
 ])  # fmt: skip
-def test_a_token_limit_that_is_no_integer_is_a_400(server, path, body):
-    """These routes pass the limit through unchecked: a float one reached the scheduler's list slices and ended the
-    server, a string one was a 500 (sglang's TypeError)."""
+def test_sampling_fields_of_the_wrong_type_are_a_400(server, path, body):
+    """These routes pass sampling fields on unchecked: a float token limit reached the scheduler's list slices and
+    ended the server, a string one was a 500 (sglang's TypeError), a string skip_special_tokens ended the
+    detokenizer (and the server), and n = -1 answered one choice with a prompt of 0 tokens."""
     resp = server.post(path, body)
     assert resp.status_code == 400, resp.text
     assert server.healthy()
