@@ -45,7 +45,8 @@ def apply() -> None:
         try:
             module.register()
         except Exception as e:  # an upstream change under a patch (a renamed key, a moved import)
-            raise SystemExit(f"sgl-diffusion: could not patch {module.__name__}: {e!r}; is sglang 0.5.23 installed?") from e
+            raise SystemExit(f"sgl-diffusion: could not patch {module.__name__}: {e!r}; "
+                             "is sglang 0.5.23 installed?") from e
     HookRegistry.apply_hooks()
     missing = [t for m in PATCH_MODULES for t in m.TARGETS if not is_installed(t)]
     if missing:

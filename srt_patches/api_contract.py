@@ -12,8 +12,8 @@ Checked against: sglang 0.5.23
 Why: a list of sampling_params is read as one dict per prompt without checking it: for one prompt the request fails
      later on ``list.get`` (AttributeError), fewer dicts than prompts fail on an index, an empty list on ``[0]``:
      each an HTTP 500. They are a ValueError (a 400) here, with the lengths. More dicts than prompts are left as
-     sglang serves them (each prompt takes its own, the rest go unread), for every model. An empty ``input_embeds`` (the prompt when neither text nor ids are given) failed
-     on ``[0][0]``, a 500 too.
+     sglang serves them (each prompt takes its own, the rest go unread), for every model. An empty ``input_embeds``
+     (the prompt when neither text nor ids are given) failed on ``[0][0]``, a 500 too.
 Remove when: sglang checks the length of sampling_params as it does for ``watermark``, and empty input_embeds.
 
 Target: sglang.srt.managers.io_struct.GenerateReqInput._handle_parallel_sampling

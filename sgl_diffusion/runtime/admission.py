@@ -38,6 +38,7 @@ _REFUSED_UNLESS = {  # key: the only accepted values (besides None)
 }
 
 
+# sampling fields whose type sglang checks on /generate only (_check_types)
 _TYPES = {"max_new_tokens": int, "n": int, "ignore_eos": bool, "skip_special_tokens": bool,
           "spaces_between_special_tokens": bool, "no_stop_trim": bool}  # fmt: skip
 
