@@ -394,16 +394,17 @@ class DiffusionEngine:
         radix key, see ``pad_input_ids``); ``prompt`` gets the image token id back for the embedding.
         """
         mm = req.multimodal_inputs
-        if mm is None or not mm.mm_items:
+        items = _items_in(mm.mm_items, prompt) if mm is not None else []
+        if not items:
             return (), None
-        runs = sorted((b, e + 1) for item in mm.mm_items for b, e in item.offsets)  # offsets are inclusive
+        runs = sorted((b, e + 1) for item in items for b, e in item.offsets)  # offsets are inclusive
         for b, e in runs:
             prompt[b:e] = [self.cfg.image_token_id] * (e - b)
         model = self.policy.runner.model
         dtype = model.embed_tokens.weight.dtype
         embeds = torch.cat([
             model.image_embeds(item.feature.to(self.device, dtype), item.image_position_ids.to(self.device))
-            for item in mm.mm_items
+            for item in items
         ])
         if embeds.shape[0] != sum(e - b for b, e in runs):
             raise ValueError(f"{embeds.shape[0]} image soft tokens for {sum(e - b for b, e in runs)} image positions")
@@ -452,6 +453,27 @@ class DiffusionEngine:
         req.grammar = None
         self.policy.abort(dreq, cache)
         self.scheduler.output_streamer.stream_output([req], req.return_logprob)
+
+
+def _items_in(items, prompt: list[int]) -> list:
+    """The media items placed in ``prompt``: those whose positions hold their pad values (sglang's radix keys). A
+    session turn with an ``offset`` keeps the history's items (sglang hands the last turn's on whole) though the offset
+    cut the history short: an item past the offset is not in the prompt, and one the offset cuts into has no meaning
+    (a 400)."""
+    kept = []
+    for item in items:
+        positions = [p for start, end in item.offsets for p in range(start, end + 1)]  # offsets are inclusive
+        if item.pad_value is None:  # not padded: where the offsets say
+            held = [p < len(prompt) for p in positions]
+        else:
+            pads = {item.pad_value, *(item.pad_values or ())}
+            held = [p < len(prompt) and prompt[p] in pads for p in positions]
+        if all(held):
+            kept.append(item)
+        elif any(held):
+            raise ValueError("session_params.offset cuts into an image of the session's history: give an offset "
+                             "before or after it")  # fmt: skip
+    return kept
 
 
 @contextlib.contextmanager

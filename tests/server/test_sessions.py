@@ -37,6 +37,30 @@ def test_a_turn_continues_from_the_tokens_returned_and_replace_starts_afresh(ser
     assert server.healthy()
 
 
+def test_an_offset_before_or_into_an_image_of_the_history(server):
+    """A turn whose offset cuts the history before an image drops it (sglang hands the history's images on whole);
+    one that cuts into it is a 400. Before, both failed the whole round, and the requests beside them with it."""
+    from tests.multimodal.media import data_url, png_bytes
+
+    session_id = post(server, {"capacity_of_str_len": 100000}, "/open_session")
+    try:
+        first = post(server, {"text": "Look at this picture of a shirt: <|image|> What?", "rid": "with-image",
+                              "image_data": [data_url(png_bytes(24, 24), "image/png")], "sampling_params": PARAMS,
+                              "session_params": {"id": session_id}})  # fmt: skip
+        history = first["meta_info"]["prompt_tokens"]  # the image's soft tokens end a few tokens before this
+        before = post(server, {"text": " again", "rid": "before", "sampling_params": PARAMS,
+                               "session_params": {"id": session_id, "rid": "with-image", "offset": 1}})
+        assert len(before["output_ids"]) == PARAMS["max_new_tokens"]
+        assert before["meta_info"]["prompt_tokens"] < 10  # one token of the history, then " again"
+        into = server.post("/generate", {"text": " cut", "rid": "into", "sampling_params": PARAMS,
+                                         "session_params": {"id": session_id, "rid": "with-image",
+                                                            "offset": history - 12}})  # fmt: skip
+        assert into.status_code == 400 and "cuts into an image" in into.text, into.text
+    finally:
+        server.post("/close_session", {"session_id": session_id})
+    assert server.healthy()
+
+
 @pytest.mark.parametrize("session_params, word", [
     ({"id": ["s"]}, "session_params.id"),
     ({"id": "s", "rid": [1]}, "session_params.rid"),
