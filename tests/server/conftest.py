@@ -34,6 +34,10 @@ class PortTaken(RuntimeError):
 class Server:
     READY_PATH = "/health"  # polled until it answers 200
     STARTS = 3  # tries, each on a new port, when another process takes the port first
+    HEALTHY_S = 240  # start-up, until /health answers
+    # a server that compiles answers /health after compiling its canvas step's graphs: on a cold inductor cache (a
+    # fresh machine) and beside another worker's tests, that took over 240 s on a 2-core AMD EPYC (2026-12-03)
+    COMPILING_HEALTHY_S = 900
     # under pytest's temporary directory (tests/conftest.py sets it), which keeps the last three runs' and removes
     # older ones; None: the system's
     log_root: str | None = None
@@ -48,7 +52,8 @@ class Server:
         for start in range(self.STARTS):
             self._start(model_dir, extra_args, env)
             try:
-                self._wait_healthy(timeout=240)
+                compiles = "--enable-torch-compile" in extra_args
+                self._wait_healthy(timeout=self.COMPILING_HEALTHY_S if compiles else self.HEALTHY_S)
                 return
             except PortTaken:
                 self.stop()
