@@ -49,11 +49,11 @@ class Server:
 
     def __init__(self, model_dir, *extra_args, env: dict[str, str] | None = None):
         """``env``: variables added to this process's environment for the server (e.g. ``SGL_DIFFUSION_*``)."""
+        timeout = self.COMPILING_HEALTHY_S if "--enable-torch-compile" in extra_args else self.HEALTHY_S
         for start in range(self.STARTS):
             self._start(model_dir, extra_args, env)
             try:
-                compiles = "--enable-torch-compile" in extra_args
-                self._wait_healthy(timeout=self.COMPILING_HEALTHY_S if compiles else self.HEALTHY_S)
+                self._wait_healthy(timeout)
                 return
             except PortTaken:
                 self.stop()
