@@ -23,7 +23,9 @@ Checked against: sglang 0.5.23
 Why: when loading the new checkpoint fails (a tensor of another shape, missing weights), sglang rolls back by
      loading from ``model_config.model_path``, which it has already set to the new path: the rollback fails the
      same way and its exception ends the scheduler. The wrapper then rolls back from the path that was being
-     served and answers ``success: false`` with the cause.
+     served and answers ``success: false`` with the cause. When sglang cannot read the new checkpoint at all it
+     answers ``success: false`` and keeps the weights, but not their path: the wrapper puts the served path back,
+     or the next failed update would roll back to the unreadable one.
 Remove when: sglang keeps the served path until the new weights have loaded.
 
 Target: sglang.srt.model_executor.model_runner_components.weight_updater.WeightUpdater.{update_weights_from_tensor,
@@ -123,13 +125,16 @@ def update_weights_from_disk(original, updater, model_path, load_format, *args, 
     served_path = updater.model_config.model_path
     served_format = updater.get_model_runner().load_config.load_format
     try:
-        return original(updater, model_path, load_format, *args, **kwargs)
+        loaded, message = original(updater, model_path, load_format, *args, **kwargs)
     except Exception as e:  # sglang's own rollback read the new path and failed again
         logger.warning("sgl-diffusion: weights from %s failed to load (%s); reloading %s", model_path, e, served_path)
         reloaded, message = original(updater, served_path, served_format)
         if not reloaded:
             raise RuntimeError(f"rolling back to {served_path} failed too: {message}") from e
         return False, f"Failed to update weights from {model_path}: {e}. Rolled back to {served_path}."
+    if not loaded:  # it could not read the new checkpoint and kept the weights, but not the path they came from
+        updater.model_config.model_path = served_path
+    return loaded, message
 
 
 def update_weights_from_tensor(original, updater, *args, **kwargs):

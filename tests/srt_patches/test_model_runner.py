@@ -67,6 +67,8 @@ def test_weight_update_signature_and_rollback_path(upstream_parameters):
     assert upstream_parameters(_UPDATE)[:3] == [("self", empty), ("model_path", empty), ("load_format", empty)]
     source = inspect.getsource(WeightUpdater.update_weights_from_disk.__wrapped__)
     assert source.index("self.model_config.model_path = model_path") < source.index("Rolling back to original weights")
+    # and answers a checkpoint it cannot read with a failure, after pointing model_config at it
+    assert source.index("self.model_config.model_path = model_path") < source.index("Failed to get weights iterator")
 
 
 class FakeUpdate:
@@ -106,6 +108,19 @@ def test_a_weight_update_that_loads_or_fails_politely_is_sglangs_answer():
     answer = model_runner.update_weights_from_disk(original, updater, "/new", "auto")
     assert answer == (True, "Succeeded to update model weights.")
     assert original.calls == [("/new", "auto")]
+
+
+def test_an_unreadable_checkpoint_leaves_the_served_path_for_the_next_rollback():
+    """sglang answers a checkpoint it cannot read with a failure and keeps the weights: the served path stays
+    theirs, so a later update that fails half-way rolls back to it, not to the unreadable one."""
+    updater = _updater()
+    original = FakeUpdate(bad={"/narrower"}, refused={"/typo"})
+    assert model_runner.update_weights_from_disk(original, updater, "/typo", "auto") == (
+        False, "Failed to get weights iterator")
+    assert updater.model_config.model_path == "/served"
+    success, message = model_runner.update_weights_from_disk(original, updater, "/narrower", "auto")
+    assert not success and "Rolled back to /served" in message
+    assert original.calls[-1] == ("/served", "auto") and updater.model_config.model_path == "/served"
 
 
 def test_a_failed_rollback_still_raises_and_other_models_are_untouched():
