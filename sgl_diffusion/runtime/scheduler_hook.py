@@ -276,8 +276,8 @@ class DiffusionEngine:
             for dreq in list(self.policy.running):
                 reason = FINISH_ABORT(f"internal error: {e}", HTTPStatus.INTERNAL_SERVER_ERROR)
                 self._abort(dreq, reason, cache=False)  # its KV may be half written: keep it out of the tree
+            self._report_in_flight()  # NOTE: the loop goes idle now, and only a round reports the gauges
             return
-        self._report_in_flight()
         self._stamp_stages(out, round_start)
         if self.metrics is not None and out.prefill_tokens:
             self.metrics.prefill_round(out.prefill_tokens)
@@ -285,6 +285,7 @@ class DiffusionEngine:
             self._abort(dreq, FINISH_ABORT(
                 "KV cache exhausted: the request needs more KV than the server's pool holds (--max-total-tokens; the "
                 "sliding-window layers' pool is --swa-full-tokens-ratio of it)", HTTPStatus.SERVICE_UNAVAILABLE))
+        self._report_in_flight()
         reqs = [r.handle for r, _ in out.committed]
         if self.drafts is not None:  # a draft of the canvas just committed, still unsent (sglang held its chunk back)
             for req in reqs:

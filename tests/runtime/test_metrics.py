@@ -3,6 +3,7 @@
 import inspect
 from types import SimpleNamespace
 
+import pytest
 from sglang.srt.managers.scheduler_components.metrics_reporter import SchedulerMetricsReporter
 from sglang.srt.observability.metrics_collector import SchedulerMetricsCollector
 
@@ -91,3 +92,44 @@ def test_requests_held_for_kv_are_reported_in_the_waiting_queue():
     report_round(scheduler, StepOutput([], []), running=["running"], graphed=False, held=["held"])
     assert seen == [(["running"], ["sglang's", "held"])]
     assert scheduler.waiting_queue is waiting and waiting == ["sglang's"]
+
+
+class AbortingPolicy:
+    """One running request; its round fails (``fail``) or ends it as needing more KV than the pool holds."""
+
+    def __init__(self, dreq, fail: bool):
+        self.running, self.fail, self.runner = [dreq], fail, SimpleNamespace(canvas_step=None)
+
+    def step(self):
+        if self.fail:
+            raise RuntimeError("a device fault")
+        return StepOutput([], [], exhausted=list(self.running))
+
+    def abort(self, dreq, cache=True):
+        self.running.remove(dreq)
+
+
+@pytest.mark.parametrize("fail", [True, False], ids=["failed round", "KV exhausted"])
+def test_a_round_that_aborts_its_requests_reports_them_gone(monkeypatch, fail):
+    """The loop goes idle after such a round and runs no other to report the gauges: the round itself reports none
+    in flight, or /metrics would show a canvas (and its grammar) until the next request came."""
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    from sgl_diffusion.runtime import scheduler_hook
+
+    monkeypatch.setattr(scheduler_hook, "report_round", lambda *args, **kwargs: None)
+    sampling = SamplingParams(max_new_tokens=8)
+    sampling.normalize(None)
+    dreq = DiffusionRequest([1, 2, 3], None, 8, handle=Req("rid", "", [1, 2, 3], sampling, vocab_size=100))
+    dreq.state, dreq.grammar = object(), object()  # a canvas under a grammar
+    streamed, gauges = [], []
+    engine = scheduler_hook.DiffusionEngine.__new__(scheduler_hook.DiffusionEngine)
+    engine.policy, engine.drafts = AbortingPolicy(dreq, fail), None
+    engine.metrics = SimpleNamespace(in_flight=lambda *counts: gauges.append(counts), prefill_round=None)
+    engine.scheduler = SimpleNamespace(
+        forward_ct=0, forward_sleep_time=None, profiler_manager=SimpleNamespace(_profile_batch_predicate=lambda b: None),
+        output_streamer=SimpleNamespace(stream_output=lambda reqs, logprob: streamed.extend(reqs)))  # fmt: skip
+    engine.step()
+    assert streamed == [dreq.handle] and dreq.handle.finished_reason.status_code == (500 if fail else 503)
+    assert gauges and gauges[-1] == (0, 0)
