@@ -89,6 +89,8 @@ class DiffusionRequest:
     state: CanvasState | None = field(default=None, init=False)
     output_ids: list[int] = field(default_factory=list, init=False)
     finished: bool = field(default=False, init=False)  # output complete; may still encode its last canvas
+    added_after: int = field(default=0, init=False)  # the policy's rounds run before it was added
+    finished_in: int | None = field(default=None, init=False)  # the round (counted from 0) that completed its output
     retracted: bool = field(default=False, init=False)  # it gave its KV back once: its later prefills re-encode
     output_logprobs: TokenLogprobs | None = field(default=None, init=False)  # one entry per output token
     prompt_logprobs: TokenLogprobs | None = field(default=None, init=False)  # prompt tokens after score_from + 1
@@ -169,11 +171,13 @@ class CanvasScheduler:
         cfg = runner.model.cfg
         self.canvas_length, self.vocab_size = cfg.canvas_length, cfg.vocab_size
         self.running: list[DiffusionRequest] = []
+        self.rounds = 0  # step() calls so far
         # this round's first reservations: each request, with the length of the cached prefix it reuses
         self._admitted: list[tuple[DiffusionRequest, int]] = []
 
     def add(self, req: DiffusionRequest) -> None:
         req.encode_from_scratch()
+        req.added_after = self.rounds
         self.running.append(req)
 
     def step(self) -> StepOutput:
@@ -205,6 +209,7 @@ class CanvasScheduler:
         for req in list(self.running):
             if req.finished and not req.pending:  # its last canvas is encoded (or never will be)
                 self._free(req)
+        self.rounds += 1
         return out
 
     def abort(self, req: DiffusionRequest, cache: bool = True) -> None:
@@ -255,14 +260,16 @@ class CanvasScheduler:
 
     def _plan_round(self, encode_only: bool):
         reqs, segments, states, starved = [], [], [], []
-        # NOTE: a new prompt is matched against the cache only after every finished answer's last canvas is in it:
-        # the next turn of a conversation (sent once the answer was streamed) may arrive before that commit's forward
-        last_commits = any(r.finished and r.pending for r in self.running)
+        # NOTE: the next turn of a conversation, sent once the answer was streamed (after the round that finished it),
+        # may arrive before the forward that encodes the answer's last canvas: a prompt added after an answer whose last
+        # canvas is still to encode is matched against the cache only once that canvas is in it. Prompts added before
+        # cannot be such a turn, and start as they would.
+        first_answer = min((r.finished_in for r in self.running if r.finished and r.pending), default=None)
         holders = sum(r.slots is not None and not r.finished for r in self.running)
         held_back = False
         budget = self.prefill_chunk
         for req in list(self.running):
-            if last_commits and req.slots is None:
+            if first_answer is not None and req.slots is None and req.added_after > first_answer:
                 continue  # admitted next round
             if req.prefilling and req.pending and budget is not None and budget <= 0:
                 held_back = held_back or req.slots is None
@@ -385,7 +392,7 @@ class CanvasScheduler:
             req.output_ids.extend(kept)
             committed.append((req, kept))
             if is_finished:
-                req.finished, req.state, req.grammar = True, None, None
+                req.finished, req.finished_in, req.state, req.grammar = True, self.rounds, None, None
                 finished.append(req)
                 if self.kv.caches_prefixes:
                     req.pending = kept  # committed in the next forward, after the answer has been streamed

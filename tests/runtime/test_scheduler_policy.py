@@ -377,6 +377,28 @@ def test_a_new_prompt_is_matched_after_the_last_commits_of_finished_answers(mode
     assert len(follow_up.output_ids) == 8
 
 
+def test_only_prompts_added_after_an_answer_wait_for_its_last_commit(model):
+    """A prompt that was waiting before an answer was streamed cannot be that conversation's next turn: it starts in
+    the round that encodes the answer's last canvas, while one added after the answer waits for that round. (Held back
+    each time an answer finished, new prompts waited until a busy batch had drained.)"""
+    engine = OfflineEngine(model, prefill_chunk=12)
+    rec = Recorder(engine)
+    CachingSlots(engine, caches=True)
+    first, waiting = request(model, 12, 20, seed=3, steps=1), request(model, 9, 8, seed=4, steps=1)
+    engine.scheduler.add(first)
+    engine.scheduler.add(waiting)
+    engine.scheduler.step()  # first: prefill (the whole budget) + its only canvas; waiting: held back by the budget
+    assert first.finished and first.pending and waiting.slots is None
+    later = request(model, 7, 8, seed=5, steps=1)
+    engine.scheduler.add(later)
+    engine.scheduler.step()
+    assert [(s.kind, s.num_tokens) for s in rec.batches[-1].segments][:2] == [("commit", 20), ("prefill", 9)]
+    assert waiting.slots is not None and later.slots is None
+    while engine.scheduler.running:
+        engine.scheduler.step()
+    assert len(waiting.output_ids) == 8 and len(later.output_ids) == 8
+
+
 def test_last_canvas_is_not_encoded_without_a_prefix_cache(model):
     """Without a cache to keep it, encoding the last canvas would be wasted: the request is freed at once."""
     engine = OfflineEngine(model)
