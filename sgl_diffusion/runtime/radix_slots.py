@@ -10,6 +10,7 @@ the slots of every encode segment, so sglang's release/eviction/leak checks appl
 from __future__ import annotations
 
 import torch
+from sglang.srt.constants import HEALTH_CHECK_RID_PREFIX
 from sglang.srt.mem_cache.common import checkpoint_kv_cache, evict_from_tree_cache, release_kv_cache
 from sglang.srt.runtime_context import get_serving
 
@@ -126,7 +127,12 @@ def match_whole(req, tree) -> None:
     step needs. A canvas reads only its context's KV, so a prompt the tree holds whole (a repeated prompt, parallel
     samples, a retracted request's context) is not encoded again: its first round runs the canvas alone, and a
     prefill-only request runs no forward. sglang's other caps (prompt logprobs from logprob_start_len) still apply.
+    A /health_generate probe keeps sglang's match: its one-token prompt, cached after the first probe, must still
+    run a forward, or the probe would answer without the model.
     """
+    if str(req.rid).startswith(HEALTH_CHECK_RID_PREFIX):
+        req.init_next_round_input(tree)
+        return
     sglang_cap = type(req)._compute_max_prefix_len
     req._compute_max_prefix_len = lambda input_len: sglang_cap(req, input_len + 1)  # written against sglang 0.5.23
     try:

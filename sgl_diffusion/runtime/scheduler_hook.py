@@ -277,6 +277,10 @@ class DiffusionEngine:
                 reason = FINISH_ABORT(f"internal error: {e}", HTTPStatus.INTERNAL_SERVER_ERROR)
                 self._abort(dreq, reason, cache=False)  # its KV may be half written: keep it out of the tree
             self._report_in_flight()  # NOTE: the loop goes idle now, and only a round reports the gauges
+            if not device_works(self.policy.device):
+                raise RuntimeError("the device fails since this round failed: ending the scheduler, as sglang does on "
+                                   "any failure, so the server stops instead of answering every request with a 500 "
+                                   "(and /health_generate with a 200)") from e  # fmt: skip
             return
         self._stamp_stages(out, round_start)
         if self.metrics is not None and out.prefill_tokens:
@@ -454,6 +458,18 @@ class DiffusionEngine:
         req.grammar = None
         self.policy.abort(dreq, cache)
         self.scheduler.output_streamer.stream_output([req], req.return_logprob)
+
+
+def device_works(device) -> bool:
+    """Whether a small computation still runs on ``device``. A CUDA error that poisons the context (an illegal address,
+    an ECC error) fails every later round, while each failed round still answers its requests, with a 500, and
+    /health_generate's probe, whose answer is all sglang's health check waits for."""
+    try:
+        torch.ones(1, device=device).add_(1).item()  # the host sync reports an earlier asynchronous error
+        return True
+    except Exception:
+        logger.exception("sgl-diffusion: the device fails a one-element add")
+        return False
 
 
 def _items_in(items, prompt: list[int]) -> list:

@@ -99,6 +99,7 @@ class AbortingPolicy:
 
     def __init__(self, dreq, fail: bool):
         self.running, self.fail, self.runner = [dreq], fail, SimpleNamespace(canvas_step=None)
+        self.device = "cpu"
 
     def step(self):
         if self.fail:
@@ -109,10 +110,8 @@ class AbortingPolicy:
         self.running.remove(dreq)
 
 
-@pytest.mark.parametrize("fail", [True, False], ids=["failed round", "KV exhausted"])
-def test_a_round_that_aborts_its_requests_reports_them_gone(monkeypatch, fail):
-    """The loop goes idle after such a round and runs no other to report the gauges: the round itself reports none
-    in flight, or /metrics would show a canvas (and its grammar) until the next request came."""
+def _aborting_engine(monkeypatch, fail: bool):
+    """A DiffusionEngine whose one request is ended by its round; (engine, request, streamed, gauges)."""
     from sglang.srt.managers.schedule_batch import Req
     from sglang.srt.sampling.sampling_params import SamplingParams
 
@@ -130,6 +129,31 @@ def test_a_round_that_aborts_its_requests_reports_them_gone(monkeypatch, fail):
     engine.scheduler = SimpleNamespace(
         forward_ct=0, forward_sleep_time=None, profiler_manager=SimpleNamespace(_profile_batch_predicate=lambda b: None),
         output_streamer=SimpleNamespace(stream_output=lambda reqs, logprob: streamed.extend(reqs)))  # fmt: skip
+    return engine, dreq, streamed, gauges
+
+
+@pytest.mark.parametrize("fail", [True, False], ids=["failed round", "KV exhausted"])
+def test_a_round_that_aborts_its_requests_reports_them_gone(monkeypatch, fail):
+    """The loop goes idle after such a round and runs no other to report the gauges: the round itself reports none
+    in flight, or /metrics would show a canvas (and its grammar) until the next request came."""
+    engine, dreq, streamed, gauges = _aborting_engine(monkeypatch, fail)
     engine.step()
     assert streamed == [dreq.handle] and dreq.handle.finished_reason.status_code == (500 if fail else 503)
     assert gauges and gauges[-1] == (0, 0)
+
+
+def test_a_failed_round_ends_the_scheduler_only_when_the_device_fails_too(monkeypatch):
+    """A failed round costs its requests (above). When the device then fails a one-element add too (a poisoned CUDA
+    context), every later round would fail the same way while /health_generate still answered: the scheduler ends,
+    as sglang's does on any failure, after answering the round's requests."""
+    import torch
+
+    from sgl_diffusion.runtime import scheduler_hook
+
+    assert scheduler_hook.device_works(torch.device("cpu"))
+    assert not scheduler_hook.device_works(torch.device("meta"))  # no data to read back: the check's failing path
+    engine, dreq, streamed, _ = _aborting_engine(monkeypatch, fail=True)
+    engine.policy.device = torch.device("meta")
+    with pytest.raises(RuntimeError, match="ending the scheduler") as ended:
+        engine.step()
+    assert "a device fault" in str(ended.value.__cause__) and streamed == [dreq.handle]

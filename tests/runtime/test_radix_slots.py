@@ -44,13 +44,13 @@ def slots(monkeypatch, serving):
     return RadixKVSlots(tree, rows, "cpu")
 
 
-def _request(prompt):
+def _request(prompt, rid="r"):
     from sglang.srt.managers.schedule_batch import Req
     from sglang.srt.sampling.sampling_params import SamplingParams
 
     params = SamplingParams(max_new_tokens=96)
     params.normalize(None)
-    return DiffusionRequest(prompt, None, 96, handle=Req("r", "", array("q", prompt), params))
+    return DiffusionRequest(prompt, None, 96, handle=Req(rid, "", array("q", prompt), params))
 
 
 def _encode(slots, dreq, tokens, limit=None):
@@ -137,6 +137,19 @@ def test_a_prompt_the_tree_holds_whole_is_reused_whole(slots):
     for dreq in (again, scored):
         slots.release(dreq)
     assert slots.room() == POOL and slots.rows.available_size() == 8
+
+
+def test_a_health_probe_runs_a_forward_though_its_prompt_is_cached(slots):
+    """/health_generate's probe (sglang's input_ids [0]) keeps sglang's match, one token short: each probe encodes a
+    token, so it proves the model runs, not only the loop."""
+    from sglang.srt.constants import HEALTH_CHECK_RID_PREFIX
+
+    for i in range(2):
+        probe = _request([0], rid=f"{HEALTH_CHECK_RID_PREFIX}_{i}")
+        got = _encode(slots, probe, [0])
+        assert got.reused.numel() == 0 and got.new.numel() == 1
+        slots.release(probe)
+    assert _encode(slots, _request([0]), [0]).reused.numel() == 1  # the cache holds it: other requests reuse it
 
 
 def test_sglang_stops_its_own_match_one_token_short_of_the_input(slots):
