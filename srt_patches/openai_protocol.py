@@ -25,6 +25,9 @@ Why: the pydantic request models drop unknown fields, neither builder forwards t
      ``diffusion.stream_drafts`` is refused with a 400 where the stream has no place for drafts (Responses and
      Anthropic streams are built from sglang's own events: drafts would be dropped without a word). A Responses
      request without a temperature gets none (sglang puts its endpoint's 0.7 there, which scaled the schedule).
+     ``max_output_tokens`` is the answer's limit: sglang keeps 2 of it back for a token engine's BOS and EOS (so 1
+     was a 400 and 5 gave 3 tokens). Any model's chat ``max_completion_tokens: 0`` is 0, as ``max_tokens: 0`` is:
+     sglang reads ``max_completion_tokens or max_tokens``, and 0 generated up to the context length.
 Remove when: sglang lets models declare extra request fields.
 
 Target: sglang.srt.entrypoints.openai.protocol.ChatCompletionRequest (its ``mode="before"`` model validators)
@@ -144,12 +147,14 @@ def _carry_diffusion(params: dict, request) -> dict:
 
 # set by srt_patches.serving_chat when this process's chat endpoint serves DiffusionGemma; another model's server
 # leaves image_token_budget unread, as sglang drops a field it does not know
-image_budget_served = False
+diffusion_served = False
 
 
 def chat_to_sampling_params(original, request, *args, **kwargs):
     params = _carry_diffusion(original(request, *args, **kwargs), request)
-    if request.image_token_budget is not None and image_budget_served:
+    if request.max_completion_tokens == 0:  # sglang reads `max_completion_tokens or max_tokens`: 0 meant no limit
+        params["max_new_tokens"] = 0
+    if request.image_token_budget is not None and diffusion_served:
         from sgl_diffusion.multimodal.processor import BUDGET_KEY, check_image_token_budget
 
         # sglang builds the GenerateReqInput from request.mm_processor_kwargs right after this call
@@ -165,6 +170,10 @@ def responses_to_sampling_params(original, request, *args, **kwargs):
         raise ValueError("diffusion.stream_drafts: the Responses API has no draft events; stream drafts from "
                          "/v1/chat/completions, /v1/completions or /generate")
     params = _carry_diffusion(original(request, *args, **kwargs), request)
+    if diffusion_served and params.get("max_new_tokens") is not None:
+        # sglang keeps 2 tokens of max_output_tokens back, for a BOS and an EOS a token engine adds to the budget; a
+        # canvas adds none, and the client's limit is the answer's length
+        params["max_new_tokens"] += 2
     default_params = kwargs.get("default_params", args[1] if len(args) > 1 else None) or {}
     if request.temperature is None and "temperature" not in default_params:
         # sglang's own Responses default (0.7), not the client's: the checkpoint's schedule applies, as elsewhere, and

@@ -41,7 +41,7 @@ def after_init(_result, serving, *args, **kwargs):
         from srt_patches import openai_protocol
 
         serving.is_gemma4 = True
-        openai_protocol.image_budget_served = True  # chat bodies' image_token_budget is this model's (one per process)
+        openai_protocol.diffusion_served = True  # chat bodies' image_token_budget is this model's (one per process)
 
 
 def parse_json_array_increment(original, parser, new_text, tools, *args, **kwargs):

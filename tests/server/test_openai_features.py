@@ -231,7 +231,7 @@ def test_responses_and_anthropic_messages_take_diffusion_parameters(server, clie
     params = {"seed": 5, "max_denoising_steps": 2}
     chat = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=20, extra_body={"diffusion": params})
     responses = requests.post(f"{server.url}/v1/responses", json={
-        "model": model, "input": MESSAGES[0]["content"], "max_output_tokens": 22,  # sglang takes 2
+        "model": model, "input": MESSAGES[0]["content"], "max_output_tokens": 20,  # chat's max_tokens
         "diffusion": params}, timeout=120).json()  # fmt: skip
     messages = requests.post(f"{server.url}/v1/messages", json={
         "model": model, "max_tokens": 20, "messages": MESSAGES, "diffusion": params}, timeout=120).json()
@@ -240,7 +240,7 @@ def test_responses_and_anthropic_messages_take_diffusion_parameters(server, clie
     assert messages["usage"]["diffusion"] == chat.usage.diffusion and chat.usage.diffusion["denoise_steps"] > 0
     assert responses["usage"]["diffusion"] == chat.usage.diffusion
     with requests.post(f"{server.url}/v1/responses", json={
-            "model": model, "input": MESSAGES[0]["content"], "temperature": 1, "max_output_tokens": 22,
+            "model": model, "input": MESSAGES[0]["content"], "temperature": 1, "max_output_tokens": 20,
             "diffusion": params, "stream": True}, stream=True, timeout=120) as streamed:  # fmt: skip
         events = [json.loads(line[len(b"data: "):]) for line in streamed.iter_lines() if line.startswith(b"data: ")]
     completed = next(e for e in events if e["type"] == "response.completed")

@@ -91,17 +91,27 @@ def test_chat_sampling_params_carry_diffusion(protocol):
     assert params["max_new_tokens"] == 8
 
 
+@pytest.mark.parametrize("fields, expected", [
+    ({"max_completion_tokens": 0}, 0), ({"max_completion_tokens": 0, "max_tokens": 9}, 0),
+    ({"max_completion_tokens": 5, "max_tokens": 9}, 5), ({"max_tokens": 0}, 0), ({}, None)])
+def test_chat_max_completion_tokens_zero_is_zero(protocol, fields, expected):
+    """sglang reads `max_completion_tokens or max_tokens`: 0 fell through to no limit (an answer up to the context
+    length). It is 0 tokens, as max_tokens 0 is."""
+    request = protocol.ChatCompletionRequest(model="m", messages=MESSAGES, **fields)
+    assert request.to_sampling_params(stop=[], model_generation_config={})["max_new_tokens"] == expected
+
+
 def test_chat_image_token_budget_moves_to_mm_processor_kwargs(protocol, monkeypatch):
     """On a DiffusionGemma server, image_token_budget (checked) joins the request's own mm_processor_kwargs, which
     sglang passes to the processor; another model's server leaves it unread, as sglang drops fields it does not
     know."""
     from srt_patches import openai_protocol
 
-    monkeypatch.setattr(openai_protocol, "image_budget_served", False)
+    monkeypatch.setattr(openai_protocol, "diffusion_served", False)
     elsewhere = protocol.ChatCompletionRequest(model="m", messages=MESSAGES, image_token_budget=100)
     elsewhere.to_sampling_params(stop=[], model_generation_config={})
     assert elsewhere.mm_processor_kwargs is None
-    monkeypatch.setattr(openai_protocol, "image_budget_served", True)
+    monkeypatch.setattr(openai_protocol, "diffusion_served", True)
     request = protocol.ChatCompletionRequest.model_validate_json(
         '{"model": "m", "messages": [{"role": "user", "content": "hi"}], "image_token_budget": 140,'
         ' "mm_processor_kwargs": {"other": 1}}')
@@ -306,6 +316,21 @@ def test_a_responses_request_carries_diffusion(protocol):
     request = protocol.ResponsesRequest(model="m", input="hi", diffusion={"max_denoising_steps": 3})
     assert request.to_sampling_params(None, {})["diffusion"] == {"max_denoising_steps": 3}
     assert "diffusion" not in protocol.ResponsesRequest(model="m", input="hi").to_sampling_params(None, {})
+
+
+def test_a_responses_max_output_tokens_is_the_answers_limit(protocol, monkeypatch):
+    """sglang keeps 2 of max_output_tokens back (BOS and EOS a token engine adds): on a DiffusionGemma server the
+    limit is the client's, under the server's default cap too; another model's server keeps sglang's reading."""
+    def limit(fields, default_max_tokens=None):
+        request = protocol.ResponsesRequest(model="m", input="hi", **fields)
+        return request.to_sampling_params(default_max_tokens, {})["max_new_tokens"]
+
+    monkeypatch.setattr(openai_protocol, "diffusion_served", False)
+    assert limit({"max_output_tokens": 5}) == 3
+    monkeypatch.setattr(openai_protocol, "diffusion_served", True)
+    assert [limit({"max_output_tokens": n}) for n in (0, 1, 5)] == [0, 1, 5]
+    assert limit({"max_output_tokens": 50}, default_max_tokens=20) == 20
+    assert limit({}) is None and limit({}, default_max_tokens=20) == 20
 
 
 def test_a_responses_request_without_a_temperature_keeps_the_schedule(protocol):

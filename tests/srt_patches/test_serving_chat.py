@@ -56,14 +56,14 @@ def test_diffusion_gemma_chat_is_served_as_gemma4(monkeypatch):
     leaves other models alone."""
     from srt_patches import openai_protocol
 
-    monkeypatch.setattr(openai_protocol, "image_budget_served", False)
+    monkeypatch.setattr(openai_protocol, "diffusion_served", False)
     ours, other = _serving("DiffusionGemmaForBlockDiffusion"), _serving("LlamaForCausalLM")
     other.is_gemma4 = False
     serving_chat.after_init(None, other, None, None)
-    assert other.is_gemma4 is False and openai_protocol.image_budget_served is False
+    assert other.is_gemma4 is False and openai_protocol.diffusion_served is False
     ours.is_gemma4 = False
     serving_chat.after_init(None, ours, None, None)
-    assert ours.is_gemma4 is True and openai_protocol.image_budget_served is True
+    assert ours.is_gemma4 is True and openai_protocol.diffusion_served is True
 
 
 def _tools():
