@@ -26,6 +26,15 @@ Why: they return every server argument and the launch command, redacting only wa
      ordinary --api-key read the --admin-api-key there (and the SSL key password), then called the admin routes.
      Those values are redacted, in the fields and in the launch command, for every model the server runs.
 Remove when: sglang redacts its credentials from /server_info.
+
+Target: sglang.srt.entrypoints.http_server.validation_exception_handler (replaced on the app in launch_server)
+Checked against: sglang 0.5.23
+Why: a body that fails validation (JSON cut short, a field of the wrong type) is a 400 whose message is the error's
+     ``str``, which names the route's source file and line in the installed sglang (``File "/.../http_server.py",
+     line 928, in generate_request``): any client learned the server's install path. sglang scrubs it for
+     /v1/messages only. The handler now gets the same errors with the route's path alone (``Endpoint: POST
+     /generate``), for every model the server runs; sglang builds the answer as before.
+Remove when: sglang leaves the source location out of its validation messages.
 """
 
 from __future__ import annotations
@@ -82,9 +91,11 @@ def _wait_until_answering(server_args) -> None:
 
 
 def launch_server(original, server_args, *args, **kwargs):
-    if _serves_diffusion(server_args):
-        from sglang.srt.entrypoints.http_server import app
+    from fastapi.exceptions import RequestValidationError
+    from sglang.srt.entrypoints.http_server import app
 
+    app.add_exception_handler(RequestValidationError, validation_error_without_source)
+    if _serves_diffusion(server_args):
         for error in {error for error, _ in BAD_ARGUMENT_ERRORS.values()}:
             app.add_exception_handler(error, bad_argument_is_a_400)  # NOTE: before the app starts, which freezes them
     return original(server_args, *args, **kwargs)
@@ -98,6 +109,15 @@ async def bad_argument_is_a_400(request, exc):
     if error is None or not isinstance(exc, error) or text not in str(exc):
         raise exc  # not a bad argument: sglang's 500, as before
     return ORJSONResponse({"error": {"message": str(exc)}}, status_code=400)
+
+
+async def validation_error_without_source(request, exc):
+    from fastapi.exceptions import RequestValidationError
+    from sglang.srt.entrypoints import http_server
+
+    route = {"path": exc.endpoint_path} if exc.endpoint_path else None
+    without_source = RequestValidationError(exc.errors(), body=exc.body, endpoint_ctx=route)
+    return await http_server.validation_exception_handler(request, without_source)
 
 
 def server_info_without_secrets(info: dict, *args, **kwargs) -> dict:

@@ -122,6 +122,26 @@ def test_the_handlers_are_added_before_a_diffusion_server_starts(monkeypatch, ou
     assert added == ({ValueError, TypeError} if ours else set())
 
 
+def test_a_body_that_fails_validation_is_answered_without_the_servers_source_path(monkeypatch):
+    """sglang's own handler, reached through sglang's app: a JSON body cut short is a 400 that names the route but
+    not the file and line of sglang's source (which told any client where the server is installed)."""
+    from fastapi.testclient import TestClient
+    from sglang.srt.entrypoints.http_server import app
+
+    monkeypatch.setattr(app, "exception_handlers", dict(app.exception_handlers))
+    monkeypatch.setattr(http_server, "_serves_diffusion", lambda server_args: False)  # any model's server
+    bodies = {}
+    for patched in (False, True):
+        if patched:
+            http_server.launch_server(lambda server_args: None, object())
+        monkeypatch.setattr(app, "middleware_stack", None)  # starlette builds it, with the handlers, on first use
+        resp = TestClient(app).post("/generate", content=b'{"text": ', headers={"Content-Type": "application/json"})
+        assert resp.status_code == 400, resp.text
+        bodies[patched] = resp.json()["message"]
+    assert 'http_server.py", line' in bodies[False]  # why the patch exists
+    assert "json_invalid" in bodies[True] and "POST /generate" in bodies[True] and "File " not in bodies[True]
+
+
 def test_server_info_signature_and_why(upstream_parameters):
     """/server_info builds its answer with build_server_info(server_args, scheduler_info), which still puts every
     server argument and the launch command in it (the patch's reason)."""
