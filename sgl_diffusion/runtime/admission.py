@@ -60,8 +60,12 @@ def check_request(sampling: dict, return_logprob: bool, raw_diffusion, defaults:
                                           tokenizer=tokenizer)
     seed = sampling.get("sampling_seed")
     if params.seed is None and seed is not None:
-        params = dataclasses.replace(params, seed=DiffusionParams.from_request(
-            {"seed": seed}, defaults, vocab_size=vocab_size, canvas_length=canvas_length).seed)
+        try:
+            seed = DiffusionParams.from_request({"seed": seed}, defaults, vocab_size=vocab_size,
+                                                canvas_length=canvas_length).seed  # fmt: skip
+        except ValueError as e:  # the client sent seed (OpenAI) or sampling_seed (/generate), not diffusion.seed
+            raise ValueError(str(e).replace("diffusion.seed", "seed (sampling_seed)")) from None
+        params = dataclasses.replace(params, seed=seed)
     if params.infill is not None:
         _check_infill(params.infill, sampling, defaults)
     return _apply_temperature(params, sampling.get("temperature"), raw_diffusion, sampling.get("top_k"))
@@ -119,7 +123,8 @@ def check_infill_length(params: DiffusionParams, prompt_len: int, max_new_tokens
 
 def _check_infill(layout: tuple[int, ...], sampling: dict, defaults: DiffusionDefaults) -> None:
     if grammar := [k for k in GRAMMAR_KEYS if sampling.get(k)]:
-        raise ValueError(f"diffusion.infill cannot be combined with a grammar ({grammar[0]})")
+        raise ValueError(f"an infill (diffusion.infill, or the suffix of a completion) cannot be combined with a "
+                         f"grammar ({grammar[0]}: response_format, a forced tool call, or the request's own)")
     stops = set(defaults.eos_token_ids) | set(sampling.get("stop_token_ids") or ())
     if stops & set(layout):
         raise ValueError("diffusion.infill.template holds an end-of-sequence token, which would end the output "

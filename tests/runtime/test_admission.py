@@ -82,7 +82,7 @@ def test_infill_checks():
     """An infill template is laid out with the tokenizer; with a grammar, or holding an EOS id, it is refused."""
     raw = {"infill": {"template": "ab{{hole:2}}"}}
     assert check({}, raw, tokenizer=_Chars()).infill == (97, 98, -1, -1)
-    with pytest.raises(ValueError, match="cannot be combined with a grammar"):
+    with pytest.raises(ValueError, match=r"the suffix of a completion\) cannot be combined with a grammar \(regex"):
         check({"regex": "a+"}, raw, tokenizer=_Chars())
     defaults = DiffusionDefaults.from_generation_config({"eos_token_id": [98]})
     with pytest.raises(ValueError, match="end-of-sequence"):
@@ -130,3 +130,6 @@ def test_sampling_seed_seeds_the_canvas_sampler():
     """sglang's sampling_seed (OpenAI seed) becomes the diffusion seed unless one is given."""
     assert check({"sampling_seed": 7}).seed == 7
     assert check({"sampling_seed": 7}, {"seed": 9}).seed == 9
+    # refused naming what the client sent
+    with pytest.raises(ValueError, match=r"^seed \(sampling_seed\) must fit in a signed 64-bit integer"):
+        check({"sampling_seed": 2**64 - 1})
