@@ -27,8 +27,35 @@ KERNELS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_grouped_mm", "aten::b
 
 
 def kernel_ms(prof) -> float:
-    """Self time of the KERNELS in a torch.profiler trace, ms."""
-    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in KERNELS) / 1e3
+    """Self time of the KERNELS in a torch.profiler trace, ms: what ``prof.key_averages()`` gives (tests/bench checks
+    it), from the raw events. torch builds a Python event for every op of the trace first: 2 to 7 s for a trace of
+    compare.py's requests on the 2-core machine, a sixth of a ``--quick`` run.
+
+    As torch's ``EventList._populate_cpu_children``: a synchronous CPU event's parent is the innermost event of its
+    thread whose interval holds it whole; its self time is its duration less its children's.
+    """
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler import _filter_name
+
+    threads: dict[int, list[tuple[int, int, str]]] = {}
+    for event in prof.profiler.kineto_results.events():
+        if (event.device_type() != DeviceType.CPU or event.is_async() or event.is_hidden_event()
+                or event.start_thread_id() != event.end_thread_id() or _filter_name(event.name())):  # fmt: skip
+            continue
+        threads.setdefault(event.start_thread_id(), []).append((event.start_ns(), event.end_ns(), event.name()))
+    total_ns = 0
+    for events in threads.values():
+        events.sort(key=lambda e: (e[0], -e[1]))
+        open_events: list[list] = []  # [end, is a kernel, its time less its children's so far]
+        for start, end, name in events:
+            while open_events and (start >= open_events[-1][0] or end > open_events[-1][0]):
+                _, is_kernel, self_ns = open_events.pop()
+                total_ns += self_ns if is_kernel else 0
+            if open_events:
+                open_events[-1][2] -= end - start
+            open_events.append([end, name in KERNELS, end - start])
+        total_ns += sum(self_ns for _, is_kernel, self_ns in open_events if is_kernel)
+    return total_ns / 1e6
 
 
 def free_port() -> int:
@@ -100,13 +127,25 @@ def ar_server_env() -> dict[str, str]:
 
 
 def stop_server(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    stop_servers([proc])
+
+
+def stop_servers(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM to every server first, then wait: sglang's shutdown takes seconds, mostly waiting."""
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 30
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def load_average() -> str:

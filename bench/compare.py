@@ -81,7 +81,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    ar_server_env, fmt_spread, kernel_ms, launch_server, load_average, median_spread, stop_server, wait_healthy,
+    ar_server_env, fmt_spread, kernel_ms, launch_server, load_average, median_spread, stop_servers, wait_healthy,
 )
 
 MAX_NEW_TOKENS = 64  # two canvases of the tiny checkpoint; every answer (56 tokens with <eos>) fits
@@ -134,8 +134,7 @@ def main() -> None:
             ar = ar_per_token(servers[1][1], prompts[0], r["tokens_n1"], args.repeats)
             paths = request_paths(servers[0][1], servers[1][1], prompts[0], args.repeats, lambda: hf.one(0))
         finally:
-            for proc, _ in servers:
-                stop_server(proc)
+            stop_servers([proc for proc, _ in servers])
     budget = kernel_budget(model_dir, hf, prompts, seeds, args.max_steps, r["hf_mode"] == "batched")
     probe_rounds = 3 if args.quick else 8
     # request 0's rounds, in-process, after the pause it meets in run_rounds (transformers' request 0, median)
@@ -610,8 +609,10 @@ def memory_probe(model_dir: str, batch: str) -> None:
     params = [DiffusionParams(1024, 0.1, 0.4, 0.8, 0.0, 1, seed=i) for i in range(int(batch))]
     with torch.inference_mode():
         engine = OfflineEngine(load_ours(model_dir))
-        warm = DiffusionRequest(prompts[0], params[0], 1)
-        engine.generate([warm])  # first-call allocations (BLAS buffers, caches) out of the way
+        # first-call allocations (BLAS buffers, caches) out of the way: two steps of one canvas do it (its 1024 steps
+        # took 14 s, half the probe's time)
+        warm = DiffusionRequest(prompts[0], dataclasses.replace(params[0], max_denoising_steps=2), 1)
+        engine.generate([warm])
         before = _status_kb("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
         for i, p in enumerate(params):
