@@ -35,6 +35,15 @@ Why: a body that fails validation (JSON cut short, a field of the wrong type) is
      /v1/messages only. The handler now gets the same errors with the route's path alone (``Endpoint: POST
      /generate``), for every model the server runs; sglang builds the answer as before.
 Remove when: sglang leaves the source location out of its validation messages.
+
+Target: sglang.srt.entrypoints.http_server.serve_generate_request
+Checked against: sglang 0.5.23
+Why: a streamed /generate starts its HTTP 200 before the request is checked, so a refusal (a bad sampling or diffusion
+     parameter) came as a 200 whose stream held the error event (``"code": 400``) and ``[DONE]``; unstreamed, the same
+     body is a 400. sglang's OpenAI routes read the first chunk before they answer ("to trigger validation before
+     HTTP 200 is sent"); so does this wrapper, and when that chunk is the error it answers with its status and sglang's
+     unstreamed error body. An error later in the stream stays in it. Every model's server.
+Remove when: sglang's /generate checks a streamed request before it starts the stream.
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ TARGETS = (
     "sglang.srt.entrypoints.http_server.launch_server",
     "sglang.srt.entrypoints.http_server.build_server_info",
     "sglang.srt.managers.tokenizer_control_mixin.TokenizerControlMixin.get_internal_state",
+    "sglang.srt.entrypoints.http_server.serve_generate_request",
 )
 SECRET_FIELDS = ("api_key", "admin_api_key", "ssl_keyfile_password")  # server arguments /server_info must not show
 REDACTED = "<redacted>"
@@ -120,6 +130,46 @@ async def validation_error_without_source(request, exc):
     return await http_server.validation_exception_handler(request, without_source)
 
 
+async def serve_generate_request(original, obj, request):
+    from fastapi.responses import StreamingResponse
+    from sglang.srt.entrypoints import http_server
+
+    response = await original(obj, request)
+    if not isinstance(response, StreamingResponse):
+        return response
+    stream = response.body_iterator
+    try:
+        first = await anext(stream)
+    except StopAsyncIteration:  # the client left before anything was sent: sglang ends the stream quietly
+        return response
+    if (error := _stream_error(first)) is not None:
+        await stream.aclose()
+        return http_server._create_error_response(StreamRefusal(error.get("message"), error.get("code", 400)))
+    response.body_iterator = _chained(first, stream)
+    return response
+
+
+class StreamRefusal(ValueError):
+    def __init__(self, message, status_code):
+        super().__init__(message)
+        self.status_code = status_code
+
+
+def _stream_error(chunk) -> dict | None:
+    """The error of sglang's error event (``data: {"error": {...}}``), else None."""
+    import orjson
+
+    if not isinstance(chunk, bytes) or not chunk.startswith(b'data: {"error"'):
+        return None
+    return orjson.loads(chunk[len(b"data: ") :])["error"]
+
+
+async def _chained(first, rest):
+    yield first
+    async for chunk in rest:
+        yield chunk
+
+
 def server_info_without_secrets(info: dict, *args, **kwargs) -> dict:
     for field in SECRET_FIELDS:
         if info.get(field) is not None:
@@ -151,3 +201,4 @@ def register() -> None:
     plugin_hook(TARGETS[1], HookType.AROUND)(launch_server)
     plugin_hook(TARGETS[2], HookType.AFTER)(server_info_without_secrets)
     plugin_hook(TARGETS[3], HookType.AROUND)(internal_states_without_secrets)
+    plugin_hook(TARGETS[4], HookType.AROUND)(serve_generate_request)

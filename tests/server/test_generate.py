@@ -135,6 +135,22 @@ def test_ollama_seed_option_seeds_the_canvas(server):
 
 
 @pytest.mark.parametrize("stream", [False, True])
+def test_a_refused_generate_is_a_400_streamed_or_not(server, stream):
+    """A bad diffusion parameter is a 400 with the message before any stream starts (streamed, it was a 200 whose
+    stream held the error); a good streamed request still streams to [DONE]."""
+    body = {"text": "Hi", "stream": stream, "sampling_params": {"max_new_tokens": 8, "diffusion": {"seed": 1}}}
+    bad = body | {"sampling_params": {"max_new_tokens": 8, "diffusion": {"max_denoising_steps": 0}}}
+    resp = server.post("/generate", bad)
+    assert resp.status_code == 400 and "diffusion.max_denoising_steps" in resp.json()["error"]["message"], resp.text
+    resp = server.post("/generate", body)
+    assert resp.status_code == 200, resp.text
+    if stream:
+        events = [line for line in resp.text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]" and json.loads(events[-2][len("data: "):])["meta_info"]["completion_tokens"] == 8
+    assert server.healthy()
+
+
+@pytest.mark.parametrize("stream", [False, True])
 def test_ollama_refuses_an_option_the_sampler_lacks_with_a_400(server, stream):
     """top_k has no meaning for the canvas sampler: Ollama's routes answer a 400 naming it (a 500, or a stream cut
     off with no body, before), and the server keeps serving."""

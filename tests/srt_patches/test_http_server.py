@@ -199,3 +199,56 @@ def test_each_schedulers_state_shows_no_credentials(applied):
     got = asyncio.run(http_server.internal_states_without_secrets(states, None))
     assert got == [{"api_key": "<redacted>", "admin_api_key": "<redacted>", "dp_rank": rank} for rank in (0, 1)]
     assert TokenizerControlMixin.get_internal_state.__wrapped__.__qualname__.endswith("get_internal_state")
+
+
+def test_generate_stream_signature_and_why(upstream_parameters):
+    """serve_generate_request still takes (obj, request), and still answers a streamed request's refusal inside the
+    stream it has started: one error event, as the wrapper reads it, then [DONE]."""
+    from sglang.srt.entrypoints import http_server as upstream
+
+    assert upstream_parameters(http_server.TARGETS[4])[:2] == [("obj", inspect.Parameter.empty),
+                                                               ("request", inspect.Parameter.empty)]  # fmt: skip
+    source = inspect.getsource(upstream.serve_generate_request.__wrapped__)
+    assert '"error": {' in source and 'b"data: " + dumps_json(out)' in source and "StreamingResponse(" in source
+
+
+def test_generate_stream_installed(applied):
+    assert applied.is_installed(http_server.TARGETS[4])
+
+
+def _streamed(chunks):
+    from fastapi.responses import StreamingResponse
+
+    async def body():
+        for chunk in chunks:
+            yield chunk
+
+    async def original(obj, request):
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    return original
+
+
+def test_a_refused_streamed_generate_is_answered_with_its_status():
+    import asyncio
+
+    import orjson
+
+    refusal = b'data: {"error":{"message":"diffusion.max_denoising_steps must be in [1, 1024] (got 0)","type":' \
+              b'"invalid_request_error","code":400,"retryable":false}}\n\n'  # fmt: skip
+    resp = asyncio.run(http_server.serve_generate_request(_streamed([refusal, b"data: [DONE]\n\n"]), None, None))
+    assert resp.status_code == 400
+    assert orjson.loads(resp.body) == {"error": {"message": "diffusion.max_denoising_steps must be in [1, 1024] (got 0)"}}
+
+
+def test_a_streamed_generate_that_runs_streams_every_chunk_in_order():
+    import asyncio
+
+    chunks = [b'data: {"text":"a"}\n\n', b'data: {"text":"ab"}\n\n', b'data: {"error":{"message":"late"}}\n\n',
+              b"data: [DONE]\n\n"]  # an error after the first chunk stays in the stream  # fmt: skip
+
+    async def run():
+        resp = await http_server.serve_generate_request(_streamed(chunks), None, None)
+        return resp.status_code, [chunk async for chunk in resp.body_iterator]
+
+    assert asyncio.run(run()) == (200, chunks)
